@@ -1,0 +1,78 @@
+"""Times the compiled train step of a config on synthetic batches and prints a table.
+
+    python bench/train_bench.py --config=configs/gpt_tiny.py [--config.a.b=v ...] [--steps=20]
+
+The step is compiled once (compile time reported), warmed up, then timed over --steps steps
+with a device sync only at the end. Batches are random tokens, already on the devices, so the
+figure is the model's speed, not the input pipeline's (bench/data_bench.py measures that).
+"""
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm import cli, flops
+from jaxlm import config as config_lib
+from jaxlm import state as state_lib
+from jaxlm import train as train_lib
+
+
+def bench(config, num_steps, warmup=2):
+  s = train_lib.setup(config)
+  start = time.perf_counter()
+  compiled = train_lib.compile_train_step(s)
+  compile_s = time.perf_counter() - start
+  with s.active():
+    state = state_lib.initialize(s.model, s.tx, config, s.shardings)
+    shape = (config.batch_size, config.model.max_len)
+    tokens = jax.random.randint(jax.random.key(1), shape, 0, config.model.vocab_size)
+    batch = {'tokens': tokens, 'segment_ids': jnp.ones(shape, jnp.int32),
+             'positions': jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)}
+    batch = jax.device_put(batch, s.batch_sharding)
+    for _ in range(warmup):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - start) / num_steps
+  memory = train_lib.memory_per_device(compiled)
+  m = config.model
+  tokens_per_s = config.batch_size * m.max_len / step_s
+  peak, peak_source = flops.device_peak_flops()
+  per_device = flops.flops_per_token(m) * tokens_per_s / s.mesh.size
+  per_device_halved = flops.flops_per_token(m, causal_halved=True) * tokens_per_s / s.mesh.size
+  return {
+      'device': f'{s.mesh.size} x {jax.devices()[0].device_kind}',
+      'params': flops.param_counts(m)['total'],
+      'step_ms': 1e3 * step_s,
+      'tokens_per_s': tokens_per_s,
+      'tflops_per_device': per_device / 1e12,
+      'mfu': per_device / peak,
+      'mfu_causal_halved': per_device_halved / peak,
+      'peak_tflops': peak / 1e12,
+      'peak_source': peak_source,
+      'memory_mib': memory['total'] / 2 ** 20,
+      'compile_s': compile_s,
+  }
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', required=True)
+  parser.add_argument('--steps', type=int, default=20)
+  args, rest = parser.parse_known_args(argv)
+  config = config_lib.load(args.config, cli.parse_overrides(rest))
+  row = bench(config, args.steps)
+  print(f'| {" | ".join(row)} |')
+  print(f'|{"---|" * len(row)}')
+  print('| ' + ' | '.join(f'{v:,.4g}' if isinstance(v, float) else f'{v:,}' if isinstance(v, int)
+                          else str(v) for v in row.values()) + ' |')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,5 @@
+import sys
+
+from jaxlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""`jaxlm <command> --config=FILE --config.a.b=VALUE --workdir=DIR`.
+
+Exit status: 0 on success, 2 on bad input (one line on stderr), 1 on an internal failure.
+Config validation runs before jax is imported, so bad input fails in well under a second.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from jaxlm import config as config_lib
+from jaxlm.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that raises instead of printing usage and exiting, for one-line errors."""
+
+  def error(self, message):
+    raise ConfigError(message)
+
+
+def _config(args, overrides):
+  """--config=FILE, or else the config.json of an existing --workdir; overrides on top."""
+  if args.config:
+    return config_lib.load(args.config, overrides)
+  from jaxlm import workdir as workdir_lib
+  config = workdir_lib.read_config(args.workdir) if args.workdir else None
+  if config is None:
+    raise ConfigError('--config=FILE is required (or a --workdir holding a config.json)')
+  config_lib.apply_overrides(config, overrides)
+  return config_lib.validate(config)
+
+
+def _train(args, overrides):
+  config = _config(args, overrides)
+  _require_workdir(args)
+  from jaxlm import train  # jax is imported only once the input is known to be good.
+  return train.train(config, args.workdir)
+
+
+def _eval(args, overrides):
+  _require_workdir(args)
+  config = _config(args, overrides)
+  from jaxlm import evaluate
+  return evaluate.run(config, args.workdir, args.step)
+
+
+def _plan(args, overrides):
+  config = _config(args, overrides)
+  if args.devices:
+    import os  # Must be set before jax is imported: N simulated CPU devices.
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={args.devices}')
+    if 'jax' in sys.modules:
+      raise ConfigError('--devices must be given before jax is imported')
+  from jaxlm import plan
+  return plan.run(config)
+
+
+def _require_workdir(args):
+  if not args.workdir:
+    raise ConfigError('--workdir=DIR is required')
+
+
+COMMANDS = {
+    'train': (_train, 'train a model (or resume the run in --workdir)'),
+    'eval': (_eval, 'evaluate the latest checkpoint of --workdir on held-out data'),
+    'plan': (_plan, 'compile the train step for the mesh; print parameters, FLOPs, memory'),
+}
+
+
+def _parser():
+  parser = _Parser(prog='jaxlm', description='JAX/Flax language-model trainer.')
+  sub = parser.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
+  for name, (_, help_text) in COMMANDS.items():
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument('--config', default='', help='a Python file defining get_config()')
+    p.add_argument('--workdir', default='', help='the run directory')
+    p.add_argument('--verbose', action='store_true', help='debug logging and full tracebacks')
+    if name == 'eval':
+      p.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+    if name == 'plan':
+      p.add_argument('--devices', type=int, default=0,
+                     help='plan for N simulated CPU devices instead of the real ones')
+  return parser
+
+
+def parse_overrides(rest):
+  """Pairs ('a.b', 'text') from `--config.a.b=text` or `--config.a.b text`."""
+  pairs, i = [], 0
+  while i < len(rest):
+    arg = rest[i]
+    if not arg.startswith('--config.'):
+      raise ConfigError(f'unrecognized argument {arg!r}')
+    if '=' not in arg and i + 1 < len(rest) and not rest[i + 1].startswith('--'):
+      arg, i = f'{arg}={rest[i + 1]}', i + 1
+    pairs.append(config_lib.parse_override(arg))
+    i += 1
+  return pairs
+
+
+def _setup_logging(verbose):
+  logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                      format='%(asctime)s %(levelname).1s %(message)s', datefmt='%H:%M:%S',
+                      force=True)
+  for noisy in ('absl', 'jax', 'orbax', 'grain', 'tensorboardX'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = _parser()
+  verbose = '--verbose' in argv
+  try:
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+      parser.print_help(sys.stderr)
+      return 2
+    overrides = parse_overrides(rest)
+    _setup_logging(args.verbose)
+    result = COMMANDS[args.command][0](args, overrides)
+  except ConfigError as e:
+    if verbose:
+      traceback.print_exc()
+    message = ' '.join(str(e).split())  # Exactly one line.
+    print(f'jaxlm: error: {message}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('jaxlm: interrupted', file=sys.stderr)
+    return 130
+  except Exception:  # A bug or an environment failure, not the user's input.
+    traceback.print_exc()
+    print('jaxlm: internal error (traceback above); please report it', file=sys.stderr)
+    return 1
+  if result is not None:
+    print(json.dumps(result))
+  return 0

@@ -1,0 +1,115 @@
+"""Input: documents -> sentencepiece -> cached token streams -> packed rows -> batches.
+
+The order of training batches is a pure function of (seed, step): a grain MapDataset shuffles
+the packed rows (reshuffling every epoch), so resuming at step s starts at batch s without
+replaying anything, and every process takes its own contiguous rows of each global batch.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+
+import grain
+import numpy as np
+
+from jaxlm.config import ConfigError
+from jaxlm.data import packing, sources, store
+from jaxlm.data import tokenizer as tokenizer_lib
+
+log = logging.getLogger('jaxlm')
+
+
+@dataclasses.dataclass
+class Corpus:
+  tokenizer: tokenizer_lib.Tokenizer
+  train: packing.PackedRows
+  validation: packing.PackedRows
+
+
+def tokenizer_path(workdir):
+  return os.path.join(workdir, 'tokenizer.model')
+
+
+def get_tokenizer(config, workdir):
+  """The configured tokenizer, the one cached in the workdir, or a new one trained here."""
+  if config.data.tokenizer:
+    tokenizer = tokenizer_lib.load(config.data.tokenizer)
+  elif os.path.exists(tokenizer_path(workdir)):
+    tokenizer = tokenizer_lib.load(tokenizer_path(workdir))
+  else:
+    # An unbiased sample from all over the corpus: each training document with probability
+    # sample_bytes / corpus bytes, decided by a hash of its name.
+    _, files = sources.list_files(config.data.path)
+    share = config.data.tokenizer_sample_bytes / max(1, sum(os.path.getsize(f) for f in files))
+    train_docs = (d for d in sources.iter_documents(config.data)
+                  if not sources.sampled(d.name, config.data.validation_fraction)
+                  and sources.sampled('tokenizer:' + d.name, share))
+    log.info('training a %d-piece %s tokenizer on up to %.0f MB of text',
+             config.model.vocab_size, config.data.tokenizer_type,
+             config.data.tokenizer_sample_bytes / 1e6)
+    tokenizer = tokenizer_lib.train(train_docs, tokenizer_path(workdir), config.model.vocab_size,
+                                    config.data.tokenizer_type,
+                                    config.data.tokenizer_sample_bytes, config.seed)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                      f'tokenizer\'s {tokenizer.vocab_size} pieces ({tokenizer.path})')
+  return tokenizer
+
+
+def prepare(config, workdir):
+  """Tokenizer and packed train/validation rows, building the token cache if needed."""
+  tokenizer = get_tokenizer(config, workdir)
+  _, files = sources.list_files(config.data.path)
+  key = store.cache_key(sources.fingerprint(files), tokenizer, config)
+  cache_dir = config.data.cache_dir or os.path.join(workdir, 'data')
+  streams = store.load(cache_dir, key)
+  if streams is None:
+    skipped = sources.Skipped()
+    log.info('tokenizing %s into %s', config.data.path or 'the Python standard library',
+             cache_dir)
+    streams = store.build(
+        sources.iter_documents(config.data, skipped),
+        tokenizer, lambda name: sources.sampled(name, config.data.validation_fraction),
+        cache_dir, key)
+    if skipped:
+      log.warning('skipped %s', skipped.summary())
+  corpus = Corpus(tokenizer, *(packing.PackedRows(streams[s], config.model.max_len)
+                               for s in store.SPLITS))
+  for split, rows in (('train', corpus.train), ('validation', corpus.validation)):
+    if len(rows) == 0:
+      raise ConfigError(f'the {split} split has {len(rows.stream.tokens)} tokens, fewer than one '
+                        f'row of model.max_len={config.model.max_len}; use more data '
+                        f'(data.path) or change data.validation_fraction')
+  log.info('corpus: %d train rows (%d documents), %d validation rows (%d documents) of %d tokens',
+           len(corpus.train), corpus.train.stream.num_documents, len(corpus.validation),
+           corpus.validation.stream.num_documents, config.model.max_len)
+  return corpus
+
+
+def train_dataset(rows, config, process_index=0, process_count=1):
+  """A grain MapDataset whose element s is this process's share of global batch s."""
+  per_process = config.batch_size // process_count
+  ds = grain.MapDataset.source(rows).seed(config.seed).shuffle().repeat()
+  ds = ds.batch(per_process, drop_remainder=True)
+  return ds.slice(slice(process_index, None, process_count))
+
+
+def train_iterator(dataset, config, start_step=0):
+  """Background-prefetching iterator over `train_dataset`, starting at batch `start_step`."""
+  options = grain.ReadOptions(num_threads=config.data.num_threads,
+                              prefetch_buffer_size=config.data.prefetch)
+  return iter(dataset.slice(slice(start_step, None)).to_iter_dataset(options))
+
+
+def eval_batches(rows, config, process_index=0, process_count=1):
+  """A fixed list of this process's held-out batches; the last is padded with empty rows."""
+  count = min(len(rows), config.eval_batches * config.batch_size)
+  per_process = config.batch_size // process_count
+  batches = []
+  for b in range(math.ceil(count / config.batch_size)):
+    first = b * config.batch_size + process_index * per_process
+    picked = [rows[i] if i < count else packing.padding_row(rows.seq_len)
+              for i in range(first, first + per_process)]
+    batches.append({k: np.stack([r[k] for r in picked]) for k in picked[0]})
+  return batches

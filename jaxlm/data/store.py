@@ -1,0 +1,78 @@
+"""The tokenized corpus on disk: one flat token stream per split plus document start offsets.
+
+Tokenizing is the slow part of input, so it happens once per (source, tokenizer) fingerprint;
+later runs memory-map the arrays. Files are written under a temporary name and renamed, so an
+interrupted build never leaves a half-written cache behind.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+SPLITS = ('train', 'validation')
+
+
+@dataclasses.dataclass
+class TokenStream:
+  tokens: np.ndarray  # [num_tokens] every document as BOS text EOS, back to back.
+  starts: np.ndarray  # [num_documents + 1] offset of each document; the last is num_tokens.
+
+  @property
+  def num_documents(self):
+    return len(self.starts) - 1
+
+
+def cache_key(source_fingerprint, tokenizer, config):
+  h = hashlib.sha256(tokenizer.proto)
+  h.update(json.dumps([source_fingerprint, config.data.validation_fraction,
+                       config.data.max_documents, config.data.text_field,
+                       tokenizer.bos_id, tokenizer.eos_id]).encode())
+  return h.hexdigest()[:16]
+
+
+def _paths(cache_dir, key, split):
+  base = os.path.join(cache_dir, f'{split}-{key}')
+  return f'{base}.tokens.npy', f'{base}.starts.npy'
+
+
+def load(cache_dir, key):
+  """The cached streams for this key, memory-mapped, or None if any file is missing."""
+  paths = [p for split in SPLITS for p in _paths(cache_dir, key, split)]
+  if not all(os.path.exists(p) for p in paths):
+    return None
+  return {split: TokenStream(*(np.load(p, mmap_mode='r') for p in _paths(cache_dir, key, split)))
+          for split in SPLITS}
+
+
+def build(documents, tokenizer, is_validation, cache_dir, key, chunk=256):
+  """Tokenizes documents (wrapping each in BOS/EOS) into per-split streams and saves them."""
+  pieces = {s: [] for s in SPLITS}
+  lengths = {s: [] for s in SPLITS}
+  dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+  batch = []
+
+  def flush():
+    for (split, _), ids in zip(batch, tokenizer.encode(text for _, text in batch)):
+      pieces[split].append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype))
+      lengths[split].append(len(ids) + 2)
+    batch.clear()
+
+  for doc in documents:
+    batch.append(('validation' if is_validation(doc.name) else 'train', doc.text))
+    if len(batch) == chunk:
+      flush()
+  flush()
+  os.makedirs(cache_dir, exist_ok=True)
+  streams = {}
+  for split in SPLITS:
+    tokens = np.concatenate(pieces[split]) if pieces[split] else np.zeros((0,), dtype)
+    starts = np.concatenate([[0], np.cumsum(lengths[split], dtype=np.int64)])
+    for path, array in zip(_paths(cache_dir, key, split), (tokens, starts)):
+      tmp = f'{path}.tmp.{os.getpid()}.npy'
+      np.save(tmp, array)
+      os.replace(tmp, path)
+    streams[split] = TokenStream(tokens, starts)
+  return streams

@@ -1,0 +1,91 @@
+"""Parameter counts, training FLOPs per token and MFU: the one place they are computed.
+
+FLOPs per token follow Kaplan et al. / PaLM / nanoGPT: `6 N + 12 L H Q T`, where N counts the
+weights that take part in matrix multiplications (every dense kernel and the output
+projection, whether or not it is tied to the input embedding; not the embedding lookups), L is
+the number of layers, H the number of query heads, Q the head width and T the sequence length.
+The second term is attention's QK^T and AV; a causal mask makes half of it unnecessary, which
+`causal_halved=True` reports (MaxText-style), while the non-halved figure is the convention most
+papers quote.
+"""
+
+import jax
+import jax.numpy as jnp
+import time
+
+# Dense bf16 peak FLOP/s per chip (no sparsity), from the vendors' data sheets.
+PEAK_FLOPS = {
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100': 312e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,  # v5e
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium)
+    'TPU v6e': 918e12,
+}
+
+
+def param_counts(m):
+  """Analytic parameter counts of a model config: {'total', 'embedding', 'matmul'}."""
+  d, f, v, L = m.emb_dim, m.mlp_dim, m.vocab_size, m.num_layers
+  q_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  bias = 1 if m.use_bias else 0
+  attention = d * q_width + 2 * d * kv_width + q_width * d
+  attention += bias * (q_width + 2 * kv_width + d)
+  mlp_in = 2 if m.gated_mlp else 1
+  mlp = mlp_in * d * f + f * d + bias * (mlp_in * f + d)
+  norm = d * (2 if m.norm == 'layernorm' and m.use_bias else 1)
+  per_layer = attention + mlp + 2 * norm
+  token_embed = v * d
+  position_embed = m.max_len * d if m.position == 'learned' else 0
+  unembed = 0 if m.tied_embeddings else d * v
+  total = L * per_layer + norm + token_embed + position_embed + unembed
+  layer_matmul = d * q_width + 2 * d * kv_width + q_width * d + mlp_in * d * f + f * d
+  return {
+      'total': total,
+      'embedding': token_embed + position_embed,
+      'matmul': L * layer_matmul + d * v,  # The output projection always multiplies.
+  }
+
+
+def flops_per_token(m, seq_len=None, causal_halved=False):
+  """Training (forward + backward) FLOPs per token: 6 N + 12 L H Q T (halved attention: 6 L H Q T)."""
+  seq_len = m.max_len if seq_len is None else seq_len
+  attention = 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
+  return 6 * param_counts(m)['matmul'] + (attention // 2 if causal_halved else attention)
+
+
+def device_peak_flops(device=None):
+  """(peak FLOP/s of one device, where the number came from)."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, 'device_kind', '')
+  for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if kind.startswith(name):
+      return peak, f'{kind} data sheet (bf16 dense)'
+  return measured_matmul_flops(), f'measured float32 matmul rate of this {kind or "device"}'
+
+
+_MEASURED = {}
+
+
+def measured_matmul_flops(n=1024, repeats=8):
+  """Sustained FLOP/s of a large float32 matmul on the default device (cached per process)."""
+  if n not in _MEASURED:
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float('inf')
+    for _ in range(repeats):
+      start = time.perf_counter()
+      matmul(a, a).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    _MEASURED[n] = 2 * n ** 3 / best
+  return _MEASURED[n]
+
+
+def mfu(tokens_per_s, flops_per_token_, num_devices, peak_per_device):
+  """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
+  return tokens_per_s * flops_per_token_ / (num_devices * peak_per_device)

@@ -1,0 +1,157 @@
+"""Transformer building blocks shared by every model family.
+
+Each block reads its choices (norm, positions, MLP activation, ...) from the model config, so a
+family is a row in `config.FAMILIES`, never a branch here. Parameters and large activations
+carry logical axis names; `mesh.rules` maps them to devices.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORMS = {'layernorm': nn.LayerNorm, 'rmsnorm': nn.RMSNorm}
+ACTIVATIONS = {'gelu': nn.gelu, 'silu': nn.silu, 'relu': nn.relu}
+
+
+def dtype(name):
+  return jnp.dtype(name)
+
+
+def normal(std, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+  """x[..., *in] @ kernel[*in, *out] (+ bias[*out]), the kernel named by logical axes.
+
+  Flax's DenseGeneral initialises multi-dimensional kernels flat and reshapes them, which
+  breaks their logical sharding annotations; this keeps the true shape from the start.
+  """
+  features: tuple
+  kernel_axes: tuple
+  std: float
+  use_bias: bool
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    num_in = len(self.kernel_axes) - len(self.features)
+    shape = (*x.shape[-num_in:], *self.features)
+    kernel = self.param('kernel', normal(self.std, self.kernel_axes), shape,
+                        jnp.dtype(self.param_dtype))
+    contract = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, self.kernel_axes[num_in:]), self.features,
+                        jnp.dtype(self.param_dtype))
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(cfg, features, kernel_axes, name, std=None, bias=None):
+  """A Dense layer configured by the model config."""
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  return Dense(features, kernel_axes, cfg.init_std if std is None else std,
+               cfg.use_bias if bias is None else bias, cfg.dtype, cfg.param_dtype, name=name)
+
+
+def norm(cfg, name):
+  kwargs = dict(epsilon=cfg.norm_eps, dtype=dtype(cfg.dtype), param_dtype=dtype(cfg.param_dtype),
+                scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                name=name)
+  if cfg.norm == 'layernorm':  # RMSNorm has no bias by definition.
+    kwargs.update(use_bias=cfg.use_bias,
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+  return NORMS[cfg.norm](**kwargs)
+
+
+def rope(x, positions, theta):
+  """Rotary position embedding (half-split layout, as in Llama/GPT-NeoX) of x: [B, T, N, H]."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[:, :, None, None].astype(jnp.float32) * freq  # [B, T, 1, H/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids):
+  """[B, 1, T, T] mask letting each token see only its own document of a packed row."""
+  if segment_ids is None:
+    return None
+  return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+
+
+def attention_implementation(cfg):
+  """'auto' picks cuDNN flash attention on NVIDIA GPUs for 16-bit compute, XLA elsewhere."""
+  if cfg.attention != 'auto':
+    return cfg.attention
+  on_gpu = jax.default_backend() == 'gpu'
+  return 'cudnn' if on_gpu and cfg.dtype in ('bfloat16', 'float16') else 'xla'
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped-query key/value heads (num_kv_heads <= num_heads)."""
+  cfg: object
+  causal: bool
+
+  @nn.compact
+  def __call__(self, x, positions, mask):
+    cfg = self.cfg
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    q = dense(cfg, (cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'kv'), 'query')(x)
+    k = dense(cfg, (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), 'key')(x)
+    v = dense(cfg, (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), 'value')(x)
+    if cfg.position == 'rope':
+      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    q = constrain(q, ('batch', 'length', 'heads', 'kv'))
+    k = constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
+    v = constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
+                                       implementation=attention_implementation(cfg))
+    out = constrain(out, ('batch', 'length', 'heads', 'kv'))
+    return dense(cfg, cfg.emb_dim, ('heads', 'kv', 'embed'), 'out', std=out_std)(out)
+
+
+class Mlp(nn.Module):
+  """Feed-forward block: act(x W_in) W_out, or act(x W_gate) * (x W_in) W_out when gated."""
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    act = ACTIVATIONS[cfg.mlp_activation]
+    h = dense(cfg, cfg.mlp_dim, ('embed', 'mlp'), 'wi')(x)
+    if cfg.gated_mlp:
+      h = act(dense(cfg, cfg.mlp_dim, ('embed', 'mlp'), 'wi_gate')(x)) * h
+    else:
+      h = act(h)
+    h = constrain(h, ('batch', 'length', 'mlp'))
+    return dense(cfg, cfg.emb_dim, ('mlp', 'embed'), 'wo', std=out_std)(h)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. The (carry, None) signature lets nn.scan stack it."""
+  cfg: object
+  causal: bool
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, positions, mask):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    h = Attention(cfg, self.causal, name='attention')(norm(cfg, 'attention_norm')(x), positions,
+                                                      mask)
+    x = x + drop(h)
+    x = x + drop(Mlp(cfg, name='mlp')(norm(cfg, 'mlp_norm')(x)))
+    return constrain(x, ('batch', 'length', 'embed')), None

@@ -1,0 +1,81 @@
+"""The train and eval steps: pure functions of (state, batch), jit-compiled by the loop."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm import objectives
+from jaxlm.model import layers
+from jaxlm.state import TrainState
+
+
+def accumulate_gradients(loss_fn, params, batch, num_micro, rng):
+  """Gradients of a batch too large for memory, summed over sequential micro-batches.
+
+  Why a scan and summed losses: the scan keeps one micro-batch's activations alive at a time,
+  and because `loss_fn` returns loss *sums* with their token counts, the accumulated gradient
+  divided once by the total count equals the full-batch gradient exactly (up to float
+  reassociation), however the tokens fall across micro-batches.
+
+  Micro-batch i takes rows i, i+k, i+2k, ... so that each keeps the batch's sharding over the
+  data-parallel devices: no row moves between devices.
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    return grad_fn(params, batch, rng)
+
+  def split(x):
+    return x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+
+  micro_batches = jax.tree.map(split, batch)
+
+  def body(total, xs):
+    index, micro = xs
+    micro = {k: layers.constrain(v, ('batch', 'length')) for k, v in micro.items()}
+    grads, stats = grad_fn(params, micro, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, total, (grads, stats)), None
+
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(grad_fn, params, first, rng))
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro_batches))
+  return total
+
+
+def make_train_step(model, tx, lr_schedule, config):
+  """(state, batch) -> (state, metrics). Dropout keys derive from (seed, step): no RNG state."""
+  def loss_fn(params, batch, rng):
+    logits = model.apply({'params': params}, batch['tokens'], batch['positions'],
+                         batch['segment_ids'], deterministic=False, rngs={'dropout': rng})
+    objective, stats = objectives.causal_lm(logits, batch, config.z_loss)
+    return objective, stats
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    grads, stats = accumulate_gradients(loss_fn, state.params, batch,
+                                        config.optimizer.grad_accum_steps, rng)
+    weight = jnp.maximum(stats['weight'], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': stats['loss_sum'] / weight,
+        'grad_norm': optax.tree.norm(grads),
+        'learning_rate': lr_schedule(state.step),
+    }
+    if config.z_loss:
+      metrics['z_loss'] = stats['z_loss_sum'] / weight
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model, config):
+  """params, batch -> summed statistics (loss_sum, correct, weight) over the batch's tokens."""
+  def eval_step(params, batch):
+    logits = model.apply({'params': params}, batch['tokens'], batch['positions'],
+                         batch['segment_ids'], deterministic=True)
+    _, stats = objectives.causal_lm(logits, batch)
+    return stats
+
+  return eval_step

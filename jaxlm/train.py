@@ -1,0 +1,222 @@
+"""The training loop: config -> mesh -> data -> model -> sharded state -> jit step -> loop."""
+
+import contextlib
+import dataclasses
+import logging
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import checkpoint, data, flops, metrics, optim, steps
+from jaxlm import mesh as mesh_lib
+from jaxlm import model as model_lib
+from jaxlm import state as state_lib
+from jaxlm import workdir as workdir_lib
+
+log = logging.getLogger('jaxlm')
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds before its first step, in the order it is built."""
+  config: object
+  mesh: object
+  rules: tuple
+  model: object
+  tx: object
+  lr_schedule: object
+  abstract: object  # The state's shapes with logical axis names (boxed).
+  shardings: object  # The state's NamedShardings.
+  batch_sharding: object
+
+  @property
+  def abstract_state(self):
+    return state_lib.strip_boxes(self.abstract)
+
+  @contextlib.contextmanager
+  def active(self):
+    """The mesh and rule table that tracing the model needs (for its sharding constraints)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+
+def setup(config, devices=None):
+  """Builds the mesh, model, optimizer and the state's shardings (nothing is allocated).
+
+  Every parameter dimension must split evenly over the mesh axes the rules give it, so a
+  mesh that does not fit the model fails here, before anything is compiled.
+  """
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  mesh_lib.check_batch(config, mesh)
+  rules = mesh_lib.rules(config)
+  model = model_lib.build(config)
+  tx, lr_schedule = optim.optimizer(config)
+  with nn.logical_axis_rules(rules):
+    abstract = state_lib.abstract_state(model, tx, config)
+    shardings = state_lib.state_shardings(abstract, mesh, rules)
+  for name, shape, names, spec in state_lib.param_table(abstract, shardings):
+    mesh_lib.check_divisible(f'parameter {name}', shape, spec, mesh, names)
+  return Setup(config, mesh, rules, model, tx, lr_schedule, abstract, shardings,
+               state_lib.batch_shardings(mesh, rules))
+
+
+def compile_train_step(s):
+  """The train step, jit-compiled ahead of time for the state and batch shardings of `s`.
+
+  Lowered from shapes alone, so it also plans meshes whose devices are not all real.
+  """
+  step = jax.jit(steps.make_train_step(s.model, s.tx, s.lr_schedule, s.config),
+                 in_shardings=(s.shardings, s.batch_sharding),
+                 out_shardings=(s.shardings, None), donate_argnums=0)
+  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                       s.abstract_state, s.shardings)
+  shape = (s.config.batch_size, s.config.model.max_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s.batch_sharding)
+           for k in ('tokens', 'segment_ids', 'positions')}
+  with s.active():
+    return step.lower(state, batch).compile()
+
+
+def memory_per_device(compiled):
+  """Bytes one device needs for the compiled step: arguments, outputs and temporaries."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return {'arguments': m.argument_size_in_bytes, 'temporaries': m.temp_size_in_bytes,
+          'total': (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+                    m.alias_size_in_bytes)}
+
+
+def to_device(batch, sharding):
+  return {k: mesh_lib.global_array(v, sharding) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, batches, batch_sharding):
+  """Loss, perplexity and next-token accuracy over a fixed list of held-out batches."""
+  totals = None
+  for batch in batches:
+    stats = eval_step(params, to_device(batch, batch_sharding))
+    totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
+  totals = jax.device_get(totals)  # One host sync for the whole evaluation.
+  weight = max(float(totals['weight']), 1.0)
+  loss = float(totals['loss_sum']) / weight
+  return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))),
+          'eval_accuracy': float(totals['correct']) / weight}
+
+
+def log_summary(s, compiled):
+  m = s.config.model
+  counts = flops.param_counts(m)
+  log.info('mesh %s', mesh_lib.describe(s.mesh))
+  log.info('parameters: %s total, %s in matmuls, %s embeddings', f'{counts["total"]:,}',
+           f'{counts["matmul"]:,}', f'{counts["embedding"]:,}')
+  log.info('FLOPs per token: %.4g (6N + 12LHQT), %.4g causal-halved; %.4g per step',
+           flops.flops_per_token(m), flops.flops_per_token(m, causal_halved=True),
+           flops.flops_per_token(m) * s.config.batch_size * m.max_len)
+  log.info('%-36s %-18s %-34s %s', 'parameter', 'shape', 'logical axes', 'mesh axes')
+  for name, shape, names, spec in state_lib.param_table(s.abstract, s.shardings):
+    log.info('%-36s %-18s %-34s %s', name, shape, names, tuple(spec))
+  log.info('train state: %.1f MiB per device', state_lib.bytes_per_device(
+      s.abstract_state, s.shardings) / 2 ** 20)
+  memory = memory_per_device(compiled)
+  if memory is not None:
+    log.info('compiled step: %.1f MiB per device (arguments %.1f, temporaries %.1f)',
+             memory['total'] / 2 ** 20, memory['arguments'] / 2 ** 20,
+             memory['temporaries'] / 2 ** 20)
+
+
+def train(config, workdir, devices=None):
+  """Trains (or resumes) the run in `workdir`. Returns the last logged and eval metrics."""
+  s = setup(config, devices)
+  workdir_lib.prepare(workdir, config)
+  chief = jax.process_index() == 0
+  corpus = data.prepare(config, workdir)
+  train_set = data.train_dataset(corpus.train, config, jax.process_index(), jax.process_count())
+  eval_set = data.eval_batches(corpus.validation, config, jax.process_index(),
+                               jax.process_count())
+
+  with s.active():
+    eval_step = jax.jit(steps.make_eval_step(s.model, config),
+                        in_shardings=(s.shardings.params, s.batch_sharding))
+    checkpoints = checkpoint.Checkpointer(workdir, config)
+    start = checkpoints.latest_step() or 0
+    if start:
+      log.info('resuming from the checkpoint at step %d', start)
+      state = checkpoints.restore(start, s.abstract_state, s.shardings)
+    else:
+      state = state_lib.initialize(s.model, s.tx, config, s.shardings)
+
+    compile_start = time.perf_counter()
+    compiled = compile_train_step(s)
+    log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
+    log_summary(s, compiled)
+
+    writer = metrics.Writer(workdir, enabled=chief)
+    result = _loop(config, s, state, start, compiled, eval_step, train_set, eval_set,
+                   checkpoints, writer)
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+  return result
+
+
+def _loop(config, s, state, start, train_step, eval_step, train_set, eval_set, checkpoints,
+          writer):
+  m = config.model
+  tokens_per_step = config.batch_size * m.max_len
+  flops_per_token = flops.flops_per_token(m)
+  peak, peak_source = flops.device_peak_flops()
+  log.info('MFU is relative to %.1f TFLOP/s per device (%s)', peak / 1e12, peak_source)
+  result = {}
+
+  def run_eval(step, params):
+    row = evaluate(eval_step, params, eval_set, s.batch_sharding)
+    writer.write(step, row)
+    log.info('step %d: eval loss %.4f, perplexity %.2f', step, row['eval_loss'],
+             row['eval_perplexity'])
+    result.update(row)
+    return row
+
+  if start == 0:
+    result['initial_eval_perplexity'] = run_eval(0, state.params)['eval_perplexity']
+  batches = data.train_iterator(train_set, config, start)
+  bar = metrics.progress(config.train_steps, start, enabled=jax.process_index() == 0)
+  pending, last_step, last_time = [], start, time.perf_counter()
+  for step in range(start, config.train_steps):
+    state, step_metrics = train_step(state, to_device(next(batches), s.batch_sharding))
+    pending.append(step_metrics)  # Device arrays: no host sync until the logging step.
+    done = step + 1
+    bar.update(1)
+    if done % config.log_every_steps == 0 or done == config.train_steps:
+      values = jax.device_get(pending)
+      elapsed = time.perf_counter() - last_time
+      tokens_per_s = (done - last_step) * tokens_per_step / elapsed
+      row = {key: float(np.mean([v[key] for v in values])) for key in values[0]}
+      row['learning_rate'] = float(values[-1]['learning_rate'])
+      row['tokens_per_s'] = tokens_per_s
+      row['tflops_per_device'] = tokens_per_s * flops_per_token / s.mesh.size / 1e12
+      row['mfu'] = flops.mfu(tokens_per_s, flops_per_token, s.mesh.size, peak)
+      writer.write(done, row)
+      bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{tokens_per_s:,.0f}')
+      if bar.disable:  # No bar on screen: say it in the log.
+        log.info('step %d: loss %.4f, %.0f tokens/s, MFU %.1f%%', done, row['loss'],
+                 tokens_per_s, 100 * row['mfu'])
+      result.update(row)
+      pending, last_step = [], done
+    if (config.eval_every_steps and done % config.eval_every_steps == 0
+        and done != config.train_steps):
+      run_eval(done, state.params)
+    if done % config.checkpoint.save_every_steps == 0 or done == config.train_steps:
+      checkpoints.save(done, state)
+    if done == last_step:
+      last_time = time.perf_counter()  # Eval and checkpoint time is not step time.
+  bar.close()
+  if start < config.train_steps:
+    run_eval(config.train_steps, state.params)
+  else:
+    log.info('the run in this workdir is complete (step %d)', start)
+  result['step'] = config.train_steps
+  return result

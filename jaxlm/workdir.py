@@ -1,0 +1,79 @@
+"""The files of a run directory, and the rules that keep them whole.
+
+<workdir>/config.json     the resolved config of the run
+<workdir>/metrics.jsonl   one JSON object per logged step (see metrics.py)
+<workdir>/tensorboard/    TensorBoard event files
+<workdir>/tokenizer.model the sentencepiece model (unless data.tokenizer names one)
+<workdir>/checkpoints/    Orbax checkpoints, one directory per saved step
+<workdir>/data/           the tokenized corpus cache (unless data.cache_dir is set)
+"""
+
+import errno
+import os
+
+from jaxlm import config as config_lib
+from jaxlm.config import ConfigError
+
+# Fields that fix the parameters' shapes or meaning: a run's checkpoints only fit these values.
+SHAPE_FIELDS = ('objective', 'model.num_layers', 'model.emb_dim', 'model.num_heads',
+                'model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.vocab_size',
+                'model.max_len', 'model.norm', 'model.position', 'model.gated_mlp',
+                'model.use_bias', 'model.tied_embeddings', 'model.scan_layers',
+                'data.tokenizer')
+
+
+def config_path(workdir):
+  return os.path.join(workdir, 'config.json')
+
+
+def metrics_path(workdir):
+  return os.path.join(workdir, 'metrics.jsonl')
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(workdir, 'checkpoints')
+
+
+def atomic_write(path, text):
+  """Write-then-rename: readers see the old file or the new one, never half of one."""
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def prepare(workdir, config):
+  """Creates the workdir, refuses one written by an incompatible config, saves config.json."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'--workdir={workdir!r} cannot be created: {e.strerror}') from e
+  if not os.access(workdir, os.W_OK):
+    raise ConfigError(f'--workdir={workdir!r} is not writable')
+  previous = read_config(workdir)
+  if previous is not None:
+    for name in SHAPE_FIELDS:
+      old, new = config_lib.get_field(previous, name), config_lib.get_field(config, name)
+      if old != new:
+        raise ConfigError(f'--workdir={workdir} holds a run with {name}={old!r}, this config '
+                          f'has {new!r}; use a new --workdir')
+  try:
+    atomic_write(config_path(workdir), config_lib.to_json(config))
+  except OSError as e:
+    reason = 'disk full' if e.errno == errno.ENOSPC else e.strerror
+    raise ConfigError(f'cannot write {config_path(workdir)}: {reason}') from e
+
+
+def read_config(workdir):
+  """The config.json of a workdir, or None if it has none."""
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    text = f.read()
+  try:
+    return config_lib.from_json(text)
+  except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors.
+    raise ConfigError(f'{path} is not a valid jaxlm config: {e}') from e

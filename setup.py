@@ -1,0 +1,35 @@
+"""jaxlm: a JAX/Flax trainer for language-model pretraining."""
+
+import re
+
+from setuptools import find_packages, setup
+
+version = re.search(r"__version__ = '([^']+)'", open('jaxlm/__init__.py').read()).group(1)
+
+setup(
+    name='jaxlm',
+    version=version,
+    description='JAX/Flax language-model pretraining from one CPU to a TPU pod',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['jaxlm', 'jaxlm.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.7.1',
+        'flax>=0.11.1',
+        'optax>=0.2.5',
+        'orbax-checkpoint>=0.11.20',
+        'tensorflow-datasets>=4.9.9',
+        'importlib_resources>=6',  # tensorflow-datasets needs it without TensorFlow.
+        'sentencepiece>=0.2.0',
+        'ml-collections>=1.1.0',
+        'grain>=0.2.12',
+        'tensorboardX>=2.6.2',
+        'tqdm>=4.66',
+        'numpy>=1.26',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100'],
+    },
+    entry_points={'console_scripts': ['jaxlm=jaxlm.cli:main']},
+)

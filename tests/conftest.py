@@ -1,0 +1,81 @@
+"""Shared fixtures: a small real corpus (part of the Python standard library), one tokenizer
+trained on it once per session, a tiny model config that compiles in seconds, and eight
+simulated CPU devices."""
+
+import os
+import shutil
+import sysconfig
+
+# Eight simulated CPU devices for the partitioning tests; set before anything imports jax.
+# Single-device tests pass `devices=jax.devices()[:1]`.
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest
+
+from jaxlm import config as config_lib
+
+STDLIB = sysconfig.get_paths()['stdlib']
+# About 1.3 MB of real Python: enough text for a 512-piece tokenizer and a few dozen rows.
+CORPUS = ','.join(os.path.join(STDLIB, p) for p in ('json/*.py', 'email/*.py', 'logging/*.py',
+                                                    'http/*.py', 'asyncio/*.py'))
+
+
+def tiny_config(**overrides):
+  """A 2-layer GPT-2-style model on the test corpus; overrides are ('a.b', value) keywords."""
+  c = config_lib.defaults('gpt2')
+  c.train_steps = 12
+  c.batch_size = 8
+  c.log_every_steps = 4
+  c.eval_every_steps = 0
+  c.eval_batches = 2
+  c.model.num_layers = 2
+  c.model.emb_dim = 64
+  c.model.num_heads = 4
+  c.model.mlp_dim = 128
+  c.model.vocab_size = 512
+  c.model.max_len = 64
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 2
+  c.data.path = CORPUS
+  c.data.tokenizer_sample_bytes = 2_000_000
+  c.data.validation_fraction = 0.1
+  c.data.num_threads = 1
+  c.checkpoint.save_every_steps = 6
+  for name, value in overrides.items():
+    *parents, leaf = name.split('__')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config_lib.validate(c)
+
+
+def one_device():
+  import jax
+  return jax.devices()[:1]
+
+
+@pytest.fixture(scope='session')
+def shared_data(tmp_path_factory):
+  """A tokenizer and token cache built once and reused by every test's workdir."""
+  root = tmp_path_factory.mktemp('shared_data')
+  config = tiny_config()
+  from jaxlm import data
+  data.prepare(config, str(root))  # Trains tokenizer.model and fills root/data.
+  return root
+
+
+@pytest.fixture
+def workdir(tmp_path, shared_data):
+  """A fresh workdir pre-seeded with the shared tokenizer (as a finished run would have it)."""
+  shutil.copy(shared_data / 'tokenizer.model', tmp_path / 'tokenizer.model')
+  return tmp_path
+
+
+@pytest.fixture
+def config(shared_data):
+  """The tiny config, reading the shared token cache."""
+  return tiny_config(data__cache_dir=str(shared_data / 'data'))

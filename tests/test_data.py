@@ -1,0 +1,140 @@
+"""Input: sources, tokenizer, token cache, packing, the split, and batch order."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from jaxlm import data
+from jaxlm.config import ConfigError
+from jaxlm.data import packing, sources, store
+from jaxlm.data import tokenizer as tokenizer_lib
+
+
+def test_tokenizer_round_trips_code_and_has_the_special_tokens(shared_data):
+  tok = tokenizer_lib.load(str(shared_data / 'tokenizer.model'))
+  text = 'def f(x):\n\tif x:\n        return "héllo 🐍"  # ünïcode\n'
+  ids = tok.encode([text])[0]
+  assert tok.decode(ids) == text  # Whitespace and rare characters survive (byte fallback).
+  assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+  for piece in tokenizer_lib.CONTROL:
+    assert tok.sp.piece_to_id(piece) > 3
+  assert tok.vocab_size == 512
+
+
+def test_corpus_split_is_deterministic_and_disjoint(config, workdir):
+  corpus = data.prepare(config, str(workdir))
+  names = [d.name for d in sources.iter_documents(config.data)]
+  held_out = [n for n in names if sources.sampled(n, config.data.validation_fraction)]
+  assert 0 < len(held_out) < len(names)
+  assert corpus.validation.stream.num_documents == len(held_out)
+  assert corpus.train.stream.num_documents == len(names) - len(held_out)
+  again = data.prepare(config, str(workdir))  # From the cache, identical.
+  np.testing.assert_array_equal(again.train.stream.tokens, corpus.train.stream.tokens)
+
+
+def test_cache_is_rebuilt_when_the_source_changes(tmp_path, shared_data):
+  corpus_dir = tmp_path / 'corpus'
+  corpus_dir.mkdir()
+  for i in range(30):
+    (corpus_dir / f'doc{i}.txt').write_text(f'document {i}\n' + 'some words here ' * 40)
+  config = tiny_config(data__path=str(corpus_dir / '*.txt'),
+                       data__tokenizer=str(shared_data / 'tokenizer.model'),
+                       data__validation_fraction=0.2)
+  first = data.prepare(config, str(tmp_path))
+  (corpus_dir / 'doc99.txt').write_text('a new document ' * 50)
+  second = data.prepare(config, str(tmp_path))
+  assert (second.train.stream.num_documents + second.validation.stream.num_documents ==
+          first.train.stream.num_documents + first.validation.stream.num_documents + 1)
+  assert not [f for f in os.listdir(tmp_path / 'data') if '.tmp' in f]  # No half-written files.
+
+
+def test_jsonl_documents_and_bad_lines_are_counted(tmp_path):
+  path = tmp_path / 'docs.jsonl'
+  lines = [json.dumps({'text': f'doc {i}'}) for i in range(3)]
+  lines += ['{"body": "no text field"}', 'not json', '', json.dumps({'text': 5})]
+  path.write_bytes('\n'.join(lines).encode() + b'\n\xff\xfe\n')
+  skipped = sources.Skipped()
+  docs = list(sources.iter_documents(tiny_config(data__path=str(path)).data, skipped))
+  assert [d.text for d in docs] == ['doc 0', 'doc 1', 'doc 2']
+  assert [d.name for d in docs] == ['docs.jsonl:1', 'docs.jsonl:2', 'docs.jsonl:3']
+  assert sum(skipped.values()) == 4
+
+
+def test_non_utf8_text_files_are_skipped_and_counted(tmp_path):
+  (tmp_path / 'good.txt').write_text('fine text')
+  (tmp_path / 'bad.txt').write_bytes(b'caf\xe9 latin-1')
+  skipped = sources.Skipped()
+  docs = list(sources.iter_documents(tiny_config(data__path=str(tmp_path)).data, skipped))
+  assert [d.name for d in docs] == ['good.txt'] and skipped['files not UTF-8'] == 1
+
+
+def test_a_path_matching_nothing_is_an_error():
+  with pytest.raises(ConfigError, match="data.path='/nonexistent/\\*.txt' matches no files"):
+    sources.list_files('/nonexistent/*.txt')
+
+
+def stream_of(lengths):
+  tokens = np.concatenate([np.full(n, i + 10) for i, n in enumerate(lengths)]).astype(np.uint16)
+  return store.TokenStream(tokens, np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def test_packing_loses_and_duplicates_nothing_and_restarts_positions():
+  lengths = [5, 17, 3, 40, 9, 2, 12]
+  stream = stream_of(lengths)
+  rows = packing.PackedRows(stream, seq_len=8)
+  assert len(rows) == sum(lengths) // 8
+  flat = np.concatenate([rows[i]['tokens'] for i in range(len(rows))])
+  np.testing.assert_array_equal(flat, stream.tokens[:len(flat)])  # In order, each once.
+  for i in range(len(rows)):
+    row = rows[i]
+    for t in range(8):
+      doc = np.searchsorted(stream.starts, i * 8 + t, side='right') - 1
+      assert row['tokens'][t] == doc + 10
+      if t > 0:  # A new segment exactly where the document changes.
+        same = row['tokens'][t] == row['tokens'][t - 1]
+        assert (row['segment_ids'][t] == row['segment_ids'][t - 1]) == same
+        assert row['positions'][t] == (row['positions'][t - 1] + 1 if same else 0)
+    assert row['segment_ids'][0] == 1 and row['positions'][0] == 0
+    assert row['positions'].max() < 8
+  with pytest.raises(IndexError):
+    rows[len(rows)]
+
+
+def test_batch_order_is_a_function_of_seed_and_step(config):
+  rows = packing.PackedRows(stream_of([37] * 40), seq_len=8)
+  ds = data.train_dataset(rows, config)
+  it = data.train_iterator(ds, config)
+  first = [next(it)['tokens'] for _ in range(6)]
+  resumed = data.train_iterator(data.train_dataset(rows, config), config, start_step=4)
+  np.testing.assert_array_equal(next(resumed)['tokens'], first[4])
+  np.testing.assert_array_equal(ds[5]['tokens'], first[5])  # Random access to any step.
+  other = data.train_iterator(data.train_dataset(rows, tiny_config(seed=1)), config)
+  assert not np.array_equal(next(other)['tokens'], first[0])
+
+
+def test_each_process_reads_its_own_rows_of_the_same_global_batches(config):
+  rows = packing.PackedRows(stream_of([23] * 50), seq_len=8)
+  whole = data.train_dataset(rows, config)
+  halves = [data.train_dataset(rows, config, process_index=p, process_count=2) for p in (0, 1)]
+  for step in range(5):
+    joined = np.concatenate([h[step]['tokens'] for h in halves])
+    np.testing.assert_array_equal(joined, whole[step]['tokens'])
+
+
+def test_epochs_reshuffle_and_cover_every_row(config):
+  rows = packing.PackedRows(stream_of([8] * 16), seq_len=8)  # 16 rows: 2 batches per epoch.
+  ds = data.train_dataset(rows, config)
+  epoch = lambda e: np.concatenate([ds[2 * e + i]['tokens'][:, 0] for i in range(2)])
+  assert sorted(epoch(0)) == sorted(epoch(1)) == list(range(10, 26))
+  assert not np.array_equal(epoch(0), epoch(1))
+
+
+def test_eval_batches_are_fixed_and_padded(config):
+  rows = packing.PackedRows(stream_of([8] * 11), seq_len=8)  # 11 rows, batch 8: 2 batches.
+  batches = data.eval_batches(rows, config)
+  assert len(batches) == 2
+  assert (batches[1]['segment_ids'][3:] == 0).all()  # 5 empty rows carry no weight.
+  assert (batches[1]['segment_ids'][:3] > 0).all()
