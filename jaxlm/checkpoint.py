@@ -1,52 +1,191 @@
-"""Orbax checkpoints of the train state under <workdir>/checkpoints/<step>/.
+"""Orbax checkpoints under <workdir>/checkpoints/<step>/, and what happens when things break.
 
-Saves are asynchronous: the state is copied off the devices and training continues while the
-files are written. Restoring takes the target shardings from the *current* mesh, so a
-checkpoint written on one mesh loads onto another.
+Each checkpoint holds three items: `state` (parameters, optimizer state, step), `data` (the
+grain iterator's position, one file per process) and `config` (the resolved config). The
+dropout keys need no item: they are `fold_in(key(seed), step)`.
 
-The data position needs no item of its own: batch s is a pure function of (seed, s), so the
-restored step is the data iterator's state, and the dropout keys derive from (seed, step).
+Saves are asynchronous: `save` returns once the arrays are copied off the devices and the files
+are written in the background. Orbax writes each checkpoint to a temporary directory and
+renames it when complete, and deletes old checkpoints only after a newer one is complete.
+Restoring takes its shardings from the *current* mesh, so a run moves between meshes freely.
+
+A checkpoint that cannot be read (half-written by a crash, corrupted on disk) is renamed to
+`<step>.unreadable` - kept, never deleted - and the previous one is used.
 """
+
+import logging
+import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxlm import workdir as workdir_lib
+from jaxlm.errors import ConfigError, RunError
+
+log = logging.getLogger('jaxlm')
+
+
+class CheckpointError(RunError):
+  """Writing a checkpoint failed (full disk, lost permissions...). Earlier ones are intact."""
+
+
+def _grain():
+  import grain  # Only the data item needs it.
+  return grain
 
 
 class Checkpointer:
 
-  def __init__(self, workdir, config):
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True,
-                                           enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(workdir_lib.checkpoint_dir(workdir), options=options,
-                                         item_names=('state',))
+  def __init__(self, directory, config=None, read_only=False):
+    self.directory = directory
+    keep = config.checkpoint.keep if config else None
+    keep_every = config.checkpoint.keep_every_steps if config else 0
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
+        read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(
+        directory, options=options, item_names=('state', 'data', 'config'),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'data': _grain().checkpoint.CheckpointHandler(),
+                       'config': ocp.JsonCheckpointHandler()})
+    self.last_save_blocking_s = 0.0
+    self._saving = None  # The step of the newest started save.
+
+  @classmethod
+  def for_workdir(cls, workdir, config):
+    return cls(workdir_lib.checkpoint_dir(workdir), config)
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
 
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step, state):
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  def save(self, step, state, data_iterator, config):
+    """Starts an asynchronous save; raises CheckpointError if this or an earlier write failed."""
+    start = time.perf_counter()
+    try:
+      self.manager.check_for_errors()  # An earlier background write may have failed.
+    except Exception as e:
+      raise self._write_error(self._saving, e) from e
+    self._saving = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          data=_grain().checkpoint.CheckpointSave(data_iterator),
+          config=ocp.args.JsonSave(config.to_dict())))
+    except Exception as e:
+      raise self._write_error(step, e) from e
+    self.last_save_blocking_s = time.perf_counter() - start
 
-  def restore(self, step, abstract_state, shardings):
-    """The state saved at `step`, laid out by `shardings` (which may be a different mesh's)."""
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored['state']
+  def wait(self):
+    """Blocks until every started save is complete."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(self._saving, e) from e
+
+  def _write_error(self, step, e):
+    return CheckpointError(f'writing the checkpoint of step {step} under {self.directory} '
+                           f'failed ({type(e).__name__}: {_first_line(e)}); the earlier '
+                           f'checkpoints are intact')
+
+  def restore_latest(self, abstract_state, shardings, data_iterator):
+    """(state, step) from the newest readable checkpoint, or (None, 0) if there is none.
+
+    The data iterator is moved to the saved position. Unreadable checkpoints are set aside.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=_restore_args(_target(abstract_state, shardings))))
+        self._restore_data(step, data_iterator)
+        return restored['state'], step
+      except Exception as e:  # Orbax/tensorstore raise many types for unreadable files.
+        log.warning('checkpoint %d in %s is unreadable (%s: %s); setting it aside as '
+                    '%d.unreadable and trying the previous one', step, self.directory,
+                    type(e).__name__, _first_line(e), step)
+        self._set_aside(step)
+    return None, 0
+
+  def _restore_data(self, step, data_iterator):
+    """The iterator's saved position; recomputed from the step when the process count changed
+    (batches are a pure function of (seed, step), so both give the same batches)."""
+    saved = os.path.join(self.directory, str(step), 'data',
+                         f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+    if os.path.exists(saved):
+      self.manager.restore(step, args=ocp.args.Composite(
+          data=_grain().checkpoint.CheckpointRestore(data_iterator)))
+    else:
+      data_iterator.set_state({'next_index': step})
+    position = data_iterator.get_state().get('next_index')
+    if position != step:
+      raise ValueError(f'data position {position} does not match the step {step}')
+
+  def _set_aside(self, step):
+    if jax.process_index() == 0:
+      path = os.path.join(self.directory, str(step))
+      os.replace(path, f'{path}.unreadable.{int(time.time())}')
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'jaxlm checkpoint {step} set aside')
+    self.manager.reload()
 
   def restore_params(self, step, abstract_params, shardings):
     """Only the parameters saved at `step` (no optimizer state is read)."""
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params, shardings)
-    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={'params': target}, restore_args={'params': restore_args}, partial_restore=True)))
+    target = _target(abstract_params, shardings)
+    check_shapes(self.manager.item_metadata(step)['state'].tree['params'], target,
+                 f'{self.directory}/{step}')
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=_restore_args({'params': target}, partial=True)))
     return restored['state']['params']
-
-  def wait(self):
-    self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+def _target(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _restore_args(target, partial=False):
+  """Restore exactly the leaves of `target`, each laid out by its sharding."""
+  shardings = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
+  return ocp.args.PyTreeRestore(item=target, restore_args=shardings, partial_restore=partial)
+
+
+def _first_line(e):
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def check_shapes(saved, target, where):
+  """A clear error naming the first parameter whose saved shape differs from the model's."""
+  flat_saved = {jax.tree_util.keystr(p): leaf for p, leaf in
+                jax.tree_util.tree_flatten_with_path(saved)[0]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = jax.tree_util.keystr(path)
+    if name not in flat_saved:
+      raise ConfigError(f'the checkpoint at {where} has no parameter {name}; it was written '
+                        f'by a different model')
+    if tuple(flat_saved[name].shape) != tuple(leaf.shape):
+      raise ConfigError(f'parameter {name} has shape {tuple(flat_saved[name].shape)} in the '
+                        f'checkpoint at {where} but {tuple(leaf.shape)} in this model')
+
+
+def find(path):
+  """(Checkpointer, step) for `init_from`: a workdir, its checkpoints/ dir, or one step's dir."""
+  path = os.path.abspath(path.rstrip('/'))
+  candidates = [(workdir_lib.checkpoint_dir(path), None), (path, None)]
+  if os.path.basename(path).isdigit():
+    candidates.append((os.path.dirname(path), int(os.path.basename(path))))
+  for directory, step in candidates:
+    if os.path.isdir(directory):
+      checkpointer = Checkpointer(directory, read_only=True)
+      steps = checkpointer.all_steps()
+      if steps and (step is None or step in steps):
+        return checkpointer, step if step is not None else steps[-1]
+  raise ConfigError(f'init_from={path!r} holds no jaxlm checkpoint; give a workdir, its '
+                    f'checkpoints/ directory or checkpoints/<step>')

@@ -8,10 +8,12 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import traceback
+import warnings
 
 from jaxlm import config as config_lib
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError, RunError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,8 +108,18 @@ def _setup_logging(verbose):
   logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                       format='%(asctime)s %(levelname).1s %(message)s', datefmt='%H:%M:%S',
                       force=True)
-  for noisy in ('absl', 'jax', 'orbax', 'grain', 'tensorboardX'):
+  for noisy in ('jax', 'grain', 'tensorboardX'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # Orbax logs through absl, and failed background writes also reach asyncio's logger; jaxlm
+  # reports those failures itself, once, so their tracebacks show only with --verbose.
+  for library in ('absl', 'orbax', 'asyncio'):
+    logging.getLogger(library).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+  if not verbose:  # The same for exceptions of their background threads and coroutines.
+    quiet = logging.getLogger('jaxlm.background')
+    threading.excepthook = lambda args: quiet.debug('thread: %r', args.exc_value)
+    sys.unraisablehook = lambda args: quiet.debug('unraisable: %r', args.exc_value)
+    warnings.filterwarnings('ignore', message='coroutine .* was never awaited')
+    warnings.filterwarnings('ignore', message='Enable tracemalloc')
 
 
 def main(argv=None):
@@ -128,6 +140,11 @@ def main(argv=None):
     message = ' '.join(str(e).split())  # Exactly one line.
     print(f'jaxlm: error: {message}', file=sys.stderr)
     return 2
+  except RunError as e:
+    if verbose:
+      traceback.print_exc()
+    print(f'jaxlm: error: {" ".join(str(e).split())}', file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print('jaxlm: interrupted', file=sys.stderr)
     return 130

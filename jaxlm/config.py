@@ -16,9 +16,7 @@ import os
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """Bad user input. The CLI prints the message as one line and exits with status 2."""
+from jaxlm.errors import ConfigError  # noqa: F401 (re-exported: config errors live here)
 
 
 # Architecture presets. A model field left as None takes its family's value, so
@@ -56,6 +54,7 @@ def defaults(family='gpt2'):
   c.eval_every_steps = 500  # Evaluate on held-out data this often; 0 = only at start and end.
   c.eval_batches = 8  # Held-out batches per evaluation (fewer if the split is smaller).
   c.z_loss = 0.0  # Weight of the log(Z)^2 penalty that keeps output logits small (PaLM: 1e-4).
+  c.init_from = ''  # Start from the parameters of this checkpoint (a workdir or checkpoints/N).
 
   c.model = ml_collections.ConfigDict()
   m = c.model
@@ -135,6 +134,7 @@ def defaults(family='gpt2'):
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every_steps = 1000  # Save the train state this often (and at the end).
   c.checkpoint.keep = 3  # Keep the newest N checkpoints.
+  c.checkpoint.keep_every_steps = 0  # Also keep every checkpoint whose step is a multiple; 0 = no.
   c.lock()
   return c
 
@@ -271,7 +271,8 @@ def validate(config):
                'data.num_threads', 'data.prefetch', 'data.tokenizer_sample_bytes'):
     _check(config, name, lambda v: v > 0, 'must be positive')
   for name in ('eval_every_steps', 'z_loss', 'optimizer.warmup_steps', 'optimizer.weight_decay',
-               'optimizer.grad_clip', 'optimizer.eps', 'data.max_documents', 'model.norm_eps'):
+               'optimizer.grad_clip', 'optimizer.eps', 'data.max_documents', 'model.norm_eps',
+               'checkpoint.keep_every_steps'):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check(config, 'optimizer.learning_rate', lambda v: v > 0, 'must be positive')
   _check(config, 'model.init_std', lambda v: v > 0, 'must be positive')

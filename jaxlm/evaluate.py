@@ -17,7 +17,7 @@ def run(config, workdir, step=None):
   corpus = data.prepare(config, workdir)
   batches = data.eval_batches(corpus.validation, config, jax.process_index(),
                               jax.process_count())
-  checkpoints = checkpoint.Checkpointer(workdir, config)
+  checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
   step = checkpoints.latest_step() if step is None else step
   if step is None:
     raise ConfigError(f'--workdir={workdir} has no checkpoint to evaluate; train first')

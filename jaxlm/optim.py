@@ -13,7 +13,9 @@ def schedule(config):
   o = config.optimizer
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
-      decay_steps=config.train_steps, end_value=o.learning_rate * o.end_lr_fraction)
+      # optax needs a non-empty cosine part, even when warmup fills the whole run.
+      decay_steps=max(config.train_steps, o.warmup_steps + 1),
+      end_value=o.learning_rate * o.end_lr_fraction)
 
 
 def decay_mask(params):

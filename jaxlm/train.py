@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, data, flops, metrics, optim, steps
+from jaxlm import checkpoint, data, flops, metrics, optim, preemption, steps
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
 from jaxlm import state as state_lib
@@ -128,63 +128,78 @@ def log_summary(s, compiled):
              memory['temporaries'] / 2 ** 20)
 
 
+def initial_state(s, checkpoints, batches):
+  """(state, step): the newest readable checkpoint, or a fresh state (from init_from if set)."""
+  state, step = checkpoints.restore_latest(s.abstract_state, s.shardings, batches)
+  if state is not None:
+    log.info('resumed from the checkpoint of step %d', step)
+    return state, step
+  state = state_lib.initialize(s.model, s.tx, s.config, s.shardings)
+  if s.config.init_from:
+    source, source_step = checkpoint.find(s.config.init_from)
+    log.info('initialising the parameters from %s/%d', source.directory, source_step)
+    params = source.restore_params(source_step, s.abstract_state.params, s.shardings.params)
+    source.close()
+    state = state.replace(params=params)
+  return state, 0
+
+
 def train(config, workdir, devices=None):
   """Trains (or resumes) the run in `workdir`. Returns the last logged and eval metrics."""
   s = setup(config, devices)
   workdir_lib.prepare(workdir, config)
-  chief = jax.process_index() == 0
   corpus = data.prepare(config, workdir)
-  train_set = data.train_dataset(corpus.train, config, jax.process_index(), jax.process_count())
-  eval_set = data.eval_batches(corpus.validation, config, jax.process_index(),
-                               jax.process_count())
-
-  with s.active():
-    eval_step = jax.jit(steps.make_eval_step(s.model, config),
-                        in_shardings=(s.shardings.params, s.batch_sharding))
-    checkpoints = checkpoint.Checkpointer(workdir, config)
-    start = checkpoints.latest_step() or 0
-    if start:
-      log.info('resuming from the checkpoint at step %d', start)
-      state = checkpoints.restore(start, s.abstract_state, s.shardings)
-    else:
-      state = state_lib.initialize(s.model, s.tx, config, s.shardings)
-
-    compile_start = time.perf_counter()
-    compiled = compile_train_step(s)
-    log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
-    log_summary(s, compiled)
-
-    writer = metrics.Writer(workdir, enabled=chief)
-    result = _loop(config, s, state, start, compiled, eval_step, train_set, eval_set,
-                   checkpoints, writer)
-    checkpoints.wait()
-    checkpoints.close()
+  process = (jax.process_index(), jax.process_count())
+  batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
+  eval_set = data.eval_batches(corpus.validation, config, *process)
+  checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
+  writer = metrics.Writer(workdir, enabled=process[0] == 0)
+  try:
+    with s.active(), preemption.Watcher() as preempted:
+      state, start = initial_state(s, checkpoints, batches)
+      compile_start = time.perf_counter()
+      compiled = compile_train_step(s)
+      log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
+      log_summary(s, compiled)
+      eval_step = jax.jit(steps.make_eval_step(s.model, config),
+                          in_shardings=(s.shardings.params, s.batch_sharding))
+      return _loop(s, state, start, compiled, lambda params: evaluate(
+          eval_step, params, eval_set, s.batch_sharding), batches, checkpoints, writer,
+                   preempted)
+  finally:
     writer.close()
-  return result
+    checkpoints.close()
 
 
-def _loop(config, s, state, start, train_step, eval_step, train_set, eval_set, checkpoints,
-          writer):
-  m = config.model
+def _loop(s, state, start, train_step, run_eval, batches, checkpoints, writer, preempted):
+  config, m = s.config, s.config.model
   tokens_per_step = config.batch_size * m.max_len
   flops_per_token = flops.flops_per_token(m)
   peak, peak_source = flops.device_peak_flops()
   log.info('MFU is relative to %.1f TFLOP/s per device (%s)', peak / 1e12, peak_source)
   result = {}
 
-  def run_eval(step, params):
-    row = evaluate(eval_step, params, eval_set, s.batch_sharding)
+  def evaluate_and_log(step):
+    row = run_eval(state.params)
     writer.write(step, row)
     log.info('step %d: eval loss %.4f, perplexity %.2f', step, row['eval_loss'],
              row['eval_perplexity'])
     result.update(row)
     return row
 
+  def save(step):
+    if step != checkpoints.latest_step():
+      checkpoints.save(step, state, batches, config)
+      log.debug('checkpoint %d: the loop waited %.3f s', step, checkpoints.last_save_blocking_s)
+      result['checkpoint_blocking_s'] = max(result.get('checkpoint_blocking_s', 0.0),
+                                            checkpoints.last_save_blocking_s)
+
   if start == 0:
-    result['initial_eval_perplexity'] = run_eval(0, state.params)['eval_perplexity']
-  batches = data.train_iterator(train_set, config, start)
+    result['initial_eval_perplexity'] = evaluate_and_log(0)['eval_perplexity']
+  if start >= config.train_steps:
+    log.info('the run in this workdir is complete (step %d)', start)
   bar = metrics.progress(config.train_steps, start, enabled=jax.process_index() == 0)
-  pending, last_step, last_time = [], start, time.perf_counter()
+  pending, last_step, last_time, done = [], start, time.perf_counter(), start
   for step in range(start, config.train_steps):
     state, step_metrics = train_step(state, to_device(next(batches), s.batch_sharding))
     pending.append(step_metrics)  # Device arrays: no host sync until the logging step.
@@ -206,17 +221,24 @@ def _loop(config, s, state, start, train_step, eval_step, train_set, eval_set, c
                  tokens_per_s, 100 * row['mfu'])
       result.update(row)
       pending, last_step = [], done
+    if preempted.reached(done, checkpoints.manager):
+      log.warning('preempted: saving the checkpoint of step %d and stopping', done)
+      save(done)
+      checkpoints.wait()
+      result.update(step=done, preempted=True)
+      bar.close()
+      return result
     if (config.eval_every_steps and done % config.eval_every_steps == 0
         and done != config.train_steps):
-      run_eval(done, state.params)
-    if done % config.checkpoint.save_every_steps == 0 or done == config.train_steps:
-      checkpoints.save(done, state)
+      evaluate_and_log(done)
+    if done % config.checkpoint.save_every_steps == 0:
+      save(done)
     if done == last_step:
       last_time = time.perf_counter()  # Eval and checkpoint time is not step time.
   bar.close()
   if start < config.train_steps:
-    run_eval(config.train_steps, state.params)
-  else:
-    log.info('the run in this workdir is complete (step %d)', start)
-  result['step'] = config.train_steps
+    evaluate_and_log(config.train_steps)
+  save(done)
+  checkpoints.wait()
+  result['step'] = done
   return result

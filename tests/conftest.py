@@ -17,6 +17,7 @@ import pytest
 
 from jaxlm import config as config_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()['stdlib']
 # About 1.3 MB of real Python: enough text for a 512-piece tokenizer and a few dozen rows.
 CORPUS = ','.join(os.path.join(STDLIB, p) for p in ('json/*.py', 'email/*.py', 'logging/*.py',

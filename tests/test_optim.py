@@ -22,6 +22,8 @@ def test_schedule_warms_up_linearly_then_decays_to_the_end_fraction():
   assert float(lr(1000)) == pytest.approx(1e-4)  # The end value at the last step.
   values = [float(lr(s)) for s in range(100, 1001, 50)]
   assert all(a >= b for a, b in zip(values, values[1:]))
+  all_warmup = optim.schedule(tiny_config(train_steps=10, optimizer__warmup_steps=10))
+  assert float(all_warmup(5)) == pytest.approx(0.5 * 3e-3)
 
 
 def test_decay_mask_spares_norms_and_biases_even_when_layers_are_stacked():

@@ -1,0 +1,219 @@
+"""Checkpoints: exact resume after SIGKILL, preemption, resharding, faults and init_from."""
+
+import glob
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, one_device, tiny_config
+from jaxlm import checkpoint, config as config_lib, data, state as state_lib, train
+from jaxlm.config import ConfigError
+
+
+def shared(shared_data, **overrides):
+  return tiny_config(data__cache_dir=str(shared_data / 'data'),
+                     data__tokenizer=str(shared_data / 'tokenizer.model'), **overrides)
+
+
+def write_config(path, config):
+  path.write_text('from jaxlm import config\n\n\ndef get_config():\n'
+                  f'  return config.from_json({config_lib.to_json(config)!r})\n')
+  return str(path)
+
+
+# Runs `python -m jaxlm` with no file allowed to grow past 20 kB, like a nearly full disk.
+SMALL_FILES = ('import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, '
+               'signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); '
+               'sys.argv[0] = "jaxlm"; runpy.run_module("jaxlm", run_name="__main__")')
+
+
+def start(config_path, workdir, *extra, full_disk=False):
+  """`jaxlm train` in a subprocess on one CPU device."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  program = ['-c', SMALL_FILES] if full_disk else ['-m', 'jaxlm']
+  return subprocess.Popen(
+      [sys.executable, *program, 'train', f'--config={config_path}', f'--workdir={workdir}',
+       *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rows(workdir):
+  """metrics.jsonl as {step: row}, the last row of a step winning (a resumed run's)."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      row = json.loads(line)
+      out.setdefault(row['step'], {}).update(row)
+  return out
+
+
+def wait_for_step(workdir, step, process, timeout=120):
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, 'metrics.jsonl')
+  while time.time() < deadline:
+    assert process.poll() is None, process.communicate()
+    if os.path.exists(path) and any(r.get('step', -1) >= step and 'loss' in r
+                                    for r in rows(workdir).values()):
+      return
+    time.sleep(0.05)
+  raise TimeoutError(f'step {step} not reached')
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, shared_data):
+  steps = 150
+  config = shared(shared_data, train_steps=steps, log_every_steps=1,
+                  checkpoint__save_every_steps=20, model__dropout_rate=0.1)
+  path = write_config(tmp_path / 'cfg.py', config)
+  reference, crashed = tmp_path / 'reference', tmp_path / 'crashed'
+  victim = start(path, crashed)
+  wait_for_step(crashed, 50, victim)  # Killed wherever it is, mid-save perhaps.
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  saved = sorted(int(d) for d in os.listdir(crashed / 'checkpoints') if d.isdigit())
+  assert saved and saved[-1] < steps
+  ref = start(path, reference)
+  assert ref.wait(timeout=300) == 0, ref.communicate()
+  resumed = start(path, crashed)
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err
+  assert 'resumed from the checkpoint of step' in err
+  expected, got = rows(reference), rows(crashed)
+  for step in range(saved[-1] + 1, steps + 1):  # Bit for bit: the same floats in the JSON.
+    assert got[step]['loss'] == expected[step]['loss'], step
+    assert got[step]['grad_norm'] == expected[step]['grad_norm'], step
+  assert got[steps]['eval_loss'] == expected[steps]['eval_loss']
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path, shared_data):
+  config = shared(shared_data, train_steps=10_000, log_every_steps=1,
+                  checkpoint__save_every_steps=5_000, optimizer__warmup_steps=1)
+  path = write_config(tmp_path / 'cfg.py', config)
+  workdir = tmp_path / 'run'
+  process = start(path, workdir)
+  wait_for_step(workdir, 3, process)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['preempted'] is True
+  assert 'preempted: saving the checkpoint of step' in err
+  saved = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
+  assert saved == [result['step']]
+  resumed = start(path, workdir, f'--config.train_steps={result["step"] + 2}')
+  _, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err
+  assert f'resumed from the checkpoint of step {result["step"]}' in err
+
+
+def test_a_failed_write_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, shared_data):
+  config = shared(shared_data, train_steps=6, checkpoint__save_every_steps=3)
+  path = write_config(tmp_path / 'cfg.py', config)
+  workdir = tmp_path / 'run'
+  first = start(path, workdir)
+  assert first.wait(timeout=300) == 0, first.communicate()
+  second = start(path, workdir, '--config.train_steps=9', full_disk=True)
+  _, err = second.communicate(timeout=300)
+  assert second.returncode == 1
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('jaxlm: error: writing the checkpoint of step 9 under ')
+  assert 'the earlier checkpoints are intact' in last
+  steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert steps == [3, 6]
+  third = start(path, workdir, '--config.train_steps=9')  # Resumes from 6 and finishes.
+  _, err = third.communicate(timeout=300)
+  assert third.returncode == 0, err
+  assert 'resumed from the checkpoint of step 6' in err
+
+
+def test_unreadable_latest_checkpoint_is_set_aside_and_the_previous_used(tmp_path, shared_data,
+                                                                        caplog):
+  caplog.set_level(logging.INFO, logger='jaxlm')
+  config = shared(shared_data, train_steps=8, checkpoint__save_every_steps=4)
+  workdir = str(tmp_path)
+  train.train(config, workdir, devices=one_device())
+  for f in glob.glob(f'{workdir}/checkpoints/8/state/**/d/*', recursive=True):
+    with open(f, 'r+b') as handle:
+      handle.write(b'not a checkpoint')
+  os.makedirs(f'{workdir}/checkpoints/9/state')  # A half-written one, newer still.
+  longer = shared(shared_data, train_steps=10, checkpoint__save_every_steps=4)
+  result = train.train(longer, workdir, devices=one_device())
+  assert result['step'] == 10
+  names = sorted(os.listdir(f'{workdir}/checkpoints'))
+  assert [n for n in names if n.isdigit()] == ['10', '4', '8']  # 8 rewritten by the resume.
+  assert len([n for n in names if n.startswith('8.unreadable')]) == 1
+  assert len([n for n in names if n.startswith('9.unreadable')]) == 1
+  assert 'resumed from the checkpoint of step 4' in caplog.text
+  assert 'checkpoint 8 in' in caplog.text and 'is unreadable' in caplog.text
+
+
+def test_restore_onto_other_meshes_gives_the_same_values(tmp_path):
+  base = dict(model__num_heads=8, model__num_kv_heads=8, model__family='llama')
+  saver = train.setup(tiny_config(**base, mesh__fsdp=8), jax.devices())
+  config = tiny_config(**base, mesh__fsdp=8)
+  with saver.active():
+    state = state_lib.initialize(saver.model, saver.tx, config, saver.shardings)
+  rows_ = data.packing.PackedRows(data.store.TokenStream(np.arange(4096) % 500,
+                                                         np.array([0, 4096])), 64)
+  batches = data.train_iterator(data.train_dataset(rows_, config), config)
+  next(batches)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'ckpt'), config)
+  ckpt.save(1, state, batches, config)
+  ckpt.wait()
+  expected = jax.device_get(state)
+  for devices, sizes in ((jax.devices(), dict(mesh__data=2, mesh__fsdp=1, mesh__tensor=4)),
+                         (one_device(), dict())):
+    s = train.setup(tiny_config(**base, **sizes), devices)
+    fresh = data.train_iterator(data.train_dataset(rows_, config), config)
+    restored, step = ckpt.restore_latest(s.abstract_state, s.shardings, fresh)
+    assert step == 1 and fresh.get_state() == {'next_index': 1}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
+    kernel = restored.params['layers']['mlp']['wi']['kernel']
+    assert kernel.sharding.mesh.shape == s.mesh.shape  # Laid out on the new mesh.
+  ckpt.close()
+
+
+def test_keep_last_n_plus_every_kth(tmp_path):
+  config = tiny_config(checkpoint__keep=2, checkpoint__keep_every_steps=4)
+  state = {'w': jax.numpy.ones(3)}
+  rows_ = data.packing.PackedRows(data.store.TokenStream(np.zeros(640), np.array([0, 640])), 64)
+  batches = data.train_iterator(data.train_dataset(rows_, config), config)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  for step in range(2, 13, 2):
+    ckpt.save(step, state, batches, config)
+  ckpt.wait()
+  assert ckpt.all_steps() == [4, 8, 10, 12]
+  ckpt.close()
+
+
+def test_init_from_loads_parameters_only(tmp_path, shared_data):
+  source = str(tmp_path / 'source')
+  first = train.train(shared(shared_data, train_steps=6), source, devices=one_device())
+  config = shared(shared_data, train_steps=2, init_from=source, optimizer__warmup_steps=1)
+  result = train.train(config, str(tmp_path / 'child'), devices=one_device())
+  child = rows(str(tmp_path / 'child'))
+  assert child[0]['eval_loss'] == pytest.approx(first['eval_loss'], rel=1e-6)
+  assert first['eval_perplexity'] < first['initial_eval_perplexity']  # It did learn...
+  assert result['initial_eval_perplexity'] == pytest.approx(first['eval_perplexity'])  # ...and
+  assert result['step'] == 2  # the child starts its own count and optimizer state at 0.
+
+
+def test_init_from_a_different_shape_names_the_parameter(tmp_path, shared_data):
+  source = str(tmp_path / 'source')
+  train.train(shared(shared_data, train_steps=2), source, devices=one_device())
+  config = shared(shared_data, train_steps=2, init_from=f'{source}/checkpoints/2',
+                  model__mlp_dim=96)
+  with pytest.raises(ConfigError, match=r"parameter \['layers'\]\['mlp'\]\['wi'\]\['bias'\] "
+                                        r'has shape \(2, 128\) in the checkpoint at .* but '
+                                        r'\(2, 96\) in this model'):
+    train.train(config, str(tmp_path / 'child'), devices=one_device())
+  with pytest.raises(ConfigError, match='holds no jaxlm checkpoint'):
+    train.train(shared(shared_data, init_from=str(tmp_path / 'nothing')),
+                str(tmp_path / 'other'), devices=one_device())
