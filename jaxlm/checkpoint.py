@@ -132,11 +132,15 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'jaxlm checkpoint {step} set aside')
     self.manager.reload()
 
+  def check_params(self, step, abstract_params):
+    """A ConfigError naming the first parameter whose saved shape differs from the model's."""
+    check_shapes(self.manager.item_metadata(step)['state'].tree['params'], abstract_params,
+                 f'{self.directory}/{step}')
+
   def restore_params(self, step, abstract_params, shardings):
     """Only the parameters saved at `step` (no optimizer state is read)."""
     target = _target(abstract_params, shardings)
-    check_shapes(self.manager.item_metadata(step)['state'].tree['params'], target,
-                 f'{self.directory}/{step}')
+    self.check_params(step, target)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=_restore_args({'params': target}, partial=True)))
     return restored['state']['params']

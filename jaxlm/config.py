@@ -31,6 +31,7 @@ FAMILIES = {
 
 CHOICES = {
     'objective': ('causal',),
+    'nonfinite': ('skip', 'stop'),
     'model.family': tuple(FAMILIES),
     'model.norm': ('layernorm', 'rmsnorm'),
     'model.position': ('learned', 'rope'),
@@ -54,6 +55,9 @@ def defaults(family='gpt2'):
   c.eval_every_steps = 500  # Evaluate on held-out data this often; 0 = only at start and end.
   c.eval_batches = 8  # Held-out batches per evaluation (fewer if the split is smaller).
   c.z_loss = 0.0  # Weight of the log(Z)^2 penalty that keeps output logits small (PaLM: 1e-4).
+  # A step whose loss or gradient norm is not finite never applies its update; then 'skip'
+  # goes on with the next batch, 'stop' saves the (good) state and stops with an error.
+  c.nonfinite = 'skip'
   c.init_from = ''  # Start from the parameters of this checkpoint (a workdir or checkpoints/N).
 
   c.model = ml_collections.ConfigDict()
@@ -294,10 +298,27 @@ def validate(config):
   if config.batch_size % o.grad_accum_steps:
     raise ConfigError(f'optimizer.grad_accum_steps={o.grad_accum_steps} must divide '
                       f'batch_size={config.batch_size}')
-  for name in ('data', 'fsdp', 'tensor', 'sequence'):
+  for name in MESH_AXES:
     for field in (f'mesh.{name}', f'mesh.dcn_{name}'):
       _check(config, field, lambda v: v == -1 or v > 0, 'must be positive or -1')
+  _check_rules(config.mesh.rules)
   return config
+
+
+# Outermost first: 'data' changes slowest over the device list, 'tensor' fastest, so tensor
+# parallelism (the most communication per step) lands on the closest devices.
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
+
+
+def _check_rules(rules):
+  """Each rule is (logical name, None | mesh axis | tuple of mesh axes)."""
+  for rule in rules:
+    axes = rule[1] if isinstance(rule, (tuple, list)) and len(rule) == 2 else ()
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+        or not all(a is None or a in MESH_AXES for a in axes)):
+      raise ConfigError(f'mesh.rules entry {rule!r} must be (logical_name, mesh_axes) with '
+                        f'mesh axes from {", ".join(MESH_AXES)} or None')
 
 
 def get_field(config, name):

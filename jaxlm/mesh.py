@@ -18,11 +18,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
+from jaxlm.config import MESH_AXES as AXES  # Outermost first: see config.MESH_AXES.
 from jaxlm.config import ConfigError
-
-# Outermost first: 'data' changes slowest over the device list, 'tensor' fastest, so tensor
-# parallelism (the most communication per step) lands on the closest devices.
-AXES = ('data', 'fsdp', 'sequence', 'tensor')
 
 
 def _fill(sizes, total, what):

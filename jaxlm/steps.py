@@ -56,12 +56,19 @@ def make_train_step(model, tx, lr_schedule, config):
                                         config.optimizer.grad_accum_steps, rng)
     weight = jnp.maximum(stats['weight'], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
+    loss, grad_norm = stats['loss_sum'] / weight, optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient must not reach the weights: keep the old state instead.
+    # Checked here, on device, so the loop needs no per-step host sync to enforce it.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {
-        'loss': stats['loss_sum'] / weight,
-        'grad_norm': optax.tree.norm(grads),
+        'loss': loss,
+        'grad_norm': grad_norm,
         'learning_rate': lr_schedule(state.step),
+        'nonfinite': 1 - finite.astype(jnp.int32),
     }
     if config.z_loss:
       metrics['z_loss'] = stats['z_loss_sum'] / weight

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, data, flops, metrics, optim, preemption, steps
+from jaxlm import checkpoint, data, errors, flops, metrics, optim, preemption, steps
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
 from jaxlm import state as state_lib
@@ -128,27 +128,37 @@ def log_summary(s, compiled):
              memory['temporaries'] / 2 ** 20)
 
 
-def initial_state(s, checkpoints, batches):
-  """(state, step): the newest readable checkpoint, or a fresh state (from init_from if set)."""
+def init_source(s):
+  """(Checkpointer, step) that `init_from` names, checked against the model; or None."""
+  if not s.config.init_from:
+    return None
+  source, step = checkpoint.find(s.config.init_from)
+  source.check_params(step, s.abstract_state.params)
+  return source, step
+
+
+def initial_state(s, checkpoints, batches, source):
+  """(state, step): the newest readable checkpoint, or a fresh state (`source`'s parameters)."""
   state, step = checkpoints.restore_latest(s.abstract_state, s.shardings, batches)
   if state is not None:
     log.info('resumed from the checkpoint of step %d', step)
     return state, step
   state = state_lib.initialize(s.model, s.tx, s.config, s.shardings)
-  if s.config.init_from:
-    source, source_step = checkpoint.find(s.config.init_from)
-    log.info('initialising the parameters from %s/%d', source.directory, source_step)
-    params = source.restore_params(source_step, s.abstract_state.params, s.shardings.params)
-    source.close()
-    state = state.replace(params=params)
+  if source is not None:
+    checkpointer, source_step = source
+    log.info('initialising the parameters from %s/%d', checkpointer.directory, source_step)
+    state = state.replace(params=checkpointer.restore_params(
+        source_step, s.abstract_state.params, s.shardings.params))
   return state, 0
 
 
 def train(config, workdir, devices=None):
   """Trains (or resumes) the run in `workdir`. Returns the last logged and eval metrics."""
   s = setup(config, devices)
-  workdir_lib.prepare(workdir, config)
+  workdir_lib.check(workdir, config)
+  source = init_source(s)
   corpus = data.prepare(config, workdir)
+  workdir_lib.save_config(workdir, config)
   process = (jax.process_index(), jax.process_count())
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
   eval_set = data.eval_batches(corpus.validation, config, *process)
@@ -156,7 +166,7 @@ def train(config, workdir, devices=None):
   writer = metrics.Writer(workdir, enabled=process[0] == 0)
   try:
     with s.active(), preemption.Watcher() as preempted:
-      state, start = initial_state(s, checkpoints, batches)
+      state, start = initial_state(s, checkpoints, batches, source)
       compile_start = time.perf_counter()
       compiled = compile_train_step(s)
       log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
@@ -169,6 +179,31 @@ def train(config, workdir, devices=None):
   finally:
     writer.close()
     checkpoints.close()
+    if source is not None:
+      source[0].close()
+
+
+def _interval_row(values):
+  """One metrics row for the steps since the last one: means over the steps that were finite
+  (the others applied no update), the last learning rate, and how many were not finite."""
+  finite = [v for v in values if not v['nonfinite']] or values
+  row = {key: float(np.mean([v[key] for v in finite])) for key in values[0]}
+  row['learning_rate'] = float(values[-1]['learning_rate'])
+  row['nonfinite'] = int(sum(v['nonfinite'] for v in values))
+  return row
+
+
+def _handle_nonfinite(config, count, step, save, checkpoints):
+  if config.nonfinite == 'skip':
+    log.warning('%d step(s) before step %d had a non-finite loss or gradient; their updates '
+                'were skipped', count, step)
+    return
+  save(step)  # The state is good: the non-finite updates were never applied.
+  checkpoints.wait()
+  raise errors.RunError(
+      f'{count} step(s) before step {step} had a non-finite loss or gradient '
+      f'(nonfinite=stop); the last good state is saved as checkpoint {step}; lower '
+      f'optimizer.learning_rate or set nonfinite=skip, then run the same command to resume')
 
 
 def _loop(s, state, start, train_step, run_eval, batches, checkpoints, writer, preempted):
@@ -206,21 +241,20 @@ def _loop(s, state, start, train_step, run_eval, batches, checkpoints, writer, p
     done = step + 1
     bar.update(1)
     if done % config.log_every_steps == 0 or done == config.train_steps:
-      values = jax.device_get(pending)
+      row = _interval_row(jax.device_get(pending))
       elapsed = time.perf_counter() - last_time
-      tokens_per_s = (done - last_step) * tokens_per_step / elapsed
-      row = {key: float(np.mean([v[key] for v in values])) for key in values[0]}
-      row['learning_rate'] = float(values[-1]['learning_rate'])
-      row['tokens_per_s'] = tokens_per_s
-      row['tflops_per_device'] = tokens_per_s * flops_per_token / s.mesh.size / 1e12
-      row['mfu'] = flops.mfu(tokens_per_s, flops_per_token, s.mesh.size, peak)
+      row['tokens_per_s'] = (done - last_step) * tokens_per_step / elapsed
+      row['tflops_per_device'] = row['tokens_per_s'] * flops_per_token / s.mesh.size / 1e12
+      row['mfu'] = flops.mfu(row['tokens_per_s'], flops_per_token, s.mesh.size, peak)
       writer.write(done, row)
-      bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{tokens_per_s:,.0f}')
+      bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{row["tokens_per_s"]:,.0f}')
       if bar.disable:  # No bar on screen: say it in the log.
         log.info('step %d: loss %.4f, %.0f tokens/s, MFU %.1f%%', done, row['loss'],
-                 tokens_per_s, 100 * row['mfu'])
+                 row['tokens_per_s'], 100 * row['mfu'])
       result.update(row)
       pending, last_step = [], done
+      if row['nonfinite']:
+        _handle_nonfinite(config, row['nonfinite'], done, save, checkpoints)
     if preempted.reached(done, checkpoints.manager):
       log.warning('preempted: saving the checkpoint of step %d and stopping', done)
       save(done)

@@ -44,26 +44,45 @@ def atomic_write(path, text):
   os.replace(tmp, path)
 
 
-def prepare(workdir, config):
-  """Creates the workdir, refuses one written by an incompatible config, saves config.json."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'--workdir={workdir!r} cannot be created: {e.strerror}') from e
-  if not os.access(workdir, os.W_OK):
-    raise ConfigError(f'--workdir={workdir!r} is not writable')
-  previous = read_config(workdir)
+def check(workdir, config):
+  """Refuses a workdir that is not a directory or holds a run of another model shape.
+
+  Reads only: a run writes nothing until its config, mesh and data have all been checked.
+  """
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):  # The nearest part of the path that exists...
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):  # ...must be a directory we may write in.
+    raise ConfigError(f'--workdir={workdir!r} cannot be created: {existing} is not a directory')
+  if not os.access(existing, os.W_OK):
+    raise ConfigError(f'--workdir={workdir!r} is not writable ({existing})')
+  previous = read_config(workdir) if os.path.isdir(workdir) else None
   if previous is not None:
     for name in SHAPE_FIELDS:
       old, new = config_lib.get_field(previous, name), config_lib.get_field(config, name)
       if old != new:
         raise ConfigError(f'--workdir={workdir} holds a run with {name}={old!r}, this config '
                           f'has {new!r}; use a new --workdir')
+
+
+def create(workdir):
+  """Makes the workdir (and its parents) with a one-line error if that is impossible."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'--workdir={workdir!r} cannot be created: {_reason(e)}') from e
+
+
+def save_config(workdir, config):
+  create(workdir)
   try:
     atomic_write(config_path(workdir), config_lib.to_json(config))
   except OSError as e:
-    reason = 'disk full' if e.errno == errno.ENOSPC else e.strerror
-    raise ConfigError(f'cannot write {config_path(workdir)}: {reason}') from e
+    raise ConfigError(f'cannot write {config_path(workdir)}: {_reason(e)}') from e
+
+
+def _reason(e):
+  return 'the disk is full' if e.errno == errno.ENOSPC else e.strerror or str(e)
 
 
 def read_config(workdir):

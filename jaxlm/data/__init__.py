@@ -32,7 +32,8 @@ def tokenizer_path(workdir):
 
 
 def get_tokenizer(config, workdir):
-  """The configured tokenizer, the one cached in the workdir, or a new one trained here."""
+  """The configured tokenizer, the one cached in the workdir, or a new one trained here (not
+  yet saved: `tokenizer.path` is '' until it is)."""
   if config.data.tokenizer:
     tokenizer = tokenizer_lib.load(config.data.tokenizer)
   elif os.path.exists(tokenizer_path(workdir)):
@@ -48,7 +49,7 @@ def get_tokenizer(config, workdir):
     log.info('training a %d-piece %s tokenizer on up to %.0f MB of text',
              config.model.vocab_size, config.data.tokenizer_type,
              config.data.tokenizer_sample_bytes / 1e6)
-    tokenizer = tokenizer_lib.train(train_docs, tokenizer_path(workdir), config.model.vocab_size,
+    tokenizer = tokenizer_lib.train(train_docs, config.model.vocab_size,
                                     config.data.tokenizer_type,
                                     config.data.tokenizer_sample_bytes, config.seed)
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -58,20 +59,22 @@ def get_tokenizer(config, workdir):
 
 
 def prepare(config, workdir):
-  """Tokenizer and packed train/validation rows, building the token cache if needed."""
+  """Tokenizer and packed train/validation rows, building the token cache if needed.
+
+  A new tokenizer and token cache are written only once the corpus has been found usable.
+  """
   tokenizer = get_tokenizer(config, workdir)
   _, files = sources.list_files(config.data.path)
   key = store.cache_key(sources.fingerprint(files), tokenizer, config)
   cache_dir = config.data.cache_dir or os.path.join(workdir, 'data')
   streams = store.load(cache_dir, key)
-  if streams is None:
+  built = streams is None
+  if built:
     skipped = sources.Skipped()
-    log.info('tokenizing %s into %s', config.data.path or 'the Python standard library',
-             cache_dir)
+    log.info('tokenizing %s', config.data.path or 'the Python standard library')
     streams = store.build(
-        sources.iter_documents(config.data, skipped),
-        tokenizer, lambda name: sources.sampled(name, config.data.validation_fraction),
-        cache_dir, key)
+        sources.iter_documents(config.data, skipped), tokenizer,
+        lambda name: sources.sampled(name, config.data.validation_fraction))
     if skipped:
       log.warning('skipped %s', skipped.summary())
   corpus = Corpus(tokenizer, *(packing.PackedRows(streams[s], config.model.max_len)
@@ -81,6 +84,12 @@ def prepare(config, workdir):
       raise ConfigError(f'the {split} split has {len(rows.stream.tokens)} tokens, fewer than one '
                         f'row of model.max_len={config.model.max_len}; use more data '
                         f'(data.path) or change data.validation_fraction')
+  if not tokenizer.path:
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer.save(tokenizer_path(workdir))
+  if built:
+    store.save(streams, cache_dir, key)
+    log.info('cached the tokenized corpus in %s', cache_dir)
   log.info('corpus: %d train rows (%d documents), %d validation rows (%d documents) of %d tokens',
            len(corpus.train), corpus.train.stream.num_documents, len(corpus.validation),
            corpus.validation.stream.num_documents, config.model.max_len)

@@ -43,12 +43,13 @@ def load(cache_dir, key):
   paths = [p for split in SPLITS for p in _paths(cache_dir, key, split)]
   if not all(os.path.exists(p) for p in paths):
     return None
-  return {split: TokenStream(*(np.load(p, mmap_mode='r') for p in _paths(cache_dir, key, split)))
+  return {split: TokenStream(*(np.load(p, mmap_mode='r', allow_pickle=False)
+                               for p in _paths(cache_dir, key, split)))
           for split in SPLITS}
 
 
-def build(documents, tokenizer, is_validation, cache_dir, key, chunk=256):
-  """Tokenizes documents (wrapping each in BOS/EOS) into per-split streams and saves them."""
+def build(documents, tokenizer, is_validation, chunk=256):
+  """Tokenizes documents (wrapping each in BOS/EOS) into per-split streams, in memory."""
   pieces = {s: [] for s in SPLITS}
   lengths = {s: [] for s in SPLITS}
   dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
@@ -65,14 +66,19 @@ def build(documents, tokenizer, is_validation, cache_dir, key, chunk=256):
     if len(batch) == chunk:
       flush()
   flush()
-  os.makedirs(cache_dir, exist_ok=True)
   streams = {}
   for split in SPLITS:
     tokens = np.concatenate(pieces[split]) if pieces[split] else np.zeros((0,), dtype)
     starts = np.concatenate([[0], np.cumsum(lengths[split], dtype=np.int64)])
-    for path, array in zip(_paths(cache_dir, key, split), (tokens, starts)):
-      tmp = f'{path}.tmp.{os.getpid()}.npy'
-      np.save(tmp, array)
-      os.replace(tmp, path)
     streams[split] = TokenStream(tokens, starts)
   return streams
+
+
+def save(streams, cache_dir, key):
+  """Writes each array under a temporary name and renames it into place."""
+  os.makedirs(cache_dir, exist_ok=True)
+  for split, stream in streams.items():
+    for path, array in zip(_paths(cache_dir, key, split), (stream.tokens, stream.starts)):
+      tmp = f'{path}.tmp.{os.getpid()}.npy'
+      np.save(tmp, array, allow_pickle=False)
+      os.replace(tmp, path)

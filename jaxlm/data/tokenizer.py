@@ -41,6 +41,14 @@ class Tokenizer:
   def __len__(self):
     return self.vocab_size
 
+  def save(self, path):
+    """Writes the model atomically (a temporary file renamed into place)."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'wb') as f:
+      f.write(self.proto)
+    os.replace(tmp, path)
+    self.path = path
+
 
 def load(path):
   try:
@@ -68,8 +76,8 @@ def sample_lines(documents, max_bytes):
           return
 
 
-def train(documents, path, vocab_size, model_type='bpe', max_bytes=20_000_000, seed=0):
-  """Trains a tokenizer on a sample of `documents`, writes it atomically to `path`."""
+def train(documents, vocab_size, model_type='bpe', max_bytes=20_000_000, seed=0):
+  """A tokenizer trained on a sample of `documents` (in memory; `save` writes it)."""
   spm.set_random_generator_seed(seed)
   proto = io.BytesIO()
   try:
@@ -86,8 +94,4 @@ def train(documents, path, vocab_size, model_type='bpe', max_bytes=20_000_000, s
     message = str(e).strip().splitlines()[-1] if str(e).strip() else 'failed'
     raise ConfigError(f'training a {vocab_size}-piece tokenizer failed: {message}; '
                       f'lower model.vocab_size or give more text') from e
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(proto.getvalue())
-  os.replace(tmp, path)
-  return Tokenizer(proto.getvalue(), path)
+  return Tokenizer(proto.getvalue())

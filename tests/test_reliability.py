@@ -1,0 +1,224 @@
+"""Bad input fails early in one line and changes nothing; numerical faults never reach weights."""
+
+import json
+import os
+import re
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import numpy as np
+import pytest
+
+from conftest import CORPUS, ROOT, one_device, tiny_config
+from jaxlm import checkpoint, cli, config as config_lib, train
+from jaxlm.config import ConfigError
+from jaxlm.errors import RunError
+
+TINY = ['--config.model.num_layers=2', '--config.model.emb_dim=64', '--config.model.num_heads=4',
+        '--config.model.mlp_dim=128', '--config.model.vocab_size=512',
+        '--config.model.max_len=64', '--config.batch_size=8', '--config.train_steps=12',
+        '--config.optimizer.warmup_steps=2']
+
+
+def write(path, content):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb' if isinstance(content, bytes) else 'w') as f:
+    f.write(content)
+  return path
+
+
+def py_config(body):
+  return f'from jaxlm.config import defaults\n\ndef get_config():\n  c = defaults()\n{body}  return c\n'
+
+
+# (id, extra arguments, files to create first {relative path: content}, expected message).
+# '{tmp}' in arguments and messages is the test's temporary directory, '{work}' the workdir.
+CASES = [
+    ('unknown-field', ['--config.model.num_layer=2'],
+     {}, "unknown config field 'model.num_layer'; did you mean 'model.num_layers'?"),
+    ('unknown-section', ['--config.modle.num_layers=2'], {}, "unknown config field"),
+    ('int-as-word', ['--config.model.num_layers=two'], {},
+     "config field model.num_layers expects an integer, got 'two'"),
+    ('int-as-float', ['--config.batch_size=8.5'], {}, 'batch_size expects an integer'),
+    ('bool-as-word', ['--config.model.scan_layers=perhaps'], {},
+     'model.scan_layers must be true or false'),
+    ('float-as-word', ['--config.optimizer.learning_rate=high'], {},
+     'optimizer.learning_rate expects a number'),
+    ('zero-layers', ['--config.model.num_layers=0'], {}, 'model.num_layers=0 must be positive'),
+    ('negative-batch', ['--config.batch_size=-8'], {}, 'batch_size=-8 must be positive'),
+    ('zero-vocab', ['--config.model.vocab_size=0'], {}, 'model.vocab_size=0 must be positive'),
+    ('heads-vs-width', ['--config.model.num_heads=5'], {},
+     'model.num_heads=5 must divide model.emb_dim=64'),
+    ('kv-vs-heads', ['--config.model.num_kv_heads=3'], {},
+     'model.num_kv_heads=3 must divide model.num_heads=4'),
+    ('warmup-too-long', ['--config.optimizer.warmup_steps=50'], {},
+     'optimizer.warmup_steps=50 is longer than train_steps=12'),
+    ('accum-vs-batch', ['--config.optimizer.grad_accum_steps=3'], {},
+     'optimizer.grad_accum_steps=3 must divide batch_size=8'),
+    ('bad-objective', ['--config.objective=contrastive'], {},
+     "objective='contrastive' is not one of"),
+    ('bad-dtype', ['--config.model.dtype=float8'], {}, "model.dtype='float8' is not one of"),
+    ('bad-remat', ['--config.model.remat_policy=sometimes'], {},
+     "model.remat_policy='sometimes' is not one of"),
+    ('dropout-range', ['--config.model.dropout_rate=1.0'], {},
+     'model.dropout_rate=1.0 must be in [0, 1)'),
+    ('negative-lr', ['--config.optimizer.learning_rate=-0.1'], {},
+     'optimizer.learning_rate=-0.1 must be positive'),
+    ('odd-rope-head', ['--config.model.family=llama', '--config.model.head_dim=15'], {},
+     'model.head_dim=15 must be even for rotary positions'),
+    ('mesh-zero', ['--config.mesh.tensor=0'], {}, 'mesh.tensor=0 must be positive or -1'),
+    ('mesh-rule-axis', ['--config.mesh.rules=(("batch", "dta"),)'], {},
+     "mesh.rules entry ('batch', 'dta') must be (logical_name, mesh_axes)"),
+    ('mesh-two-fills', ['--config.mesh.data=-1'], {}, 'only one mesh.* axis may be -1'),
+    ('mesh-too-big', ['--config.mesh.fsdp=16'], {},
+     'make 16 devices, but there are 8'),
+    ('batch-vs-mesh', ['--config.batch_size=4'], {},
+     'batch_size=4 / optimizer.grad_accum_steps=1 = 4 sequences do not split over the 8 devices'),
+    ('param-vs-mesh', ['--config.mesh.fsdp=1', '--config.mesh.tensor=8'], {},
+     'of size 4 does not split over mesh axes tensor of 8 devices'),
+    ('override-no-value', ['--config.model.num_layers'], {}, 'has no value'),
+    ('stray-argument', ['--steps=10'], {}, "unrecognized argument '--steps=10'"),
+    ('config-missing', ['--config={tmp}/nope.py'], {}, "config file '{tmp}/nope.py' not found"),
+    ('config-syntax', ['--config={tmp}/bad.py'], {'bad.py': 'def get_config(:\n'},
+     'config file {tmp}/bad.py, line 1: syntax error'),
+    ('config-no-function', ['--config={tmp}/bad.py'], {'bad.py': 'x = 1\n'},
+     'config file {tmp}/bad.py defines no get_config() function'),
+    ('config-raises', ['--config={tmp}/bad.py'],
+     {'bad.py': 'def get_config():\n  return 1 / 0\n'},
+     'get_config() failed: ZeroDivisionError: division by zero'),
+    ('config-unknown-field', ['--config={tmp}/bad.py'],
+     {'bad.py': py_config('  c.model.layers = 2\n')}, "layers"),
+    ('corpus-missing', ['--config.data.path={tmp}/none/*.txt'], {},
+     "data.path='{tmp}/none/*.txt' matches no files"),
+    ('corpus-too-small', ['--config.data.path={tmp}/small/*.txt'],
+     {'small/a.txt': 'tiny', 'small/b.txt': 'also tiny'},
+     'split has'),
+    ('corpus-all-bad-jsonl', ['--config.data.path={tmp}/c.jsonl'],
+     {'c.jsonl': '{"body": "no text field"}\nnot json\n'}, 'split has 0 tokens'),
+    ('tokenizer-missing', ['--config.data.tokenizer={tmp}/no.model'], {},
+     "data.tokenizer='{tmp}/no.model' cannot be read"),
+    ('tokenizer-garbage', ['--config.data.tokenizer={tmp}/bad.model'],
+     {'bad.model': b'\x00\x01 not a model'}, 'is not a sentencepiece model'),
+    ('vocab-below-tokenizer', ['--config.model.vocab_size=256'], {},
+     "model.vocab_size=256 is smaller than the tokenizer's 512 pieces"),
+    ('workdir-not-a-dir', ['--workdir=/dev/null/run'], {},
+     "--workdir='/dev/null/run' cannot be created: /dev/null is not a directory"),
+    ('workdir-other-shape', ['--config.model.num_layers=3'], {'work/config.json': 'RUN2'},
+     '--workdir={work} holds a run with model.num_layers=2, this config has 3'),
+    ('workdir-bad-json', [], {'work/config.json': '{not json'}, 'is not a valid jaxlm config'),
+    ('init-from-nothing', ['--config.init_from={tmp}/empty'], {'empty/x': 'x'},
+     "init_from='{tmp}/empty' holds no jaxlm checkpoint"),
+]
+
+
+def snapshot(path):
+  """Every file under `path` with its size and modification time (None if absent)."""
+  if not os.path.exists(path):
+    return None
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      st_ = os.stat(os.path.join(root, f))
+      out[os.path.relpath(os.path.join(root, f), path)] = (st_.st_size, st_.st_mtime_ns)
+  return out
+
+
+@pytest.mark.parametrize('name,args,files,message', CASES, ids=[c[0] for c in CASES])
+def test_bad_input_fails_in_one_line_and_changes_nothing(name, args, files, message, tmp_path,
+                                                         shared_data, capsys):
+  tmp, work = str(tmp_path), str(tmp_path / 'work')
+  fill = lambda text: text.replace('{tmp}', tmp).replace('{work}', work)
+  for rel, content in files.items():
+    if content == 'RUN2':  # A config.json of a previous 2-layer run.
+      previous = config_lib.load(os.path.join(ROOT, 'configs', 'gpt_tiny.py'),
+                                 cli.parse_overrides(TINY))
+      content = config_lib.to_json(previous)
+    write(os.path.join(tmp, rel), content)
+  shared = [f'--config.data.path={CORPUS}', f'--config.data.cache_dir={shared_data}/data',
+            f'--config.data.tokenizer={shared_data}/tokenizer.model']
+  argv = ['train', f'--config={ROOT}/configs/gpt_tiny.py', f'--workdir={work}', *TINY, *shared]
+  argv += [fill(a) for a in args]  # Later arguments win.
+  before = snapshot(work)
+  capsys.readouterr()
+  code = cli.main(argv)
+  err = capsys.readouterr().err
+  errors_ = [line for line in err.splitlines() if line.startswith('jaxlm: error:')]
+  assert code == 2, err
+  assert len(errors_) == 1 and fill(message) in errors_[0], err
+  assert 'Traceback' not in err
+  assert snapshot(work) == before  # Nothing created, overwritten or deleted.
+
+
+def test_there_are_at_least_thirty_distinct_cases():
+  assert len({c[0] for c in CASES}) == len(CASES) >= 30
+
+
+FIELDS = list(config_lib._flat_keys(config_lib.defaults()))
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(
+    name=st.one_of(st.sampled_from(FIELDS), st.text(max_size=30)),
+    value=st.one_of(st.text(max_size=40), st.integers().map(str), st.floats().map(str),
+                    st.sampled_from(['()', '(("batch",),)', '[1, 2]', 'None', 'True', '1e400',
+                                     '-1', '0', '"quoted"', '{}', '((1, 2),)', '\x00']))
+)
+def test_random_overrides_never_produce_a_traceback(name, value):
+  try:
+    overrides = cli.parse_overrides([f'--config.{name}={value}'])
+    config_lib.load(os.path.join(ROOT, 'configs', 'gpt_tiny.py'), overrides)
+  except ConfigError as e:
+    assert '\n' not in ' '.join(str(e).split())
+
+
+def test_nonfinite_updates_are_skipped_and_counted(tmp_path, shared_data):
+  config = tiny_config(data__cache_dir=str(shared_data / 'data'),
+                       data__tokenizer=str(shared_data / 'tokenizer.model'),
+                       optimizer__learning_rate=1e4, optimizer__warmup_steps=0,
+                       optimizer__grad_clip=0.0, train_steps=8, log_every_steps=2)
+  result = train.train(config, str(tmp_path), devices=one_device())
+  assert result['step'] == 8
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  assert sum(r.get('nonfinite', 0) for r in rows) > 0
+  params = restore_params(tmp_path, config, 8)
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_nonfinite_stop_policy_saves_the_good_state_and_stops(tmp_path, shared_data):
+  config = tiny_config(data__cache_dir=str(shared_data / 'data'),
+                       data__tokenizer=str(shared_data / 'tokenizer.model'),
+                       optimizer__learning_rate=1e4, optimizer__warmup_steps=0,
+                       optimizer__grad_clip=0.0, train_steps=8, log_every_steps=2,
+                       nonfinite='stop')
+  with pytest.raises(RunError, match=r'had a non-finite loss or gradient \(nonfinite=stop\); '
+                                     r'the last good state is saved as checkpoint (\d+)') as e:
+    train.train(config, str(tmp_path), devices=one_device())
+  step = int(re.search(r'checkpoint (\d+)', str(e.value)).group(1))
+  assert step < 8
+  params = restore_params(tmp_path, config, step)
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def restore_params(workdir, config, step):
+  s = train.setup(config, one_device())
+  ckpt = checkpoint.Checkpointer.for_workdir(str(workdir), config)
+  params = ckpt.restore_params(step, s.abstract_state.params, s.shardings.params)
+  ckpt.close()
+  return jax.device_get(params)
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+  """Checkpoints, caches and tokenizers are read with safe formats; only config files run code."""
+  unsafe = re.compile(r'\bpickle\b|\beval\(|\bexec\(|allow_pickle=True|\bmarshal\b|'
+                      r'yaml\.load\(|\bdill\b|\bcloudpickle\b')
+  offenders = []
+  for root, _, files in os.walk(os.path.join(ROOT, 'jaxlm')):
+    for f in files:
+      if f.endswith('.py'):
+        path = os.path.join(root, f)
+        for number, line in enumerate(open(path), 1):
+          if unsafe.search(line):
+            offenders.append(f'{os.path.relpath(path, ROOT)}:{number}: {line.strip()}')
+  assert not offenders
