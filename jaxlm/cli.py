@@ -35,16 +35,32 @@ def _config(args, overrides):
   return config_lib.validate(config)
 
 
+def _join(config, args):
+  """Joins the other processes of a multi-host run (jax is imported from here on)."""
+  from jaxlm import distributed
+  if not distributed.initialize(config):
+    return
+  import jax
+  if jax.process_index() > 0:  # Process 0 reports; the others only warn, marked with their id.
+    _setup_logging(args.verbose, prefix=f'[process {jax.process_index()}] ',
+                   level=None if args.verbose else logging.WARNING)
+  logging.getLogger('jaxlm').info(
+      'process %d of %d joined (%d local devices, %d in all)', jax.process_index(),
+      jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def _train(args, overrides):
   config = _config(args, overrides)
   _require_workdir(args)
-  from jaxlm import train  # jax is imported only once the input is known to be good.
+  _join(config, args)
+  from jaxlm import train
   return train.train(config, args.workdir)
 
 
 def _eval(args, overrides):
   _require_workdir(args)
   config = _config(args, overrides)
+  _join(config, args)
   from jaxlm import evaluate
   return evaluate.run(config, args.workdir, args.step)
 
@@ -58,6 +74,8 @@ def _plan(args, overrides):
                                f' --xla_force_host_platform_device_count={args.devices}')
     if 'jax' in sys.modules:
       raise ConfigError('--devices must be given before jax is imported')
+  else:
+    _join(config, args)
   from jaxlm import plan
   return plan.run(config)
 
@@ -104,10 +122,11 @@ def parse_overrides(rest):
   return pairs
 
 
-def _setup_logging(verbose):
-  logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                      format='%(asctime)s %(levelname).1s %(message)s', datefmt='%H:%M:%S',
-                      force=True)
+def _setup_logging(verbose, prefix='', level=None):
+  level = level or (logging.DEBUG if verbose else logging.INFO)
+  logging.basicConfig(level=level, stream=sys.stderr,
+                      format=f'{prefix}%(asctime)s %(levelname).1s %(message)s',
+                      datefmt='%H:%M:%S', force=True)
   for noisy in ('jax', 'grain', 'tensorboardX'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # Orbax logs through absl, and failed background writes also reach asyncio's logger; jaxlm
@@ -152,6 +171,11 @@ def main(argv=None):
     traceback.print_exc()
     print('jaxlm: internal error (traceback above); please report it', file=sys.stderr)
     return 1
-  if result is not None:
+  if result is not None and _is_chief():
     print(json.dumps(result))
   return 0
+
+
+def _is_chief():
+  jax = sys.modules.get('jax')
+  return jax is None or jax.process_index() == 0

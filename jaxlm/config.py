@@ -135,6 +135,11 @@ def defaults(family='gpt2'):
   d.num_threads = 2  # Threads reading and assembling batches ahead of the step.
   d.prefetch = 4  # Batches prepared ahead of the step.
 
+  c.distributed = ml_collections.ConfigDict()  # Multi-process runs; see jaxlm/distributed.py.
+  c.distributed.coordinator = ''  # host:port of process 0; '' = environment or cluster.
+  c.distributed.num_processes = 0  # Processes in the run; 0 = environment or cluster.
+  c.distributed.heartbeat_timeout_s = 300  # A process whose peer died exits after this long.
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every_steps = 1000  # Save the train state this often (and at the end).
   c.checkpoint.keep = 3  # Keep the newest N checkpoints.
@@ -276,10 +281,11 @@ def validate(config):
     _check(config, name, lambda v: v > 0, 'must be positive')
   for name in ('eval_every_steps', 'z_loss', 'optimizer.warmup_steps', 'optimizer.weight_decay',
                'optimizer.grad_clip', 'optimizer.eps', 'data.max_documents', 'model.norm_eps',
-               'checkpoint.keep_every_steps'):
+               'checkpoint.keep_every_steps', 'distributed.num_processes'):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check(config, 'optimizer.learning_rate', lambda v: v > 0, 'must be positive')
   _check(config, 'model.init_std', lambda v: v > 0, 'must be positive')
+  _check(config, 'distributed.heartbeat_timeout_s', lambda v: v > 0, 'must be positive')
   _check(config, 'model.rope_theta', lambda v: v > 0, 'must be positive')
   for name in ('model.dropout_rate', 'optimizer.b1', 'optimizer.b2'):
     _check(config, name, lambda v: 0 <= v < 1, 'must be in [0, 1)')

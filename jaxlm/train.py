@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, data, errors, flops, metrics, optim, preemption, steps
+from jaxlm import checkpoint, data, distributed, errors, flops, metrics, optim, preemption, steps
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
 from jaxlm import state as state_lib
@@ -157,13 +157,19 @@ def train(config, workdir, devices=None):
   s = setup(config, devices)
   workdir_lib.check(workdir, config)
   source = init_source(s)
-  corpus = data.prepare(config, workdir)
-  workdir_lib.save_config(workdir, config)
   process = (jax.process_index(), jax.process_count())
+  chief = process[0] == 0
+  # The chief trains the tokenizer and fills the token cache; the others then read them.
+  if not chief:
+    distributed.barrier('jaxlm: data prepared')
+  corpus = data.prepare(config, workdir)
+  if chief:
+    workdir_lib.save_config(workdir, config)
+    distributed.barrier('jaxlm: data prepared')
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
   eval_set = data.eval_batches(corpus.validation, config, *process)
   checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
-  writer = metrics.Writer(workdir, enabled=process[0] == 0)
+  writer = metrics.Writer(workdir, enabled=chief)
   try:
     with s.active(), preemption.Watcher() as preempted:
       state, start = initial_state(s, checkpoints, batches, source)
@@ -211,7 +217,7 @@ def _loop(s, state, start, train_step, run_eval, batches, checkpoints, writer, p
   tokens_per_step = config.batch_size * m.max_len
   flops_per_token = flops.flops_per_token(m)
   peak, peak_source = flops.device_peak_flops()
-  log.info('MFU is relative to %.1f TFLOP/s per device (%s)', peak / 1e12, peak_source)
+  log.info('MFU is relative to %.4g TFLOP/s per device (%s)', peak / 1e12, peak_source)
   result = {}
 
   def evaluate_and_log(step):

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Runs jaxlm on every worker of a Cloud TPU VM pod slice: creates the slice (or uses one),
+# installs this checkout on every worker, runs the same `jaxlm` command on all of them
+# (jax.distributed finds its peers by itself), streams their logs, and deletes the slice when
+# asked. --dry-run prints every command instead of running it.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: launch/tpu_pod.sh --name NAME --zone ZONE --accelerator TYPE [options] -- JAXLM_ARGS...
+
+required:
+  --name NAME            TPU VM name (also the queued-resource id)
+  --zone ZONE            e.g. us-east5-a
+  --accelerator TYPE     e.g. v5p-64, v6e-256
+options:
+  --project PROJECT      gcloud project (default: gcloud's configured one)
+  --version RUNTIME      TPU software version (default: v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e
+                         for v6e, tpu-ubuntu2204-base otherwise)
+  --queued               create through queued resources (waits for capacity)
+  --spot                 spot capacity
+  --use-existing         do not create; the slice NAME exists already
+  --mount BUCKET:DIR     mount a GCS bucket with gcsfuse at DIR on every worker (the workdir
+                         must be on storage every worker sees, e.g. --workdir=DIR/runs/x)
+  --delete               delete the slice after the run (or alone, without JAXLM_ARGS)
+  --dry-run              print the commands, run nothing
+  JAXLM_ARGS             e.g. train --config=configs/llama_7b.py --workdir=/mnt/jaxlm/runs/7b
+
+example:
+  launch/tpu_pod.sh --name lm --zone us-east5-a --accelerator v5p-64 --queued \
+    --mount my-bucket:/mnt/jaxlm -- train --config=configs/llama_7b.py --workdir=/mnt/jaxlm/runs/7b
+USAGE
+}
+die() { echo "launch/tpu_pod.sh: error: $*" >&2; echo "run launch/tpu_pod.sh --help for usage" >&2; exit 2; }
+
+name='' zone='' accelerator='' project='' version='' queued=0 spot=0 existing=0 mount=''
+delete=0 dry_run=0
+need() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 && $1 != -- ]]; do
+  case $1 in
+    --name) need "$@"; name=$2; shift 2 ;;
+    --zone) need "$@"; zone=$2; shift 2 ;;
+    --accelerator) need "$@"; accelerator=$2; shift 2 ;;
+    --project) need "$@"; project=$2; shift 2 ;;
+    --version) need "$@"; version=$2; shift 2 ;;
+    --mount) need "$@"; mount=$2; shift 2 ;;
+    --queued) queued=1; shift ;;
+    --spot) spot=1; shift ;;
+    --use-existing) existing=1; shift ;;
+    --delete) delete=1; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown option '$1' (put the jaxlm arguments after --)" ;;
+  esac
+done
+[[ $# -gt 0 ]] && shift  # The --.
+jaxlm_args=("$@")
+[[ -n $name ]] || die "--name is required"
+[[ -n $zone ]] || die "--zone is required"
+[[ ${#jaxlm_args[@]} -gt 0 || $delete == 1 ]] || die "nothing to do: give -- JAXLM_ARGS and/or --delete"
+[[ -n $accelerator || $existing == 1 || ${#jaxlm_args[@]} -eq 0 ]] ||
+  die "--accelerator is required to create a slice (or pass --use-existing)"
+[[ -z $mount || $mount == *:/* ]] || die "--mount takes BUCKET:/ABSOLUTE/DIR, got '$mount'"
+if [[ -z $version ]]; then
+  case $accelerator in
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    *) version=tpu-ubuntu2204-base ;;
+  esac
+fi
+
+gcloud_flags=(--zone="$zone")
+[[ -n $project ]] && gcloud_flags+=(--project="$project")
+run() {  # Prints the command; runs it unless --dry-run.
+  printf '%q ' "$@"; echo
+  [[ $dry_run == 1 ]] || "$@"
+}
+[[ $dry_run == 1 ]] || command -v gcloud >/dev/null ||
+  die "gcloud not found: install the Google Cloud SDK (or use --dry-run)"
+on_all_workers() { run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_flags[@]}" --worker=all --command="$1"; }
+
+if [[ ${#jaxlm_args[@]} -gt 0 ]]; then
+  if [[ $existing == 0 ]]; then
+    spot_flag=(); [[ $spot == 1 ]] && spot_flag=(--spot)
+    if [[ $queued == 1 ]]; then
+      run gcloud compute tpus queued-resources create "$name" --node-id="$name" \
+        --accelerator-type="$accelerator" --runtime-version="$version" "${gcloud_flags[@]}" "${spot_flag[@]}"
+      echo "# waiting until the queued resource $name is ACTIVE"
+      if [[ $dry_run == 0 ]]; then
+        until [[ $(gcloud compute tpus queued-resources describe "$name" "${gcloud_flags[@]}" \
+                   --format='value(state.state)') == ACTIVE ]]; do sleep 30; done
+      fi
+    else
+      run gcloud compute tpus tpu-vm create "$name" --accelerator-type="$accelerator" \
+        --version="$version" "${gcloud_flags[@]}" "${spot_flag[@]}"
+    fi
+  fi
+  # This checkout, as it is now (uncommitted changes included), on every worker.
+  source_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  archive=/tmp/jaxlm-$name.tar.gz
+  run tar -czf "$archive" -C "$source_dir" --exclude=.git --exclude=runs --exclude='*.egg-info' .
+  run gcloud compute tpus tpu-vm scp "$archive" "$name:/tmp/jaxlm.tar.gz" "${gcloud_flags[@]}" --worker=all
+  on_all_workers "mkdir -p ~/jaxlm && tar -xzf /tmp/jaxlm.tar.gz -C ~/jaxlm && pip install -q -e ~/jaxlm 'jax[tpu]'"
+  if [[ -n $mount ]]; then
+    bucket=${mount%%:*} dir=${mount#*:}
+    on_all_workers "sudo mkdir -p $dir && sudo chown \$USER $dir && (mountpoint -q $dir || gcsfuse --implicit-dirs $bucket $dir)"
+  fi
+  # Every worker runs the same command; JAXLM_DISTRIBUTED=auto joins them through the TPU
+  # metadata. gcloud streams every worker's output here (process 0 is the one that logs).
+  on_all_workers "cd ~/jaxlm && JAXLM_DISTRIBUTED=auto python3 -m jaxlm $(printf '%q ' "${jaxlm_args[@]}")"
+fi
+
+if [[ $delete == 1 ]]; then
+  if [[ $queued == 1 ]]; then
+    run gcloud compute tpus queued-resources delete "$name" "${gcloud_flags[@]}" --force --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$name" "${gcloud_flags[@]}" --quiet
+  fi
+fi

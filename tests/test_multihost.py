@@ -1,0 +1,241 @@
+"""Several processes joined by jax.distributed on localhost, as on a pod; and the launchers."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, tiny_config
+from jaxlm import config as config_lib, distributed
+from jaxlm.config import ConfigError
+
+LOCAL = os.path.join(ROOT, 'launch', 'local.sh')
+
+
+def write_config(path, config):
+  path.write_text('from jaxlm import config\n\n\ndef get_config():\n'
+                  f'  return config.from_json({config_lib.to_json(config)!r})\n')
+  return str(path)
+
+
+def env(devices):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+
+
+def run_local(processes, *args, timeout=300):
+  """`launch/local.sh N -- jaxlm ARGS` with 8 devices in all."""
+  return subprocess.run(['bash', LOCAL, str(processes), '--devices-per-process',
+                         str(8 // processes), '--', *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, env=env(8 // processes))
+
+
+def losses(workdir):
+  rows = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      row = json.loads(line)
+      if 'loss' in row:
+        rows[row['step']] = row['loss']
+  return rows
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, shared_data):
+  """The tiny config trained for 6 steps by 2 processes x 4 devices and by 1 x 8."""
+  root = tmp_path_factory.mktemp('multihost')
+  config = tiny_config(data__cache_dir=str(shared_data / 'data'),
+                       data__tokenizer=str(shared_data / 'tokenizer.model'), train_steps=6,
+                       log_every_steps=1, checkpoint__save_every_steps=3)
+  path = write_config(root / 'cfg.py', config)
+  out = {}
+  for processes in (2, 1):
+    workdir = str(root / f'p{processes}')
+    result = run_local(processes, 'train', f'--config={path}', f'--workdir={workdir}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    out[processes] = (workdir, result)
+  return path, out
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(runs):
+  _, out = runs
+  two, one = losses(out[2][0]), losses(out[1][0])
+  assert sorted(two) == list(range(1, 7))
+  for step in two:
+    assert two[step] == pytest.approx(one[step], rel=1e-5), step
+  # One writer of the result (gloo, the CPU collectives library, prints lines of its own).
+  results = [line for line in out[2][1].stdout.splitlines() if line.startswith('{')]
+  assert len(results) == 1 and json.loads(results[0])['step'] == 6
+  stderr = out[2][1].stderr
+  assert 'process 1 of 2 joined' not in stderr  # Non-chief processes only warn.
+  assert 'process 0 of 2 joined (4 local devices, 8 in all)' in stderr
+
+
+@pytest.mark.parametrize('saved_by,resumed_by', [(2, 1), (1, 2)])
+def test_checkpoints_move_between_process_counts(runs, saved_by, resumed_by, tmp_path):
+  path, out = runs
+  workdir = str(tmp_path / 'run')
+  subprocess.run(['cp', '-r', out[saved_by][0], workdir], check=True)
+  result = run_local(resumed_by, 'train', f'--config={path}', f'--workdir={workdir}',
+                     '--config.train_steps=8')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resumed from the checkpoint of step 6' in result.stderr
+  assert sorted(losses(workdir))[-2:] == [7, 8]
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_when_a_peer_dies_the_survivor_exits_nonzero_within_the_bound(runs, tmp_path):
+  path, _ = runs
+  port, timeout_s = free_port(), 10
+  processes = []
+  for pid in range(2):
+    e = dict(env(4), JAXLM_COORDINATOR=f'127.0.0.1:{port}', JAXLM_NUM_PROCESSES='2',
+             JAXLM_PROCESS_ID=str(pid))
+    processes.append(subprocess.Popen(
+        [sys.executable, '-m', 'jaxlm', 'train', f'--config={path}',
+         f'--workdir={tmp_path}/run', '--config.train_steps=100000',
+         '--config.checkpoint.save_every_steps=100000', '--config.optimizer.warmup_steps=1',
+         f'--config.distributed.heartbeat_timeout_s={timeout_s}'],
+        cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  deadline = time.time() + 180
+  while not (os.path.exists(f'{tmp_path}/run/metrics.jsonl') and losses(f'{tmp_path}/run')):
+    assert time.time() < deadline and all(p.poll() is None for p in processes)
+    time.sleep(0.2)
+  processes[1].send_signal(signal.SIGKILL)
+  killed = time.time()
+  code = processes[0].wait(timeout=6 * timeout_s)
+  elapsed = time.time() - killed
+  err = processes[0].stderr.read()
+  assert code != 0
+  assert elapsed < 6 * timeout_s
+  assert 'another task died' in err or 'unhealthy' in err, err[-2000:]
+
+
+def test_distributed_settings_from_environment_and_clusters():
+  config = tiny_config()
+  assert distributed.arguments(config, {}) is None  # One process: nothing to join.
+  args = distributed.arguments(config, {'JAXLM_COORDINATOR': 'h:1234',
+                                        'JAXLM_NUM_PROCESSES': '4', 'JAXLM_PROCESS_ID': '3'})
+  assert (args['coordinator_address'], args['num_processes'], args['process_id']) == (
+      'h:1234', 4, 3)
+  assert args['heartbeat_timeout_seconds'] == config.distributed.heartbeat_timeout_s
+  assert distributed.cluster({'SLURM_NTASKS': '16'}) == 'slurm'
+  assert distributed.cluster({'SLURM_NTASKS': '1'}) is None
+  assert distributed.cluster({'OMPI_COMM_WORLD_SIZE': '2'}) == 'mpi'
+  assert distributed.cluster({'TPU_WORKER_HOSTNAMES': 'a,b,c,d'}) == 'tpu'
+  assert distributed.cluster({'TPU_WORKER_HOSTNAMES': 'a'}) is None  # A single-host TPU VM.
+  assert distributed.arguments(config, {'SLURM_NTASKS': '16'}) == {
+      'heartbeat_timeout_seconds': 300, 'initialization_timeout': 300}
+  with pytest.raises(ConfigError, match='set JAXLM_NUM_PROCESSES'):
+    distributed.arguments(config, {'JAXLM_COORDINATOR': 'h:1'})
+  with pytest.raises(ConfigError, match='set JAXLM_PROCESS_ID'):
+    distributed.arguments(config, {'JAXLM_COORDINATOR': 'h:1', 'JAXLM_NUM_PROCESSES': '2'})
+  with pytest.raises(ConfigError, match=r'JAXLM_PROCESS_ID=5 must be in \[0, 2\)'):
+    distributed.arguments(config, {'JAXLM_COORDINATOR': 'h:1', 'JAXLM_NUM_PROCESSES': '2',
+                                   'JAXLM_PROCESS_ID': '5'})
+  with pytest.raises(ConfigError, match="JAXLM_NUM_PROCESSES='two' must be an integer"):
+    distributed.arguments(config, {'JAXLM_COORDINATOR': 'h:1', 'JAXLM_NUM_PROCESSES': 'two'})
+
+
+TOOLS = ('bash', 'sed', 'tar', 'dirname', 'cat', 'env', 'python3', 'mkdir', 'sleep')
+
+
+@pytest.fixture(scope='module')
+def bare_path(tmp_path_factory):
+  """A PATH holding only basic tools: no gcloud, srun or sbatch, whatever this machine has."""
+  bin_dir = tmp_path_factory.mktemp('bin')
+  for tool in TOOLS:
+    found = shutil.which(tool)
+    if found:
+      os.symlink(found, bin_dir / tool)
+  return str(bin_dir)
+
+
+def launcher(*args, env_=None, path=None):
+  return subprocess.run([shutil.which('bash'), *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60, env=dict(env_ or {}, PATH=path, HOME='/tmp'))
+
+
+def test_local_launcher_dry_run(bare_path):
+  result = launcher(LOCAL, '2', '--port', '5555', '--dry-run', '--', 'train',
+                    '--config=configs/gpt_tiny.py', '--workdir=/tmp/x', path=bare_path)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert lines == [
+      f'JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 '
+      f'JAXLM_COORDINATOR=127.0.0.1:5555 JAXLM_NUM_PROCESSES=2 JAXLM_PROCESS_ID={i} python3 '
+      f'-m jaxlm train --config=configs/gpt_tiny.py --workdir=/tmp/x' for i in range(2)]
+
+
+def test_tpu_launcher_dry_run_prints_every_command(bare_path):
+  result = launcher('launch/tpu_pod.sh', '--name', 'lm', '--zone', 'us-east5-a',
+                    '--accelerator', 'v5p-64', '--queued', '--mount', 'bkt:/mnt/jaxlm',
+                    '--delete', '--dry-run', '--', 'train', '--config=configs/llama_7b.py',
+                    '--workdir=/mnt/jaxlm/runs/7b', path=bare_path)
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert ('gcloud compute tpus queued-resources create lm --node-id=lm '
+          '--accelerator-type=v5p-64 --runtime-version=v2-alpha-tpuv5 --zone=us-east5-a') in out
+  assert 'gcloud compute tpus tpu-vm scp /tmp/jaxlm-lm.tar.gz lm:/tmp/jaxlm.tar.gz' in out
+  assert out.count('--worker=all') == 4  # Copy, install, mount, run: on every worker.
+  assert 'gcsfuse\\ --implicit-dirs\\ bkt\\ /mnt/jaxlm' in out
+  assert ('JAXLM_DISTRIBUTED=auto\\ python3\\ -m\\ jaxlm\\ train\\ '
+          '--config=configs/llama_7b.py\\ --workdir=/mnt/jaxlm/runs/7b') in out
+  assert out.strip().endswith('gcloud compute tpus queued-resources delete lm '
+                              '--zone=us-east5-a --force --quiet')
+  plain = launcher('launch/tpu_pod.sh', '--name', 'lm', '--zone', 'z', '--accelerator',
+                   'v6e-16', '--dry-run', '--', 'train', '--workdir=/w', path=bare_path)
+  assert ('gcloud compute tpus tpu-vm create lm --accelerator-type=v6e-16 '
+          '--version=v2-alpha-tpuv6e --zone=z') in plain.stdout
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], '--name is required'),
+    (['--name', 'x'], '--zone is required'),
+    (['--name', 'x', '--zone', 'z'], 'nothing to do'),
+    (['--name', 'x', '--zone', 'z', '--', 'train'], '--accelerator is required'),
+    (['--name', 'x', '--zone', 'z', '--accelerator', 'v5p-8', '--', 'train'], 'gcloud not found'),
+    (['--name'], '--name needs a value'),
+    (['--bogus'], "unknown option '--bogus'"),
+])
+def test_tpu_launcher_fails_clearly(args, message, bare_path):
+  result = launcher('launch/tpu_pod.sh', *args, path=bare_path)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_slurm_launcher_dry_run_sets_xla_flags_and_srun(bare_path):
+  result = launcher('launch/slurm_gpu.sbatch', '--dry-run', '--', 'train',
+                    '--config=configs/llama_1b.py', '--workdir=/shared/x', path=bare_path,
+                    env_={'SLURM_JOB_NUM_NODES': '4', 'SLURM_NTASKS_PER_NODE': '1'})
+  assert result.returncode == 0, result.stderr
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' in result.stdout
+  assert ('srun --kill-on-bad-exit=1 --cpu-bind=none python3 -m jaxlm train '
+          '--config=configs/llama_1b.py --workdir=/shared/x --config.mesh.dcn_data=4') in (
+              result.stdout)
+  per_gpu = launcher('launch/slurm_gpu.sbatch', '--dry-run', '--', 'train', '--workdir=/x',
+                     env_={'SLURM_JOB_NUM_NODES': '4', 'SLURM_NTASKS_PER_NODE': '8'},
+                     path=bare_path)
+  assert 'dcn_data' not in per_gpu.stdout
+
+
+@pytest.mark.parametrize('script,args,message', [
+    ('launch/slurm_gpu.sbatch', [], "missing '-- JAXLM_ARGS'"),
+    ('launch/slurm_gpu.sbatch', ['--', 'train', '--workdir=/x'], 'srun not found'),
+    ('launch/local.sh', [], 'usage: launch/local.sh N'),
+    ('launch/local.sh', ['two', '--', 'train'], "N must be a positive integer, got 'two'"),
+    ('launch/local.sh', ['2'], "missing '-- JAXLM_ARGS'"),
+])
+def test_other_launchers_fail_clearly(script, args, message, bare_path):
+  result = launcher(script, *args, path=bare_path)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
