@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlm import cli, flops
+from jaxlm import cli, flops, objectives
 from jaxlm import config as config_lib
 from jaxlm import state as state_lib
 from jaxlm import train as train_lib
@@ -23,7 +23,7 @@ from jaxlm import train as train_lib
 def bench(config, num_steps, warmup=2):
   s = train_lib.setup(config)
   start = time.perf_counter()
-  compiled = train_lib.compile_train_step(s)
+  compiled = train_lib.compile_train_step(s, objectives.build(config))
   compile_s = time.perf_counter() - start
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
@@ -31,7 +31,7 @@ def bench(config, num_steps, warmup=2):
     tokens = jax.random.randint(jax.random.key(1), shape, 0, config.model.vocab_size)
     batch = {'tokens': tokens, 'segment_ids': jnp.ones(shape, jnp.int32),
              'positions': jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)}
-    batch = jax.device_put(batch, s.batch_sharding)
+    batch = {k: jax.device_put(v, s.batch_sharding[k]) for k, v in batch.items()}
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)

@@ -132,14 +132,29 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'jaxlm checkpoint {step} set aside')
     self.manager.reload()
 
-  def check_params(self, step, abstract_params):
-    """A ConfigError naming the first parameter whose saved shape differs from the model's."""
-    check_shapes(self.manager.item_metadata(step)['state'].tree['params'], abstract_params,
+  def saved_config(self, step):
+    """The config dict saved with checkpoint `step`, or None if it cannot be read."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))['config']
+    except Exception:  # noqa: BLE001 - an unreadable config only skips a consistency check.
+      return None
+
+  def saved_params(self, step):
+    return self.manager.item_metadata(step)['state'].tree['params']
+
+  def check_params(self, step, abstract_params, optional=()):
+    """A ConfigError naming the first parameter whose saved shape differs from the model's.
+    Top-level modules named in `optional` (a new classifier head) may be absent."""
+    saved = self.saved_params(step)
+    check_shapes(saved, _without_absent(abstract_params, saved, optional),
                  f'{self.directory}/{step}')
 
-  def restore_params(self, step, abstract_params, shardings):
-    """Only the parameters saved at `step` (no optimizer state is read)."""
-    target = _target(abstract_params, shardings)
+  def restore_params(self, step, abstract_params, shardings, optional=()):
+    """The parameters saved at `step` (no optimizer state is read). Modules in `optional` that
+    the checkpoint lacks are left out of the result; saved ones the model lacks are ignored."""
+    target = _without_absent(_target(abstract_params, shardings), self.saved_params(step),
+                             optional)
     self.check_params(step, target)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=_restore_args({'params': target}, partial=True)))
@@ -147,6 +162,10 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _without_absent(params, saved, optional):
+  return {k: v for k, v in params.items() if k not in optional or k in saved}
 
 
 def _target(abstract, shardings):

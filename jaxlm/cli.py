@@ -52,6 +52,19 @@ def _join(config, args):
 def _train(args, overrides):
   config = _config(args, overrides)
   _require_workdir(args)
+  if config.objective == 'classify':
+    raise ConfigError("objective='classify' trains a classifier: run it with jaxlm finetune")
+  _join(config, args)
+  from jaxlm import train
+  return train.train(config, args.workdir)
+
+
+def _finetune(args, overrides):
+  config = _config(args, overrides)
+  _require_workdir(args)
+  if config.objective != 'classify':
+    raise ConfigError(f"jaxlm finetune trains a classifier and needs objective='classify' "
+                      f"(see configs/finetune_cls.py), not {config.objective!r}")
   _join(config, args)
   from jaxlm import train
   return train.train(config, args.workdir)
@@ -63,6 +76,18 @@ def _eval(args, overrides):
   _join(config, args)
   from jaxlm import evaluate
   return evaluate.run(config, args.workdir, args.step)
+
+
+def _fill_mask(args, overrides):
+  _require_workdir(args)
+  if not args.text:
+    raise ConfigError('--text is required, e.g. --text="The [MASK] sat on the mat."')
+  if args.top_k < 1:
+    raise ConfigError(f'--top_k={args.top_k} must be at least 1')
+  config = _config(args, overrides)
+  from jaxlm import fill_mask
+  fill_mask.print_results(fill_mask.run(config, args.workdir, args.text, args.top_k, args.step),
+                          sys.stdout)
 
 
 def _plan(args, overrides):
@@ -87,7 +112,9 @@ def _require_workdir(args):
 
 COMMANDS = {
     'train': (_train, 'train a model (or resume the run in --workdir)'),
+    'finetune': (_finetune, 'fine-tune a sequence classifier (objective=classify)'),
     'eval': (_eval, 'evaluate the latest checkpoint of --workdir on held-out data'),
+    'fill-mask': (_fill_mask, 'print the likeliest tokens for each [MASK] of --text'),
     'plan': (_plan, 'compile the train step for the mesh; print parameters, FLOPs, memory'),
 }
 
@@ -100,8 +127,12 @@ def _parser():
     p.add_argument('--config', default='', help='a Python file defining get_config()')
     p.add_argument('--workdir', default='', help='the run directory')
     p.add_argument('--verbose', action='store_true', help='debug logging and full tracebacks')
-    if name == 'eval':
+    if name in ('eval', 'fill-mask'):
       p.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+    if name == 'fill-mask':
+      p.add_argument('--text', action='append', default=[],
+                     help='a text with [MASK] where a token is missing (may be repeated)')
+      p.add_argument('--top_k', type=int, default=5, help='fillers shown per mask')
     if name == 'plan':
       p.add_argument('--devices', type=int, default=0,
                      help='plan for N simulated CPU devices instead of the real ones')

@@ -23,24 +23,33 @@ from jaxlm.errors import ConfigError  # noqa: F401 (re-exported: config errors l
 # `--config.model.family=llama` turns a GPT-2 config into a Llama-style one, while an explicit
 # field (for example `--config.model.position=rope` on a gpt2 model) still wins.
 FAMILIES = {
-    'gpt2': dict(norm='layernorm', position='learned', mlp_activation='gelu', gated_mlp=False,
-                 use_bias=True, tied_embeddings=True, norm_eps=1e-5),
-    'llama': dict(norm='rmsnorm', position='rope', mlp_activation='silu', gated_mlp=True,
-                  use_bias=False, tied_embeddings=False, norm_eps=1e-5),
+    'gpt2': dict(norm='layernorm', norm_position='pre', position='learned', mlp_activation='gelu',
+                 gated_mlp=False, use_bias=True, tied_embeddings=True, norm_eps=1e-5,
+                 head_transform=False, output_bias=False),
+    'llama': dict(norm='rmsnorm', norm_position='pre', position='rope', mlp_activation='silu',
+                  gated_mlp=True, use_bias=False, tied_embeddings=False, norm_eps=1e-5,
+                  head_transform=False, output_bias=False),
+    # BERT/RoBERTa: post-norm blocks, a normed embedding, and an MLM head that transforms the
+    # final state (dense, GELU, LayerNorm) before the tied output layer with its own bias.
+    'bert': dict(norm='layernorm', norm_position='post', position='learned',
+                 mlp_activation='gelu_exact', gated_mlp=False, use_bias=True, tied_embeddings=True,
+                 norm_eps=1e-12, head_transform=True, output_bias=True),
 }
 
 CHOICES = {
-    'objective': ('causal',),
+    'objective': ('causal', 'masked', 'classify'),
     'nonfinite': ('skip', 'stop'),
     'model.family': tuple(FAMILIES),
     'model.norm': ('layernorm', 'rmsnorm'),
+    'model.norm_position': ('pre', 'post'),
     'model.position': ('learned', 'rope'),
-    'model.mlp_activation': ('gelu', 'silu', 'relu'),
+    'model.mlp_activation': ('gelu', 'gelu_exact', 'silu', 'relu'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention': ('auto', 'xla', 'cudnn'),
     'model.remat_policy': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims'),
     'data.tokenizer_type': ('bpe', 'unigram'),
+    'finetune.backbone': ('masked', 'causal'),
 }
 
 
@@ -48,7 +57,9 @@ def defaults(family='gpt2'):
   """The complete config schema with its default values, as a locked ConfigDict."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # One seed for parameter init, dropout and data order.
-  c.objective = 'causal'  # Training objective: 'causal' (next-token prediction).
+  # 'causal' (next-token prediction), 'masked' (BERT-style masked tokens, see `masking`) or
+  # 'classify' (sequence classification, see `finetune`; run it with `jaxlm finetune`).
+  c.objective = 'causal'
   c.train_steps = 1000  # Number of optimizer updates.
   c.batch_size = 32  # Global batch, in sequences of model.max_len tokens, over all devices.
   c.log_every_steps = 50  # Write a metrics.jsonl row (and TensorBoard scalars) this often.
@@ -62,7 +73,7 @@ def defaults(family='gpt2'):
 
   c.model = ml_collections.ConfigDict()
   m = c.model
-  m.family = family  # Architecture preset, 'gpt2' or 'llama'; fills the None fields below.
+  m.family = family  # Architecture preset: 'gpt2', 'llama' or 'bert'; fills the None fields.
   m.num_layers = 12  # Transformer blocks.
   m.emb_dim = 768  # Residual stream width.
   m.num_heads = 12  # Query heads.
@@ -73,12 +84,16 @@ def defaults(family='gpt2'):
   m.max_len = 1024  # Training sequence length (and size of a learned position table).
   m.norm = None  # 'layernorm' or 'rmsnorm'; None = family default.
   m.norm_eps = None  # Epsilon of the norms; None = family default.
+  m.norm_position = None  # 'pre' (norm, then attention/MLP) or 'post' (BERT); None = family.
   m.position = None  # 'learned' absolute embeddings or 'rope'; None = family default.
   m.rope_theta = 10000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5).
-  m.mlp_activation = None  # 'gelu', 'silu' or 'relu'; None = family default.
+  m.mlp_activation = None  # 'gelu' (tanh approximation), 'gelu_exact', 'silu', 'relu'; None = family.
   m.gated_mlp = None  # True for GLU-style MLPs (SwiGLU = silu + gated); None = family default.
   m.use_bias = None  # Biases in dense layers and LayerNorm; None = family default.
   m.tied_embeddings = None  # Share the input embedding with the output layer; None = family.
+  m.head_transform = None  # Dense + activation + norm before the output layer (BERT); None = family.
+  m.output_bias = None  # A bias on the output logits (BERT); None = family default.
+  m.type_vocab_size = 0  # Token-type (segment A/B) embeddings, as in BERT; 0 = none.
   m.dropout_rate = 0.0  # Dropout on embeddings and residual branches during training.
   m.init_std = 0.02  # Std of the normal init; residual output projections get /sqrt(2 L).
   m.dtype = 'float32'  # Compute dtype of activations ('bfloat16' on accelerators).
@@ -134,6 +149,22 @@ def defaults(family='gpt2'):
   d.max_documents = 0  # Use at most this many documents (0 = all); for quick experiments.
   d.num_threads = 2  # Threads reading and assembling batches ahead of the step.
   d.prefetch = 4  # Batches prepared ahead of the step.
+
+  c.masking = ml_collections.ConfigDict()  # For objective='masked'; drawn anew every step.
+  c.masking.rate = 0.15  # Share of (non-special) tokens chosen for prediction.
+  c.masking.mask_fraction = 0.8  # Of the chosen tokens, the share replaced by [MASK] ...
+  c.masking.random_fraction = 0.1  # ... and by a random token; the rest stay unchanged.
+  c.masking.whole_word = False  # Choose whole words (a word starts at a '▁' piece), not pieces.
+
+  c.finetune = ml_collections.ConfigDict()  # For objective='classify' (`jaxlm finetune`).
+  c.finetune.train = ''  # Labeled .jsonl/.csv file(s) (glob), or 'tfds:NAME:SPLIT' (glue/sst2).
+  c.finetune.validation = ''  # The same for the split that accuracy is reported on.
+  c.finetune.text_field = 'text'  # Field (JSONL key, CSV column, TFDS feature) of the text.
+  c.finetune.label_field = 'label'  # Field of the label (a class name or an integer).
+  c.finetune.labels = ()  # Class names in id order; () = the sorted labels of the train split.
+  # The pretraining objective of the model being fine-tuned: 'masked' classifies from the
+  # first ([CLS]) token of a bidirectional model, 'causal' from the last token of a decoder.
+  c.finetune.backbone = 'masked'
 
   c.distributed = ml_collections.ConfigDict()  # Multi-process runs; see jaxlm/distributed.py.
   c.distributed.coordinator = ''  # host:port of process 0; '' = environment or cluster.
@@ -287,10 +318,19 @@ def validate(config):
   _check(config, 'model.init_std', lambda v: v > 0, 'must be positive')
   _check(config, 'distributed.heartbeat_timeout_s', lambda v: v > 0, 'must be positive')
   _check(config, 'model.rope_theta', lambda v: v > 0, 'must be positive')
-  for name in ('model.dropout_rate', 'optimizer.b1', 'optimizer.b2'):
+  for name in ('model.dropout_rate', 'optimizer.b1', 'optimizer.b2', 'masking.rate'):
     _check(config, name, lambda v: 0 <= v < 1, 'must be in [0, 1)')
   _check(config, 'optimizer.end_lr_fraction', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
   _check(config, 'data.validation_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)')
+  _check(config, 'model.type_vocab_size', lambda v: v >= 0, 'must be >= 0')
+  for name in ('masking.mask_fraction', 'masking.random_fraction'):
+    _check(config, name, lambda v: 0 <= v <= 1, 'must be in [0, 1]')
+  if config.masking.mask_fraction + config.masking.random_fraction > 1:
+    raise ConfigError(f'masking.mask_fraction + masking.random_fraction = '
+                      f'{config.masking.mask_fraction + config.masking.random_fraction:g} '
+                      f'must be at most 1')
+  if config.objective == 'masked' and config.masking.rate == 0:
+    raise ConfigError('masking.rate=0 masks nothing: objective=masked needs a rate in (0, 1)')
 
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f'model.num_kv_heads={m.num_kv_heads} must divide '

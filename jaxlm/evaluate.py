@@ -4,7 +4,7 @@ import logging
 
 import jax
 
-from jaxlm import checkpoint, data, steps
+from jaxlm import checkpoint, data, objectives, steps
 from jaxlm import train as train_lib
 from jaxlm.config import ConfigError
 
@@ -23,7 +23,8 @@ def run(config, workdir, step=None):
     raise ConfigError(f'--workdir={workdir} has no checkpoint to evaluate; train first')
   with s.active():
     params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
-    eval_step = jax.jit(steps.make_eval_step(s.model, config),
+    eval_step = jax.jit(steps.make_eval_step(s.model, config,
+                                             objectives.build(config, corpus.tokenizer)),
                         in_shardings=(s.shardings.params, s.batch_sharding))
     result = train_lib.evaluate(eval_step, params, batches, s.batch_sharding)
   checkpoints.close()

@@ -1,11 +1,14 @@
-"""Training objectives: which tokens are predicted, and the loss summed over them.
+"""Training objectives: what the model sees, which tokens it predicts, and the loss over them.
 
-Losses are returned as sums together with their token count (the weight), never as means, so
-gradient accumulation and multi-batch evaluation divide once by the true total.
+Every objective is a `prepare(batch, rng) -> batch` that adds 'targets' and 'weights' (and may
+change the input 'tokens'); the loss is then the same weighted cross-entropy for all of them.
+Losses are returned as sums with their weight, never as means, so gradient accumulation and
+multi-batch evaluation divide once by the true total.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def causal_targets(batch):
@@ -24,8 +27,87 @@ def causal_targets(batch):
   return targets, weights.astype(jnp.float32)
 
 
+def causal(batch, rng=None):
+  del rng  # Nothing random.
+  targets, weights = causal_targets(batch)
+  return {**batch, 'targets': targets, 'weights': weights}
+
+
+def classify(batch, rng=None):
+  """One target per row, its label; rows with a negative label (padding) weigh nothing."""
+  del rng
+  return {**batch, 'targets': jnp.maximum(batch['label'], 0),
+          'weights': (batch['label'] >= 0).astype(jnp.float32)}
+
+
+class Masking:
+  """BERT's dynamic masking, drawn on device from the step's key: the same (seed, step) gives
+  the same masks for any mesh, process count or accumulation.
+
+  Each non-special token is chosen with probability `rate` (with `whole_word`, each word: a
+  '▁'-initial piece and the pieces after it); a chosen token becomes [MASK] with probability
+  `mask_fraction`, a random ordinary token with `random_fraction`, and stays itself otherwise.
+  Only chosen tokens are predicted.
+  """
+
+  def __init__(self, config, special, word_start, mask_id):
+    """special, word_start: bool [vocab] tables; random replacements avoid special ids."""
+    m = config.masking
+    self.rate, self.whole_word = m.rate, m.whole_word
+    self.mask_fraction, self.random_fraction = m.mask_fraction, m.random_fraction
+    self.special = np.asarray(special, bool)
+    self.word_start = np.asarray(word_start, bool)
+    self.ordinary = np.flatnonzero(~self.special).astype(np.int32)
+    self.mask_id = mask_id
+
+  @classmethod
+  def for_tokenizer(cls, config, tokenizer):
+    size = config.model.vocab_size
+    special, word_start = np.ones(size, bool), np.zeros(size, bool)
+    for i in range(tokenizer.vocab_size):
+      piece = tokenizer.sp.id_to_piece(i)
+      special[i] = (tokenizer.sp.is_control(i) or tokenizer.sp.is_unknown(i)
+                    or tokenizer.sp.is_unused(i))
+      word_start[i] = piece.startswith('\u2581') or piece in ('\n', '\t')
+    return cls(config, special, word_start, tokenizer.special_id('[MASK]'))
+
+  def __call__(self, batch, rng):
+    tokens, seg = batch['tokens'], batch['segment_ids']
+    special = jnp.asarray(self.special)[tokens] | (seg == 0)
+    choose_key, kind_key, random_key = jax.random.split(rng, 3)
+    u = jax.random.uniform(choose_key, tokens.shape)
+    if self.whole_word:
+      # Every piece takes the draw of its word's first piece; a word never spans documents.
+      starts = jnp.asarray(self.word_start)[tokens] | special
+      starts |= seg != jnp.pad(seg, ((0, 0), (1, 0)))[:, :-1]
+      first = jax.lax.cummax(jnp.where(starts, jnp.arange(tokens.shape[1]), 0), axis=1)
+      u = jnp.take_along_axis(u, first, axis=1)
+    chosen = (u < self.rate) & ~special
+    kind = jax.random.uniform(kind_key, tokens.shape)
+    random_tokens = jnp.asarray(self.ordinary)[
+        jax.random.randint(random_key, tokens.shape, 0, len(self.ordinary))]
+    inputs = jnp.where(chosen & (kind < self.mask_fraction), self.mask_id, tokens)
+    inputs = jnp.where(chosen & (kind >= self.mask_fraction)
+                       & (kind < self.mask_fraction + self.random_fraction), random_tokens, inputs)
+    return {**batch, 'tokens': inputs, 'targets': tokens, 'weights': chosen.astype(jnp.float32)}
+
+
+def build(config, tokenizer=None):
+  """The `prepare` function of `config.objective`. Without a tokenizer (planning a run that
+  has no data yet), masking treats ids 0-6 as special: the same computation, stand-in tables."""
+  if config.objective == 'causal':
+    return causal
+  if config.objective == 'classify':
+    return classify
+  if tokenizer is not None:
+    return Masking.for_tokenizer(config, tokenizer)
+  size = config.model.vocab_size
+  return Masking(config, np.arange(size) < 7, np.zeros(size, bool), 6)
+
+
 def cross_entropy(logits, targets, weights, z_loss=0.0):
-  """Summed token cross-entropy in float32. Returns (loss_sum, z_loss_sum, correct_sum).
+  """Summed cross-entropy in float32 over logits [..., V]. Returns (loss_sum, z_loss_sum,
+  correct_sum).
 
   z_loss adds z_loss * log(Z)^2 per token (PaLM), keeping the softmax normaliser near 1.
   """
@@ -38,10 +120,17 @@ def cross_entropy(logits, targets, weights, z_loss=0.0):
   return loss_sum, z_sum, correct
 
 
-def causal_lm(logits, batch, z_loss=0.0):
-  """Next-token loss. Returns (objective_sum, stats) with stats summed over tokens."""
-  targets, weights = causal_targets(batch)
-  loss_sum, z_sum, correct = cross_entropy(logits, targets, weights, z_loss)
+def loss(logits, batch, z_loss=0.0):
+  """The loss of a prepared batch. Returns (objective_sum, stats), stats summed over targets."""
+  loss_sum, z_sum, correct = cross_entropy(logits, batch['targets'], batch['weights'], z_loss)
   stats = {'loss_sum': loss_sum, 'z_loss_sum': z_sum, 'correct': correct,
-           'weight': jnp.sum(weights)}
+           'weight': jnp.sum(batch['weights'])}
   return loss_sum + z_sum, stats
+
+
+def unigram_accuracy(tokens, special):
+  """The accuracy of always guessing the most frequent ordinary token: the floor that a
+  masked LM's accuracy must rise above."""
+  counts = np.bincount(np.asarray(tokens), minlength=len(special))[:len(special)]
+  counts[np.asarray(special)] = 0
+  return counts.max() / max(counts.sum(), 1)

@@ -9,7 +9,7 @@ import logging
 
 import jax
 
-from jaxlm import flops, mesh as mesh_lib, state as state_lib, train as train_lib
+from jaxlm import flops, objectives, mesh as mesh_lib, state as state_lib, train as train_lib
 
 log = logging.getLogger('jaxlm')
 
@@ -19,7 +19,7 @@ def run(config):
   m = config.model
   tokens_per_step = config.batch_size * m.max_len
   counts = flops.param_counts(m)
-  compiled = train_lib.compile_train_step(s)
+  compiled = train_lib.compile_train_step(s, objectives.build(config))
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = train_lib.memory_per_device(compiled) or {}

@@ -62,9 +62,17 @@ def initialize(model, tx, config, shardings):
   return init(jax.random.key(config.seed))
 
 
-def batch_shardings(mesh, rules):
-  """Every batch feature is [batch, length]; the rule table shards it."""
-  return mesh_lib.sharding(mesh, rules, ('batch', 'length'))
+def batch_features(config):
+  """The logical axes of every feature of an input batch (all int32)."""
+  features = {k: ('batch', 'length') for k in ('tokens', 'segment_ids', 'positions')}
+  if config.objective == 'classify':
+    features['label'] = ('batch',)
+  return features
+
+
+def batch_shardings(mesh, rules, config):
+  """{feature: NamedSharding}: the rule table shards batch rows (and sequence positions)."""
+  return {k: mesh_lib.sharding(mesh, rules, axes) for k, axes in batch_features(config).items()}
 
 
 def param_table(abstract, shardings):

@@ -31,7 +31,7 @@ def accumulate_gradients(loss_fn, params, batch, num_micro, rng):
 
   def body(total, xs):
     index, micro = xs
-    micro = {k: layers.constrain(v, ('batch', 'length')) for k, v in micro.items()}
+    micro = {k: layers.constrain(v, ('batch', 'length')[:v.ndim]) for k, v in micro.items()}
     grads, stats = grad_fn(params, micro, jax.random.fold_in(rng, index))
     return jax.tree.map(jnp.add, total, (grads, stats)), None
 
@@ -42,18 +42,32 @@ def accumulate_gradients(loss_fn, params, batch, num_micro, rng):
   return total
 
 
-def make_train_step(model, tx, lr_schedule, config):
-  """(state, batch) -> (state, metrics). Dropout keys derive from (seed, step): no RNG state."""
+def apply(model, params, batch, **kwargs):
+  return model.apply({'params': params}, batch['tokens'], batch['positions'],
+                     batch['segment_ids'], batch.get('token_types'), **kwargs)
+
+
+# The key of evaluation's random choices (masks): fixed, so evaluations are comparable.
+EVAL_KEY = 0x5eed
+
+
+def make_train_step(model, tx, lr_schedule, config, prepare):
+  """(state, batch) -> (state, metrics). `prepare` is the objective (see objectives.py).
+
+  Dropout and masks derive from (seed, step): no RNG state to carry or checkpoint. Masks are
+  drawn for the whole batch before it is split into micro-batches, so they do not depend on
+  optimizer.grad_accum_steps.
+  """
   def loss_fn(params, batch, rng):
-    logits = model.apply({'params': params}, batch['tokens'], batch['positions'],
-                         batch['segment_ids'], deterministic=False, rngs={'dropout': rng})
-    objective, stats = objectives.causal_lm(logits, batch, config.z_loss)
-    return objective, stats
+    logits = apply(model, params, batch, deterministic=False, rngs={'dropout': rng})
+    return objectives.loss(logits, batch, config.z_loss)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    dropout_rng, prepare_rng = jax.random.split(rng)
+    batch = prepare(batch, prepare_rng)
     grads, stats = accumulate_gradients(loss_fn, state.params, batch,
-                                        config.optimizer.grad_accum_steps, rng)
+                                        config.optimizer.grad_accum_steps, dropout_rng)
     weight = jnp.maximum(stats['weight'], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     loss, grad_norm = stats['loss_sum'] / weight, optax.tree.norm(grads)
@@ -77,12 +91,11 @@ def make_train_step(model, tx, lr_schedule, config):
   return train_step
 
 
-def make_eval_step(model, config):
-  """params, batch -> summed statistics (loss_sum, correct, weight) over the batch's tokens."""
+def make_eval_step(model, config, prepare):
+  """params, batch -> summed statistics (loss_sum, correct, weight) over the batch's targets."""
   def eval_step(params, batch):
-    logits = model.apply({'params': params}, batch['tokens'], batch['positions'],
-                         batch['segment_ids'], deterministic=True)
-    _, stats = objectives.causal_lm(logits, batch)
+    batch = prepare(batch, jax.random.key(EVAL_KEY))
+    _, stats = objectives.loss(apply(model, params, batch, deterministic=True), batch)
     return stats
 
   return eval_step

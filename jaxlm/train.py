@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, data, distributed, errors, flops, metrics, optim, preemption, steps
+from jaxlm import (checkpoint, data, distributed, errors, flops, metrics, objectives, optim,
+                   preemption, steps)
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
 from jaxlm import state as state_lib
@@ -30,7 +31,7 @@ class Setup:
   lr_schedule: object
   abstract: object  # The state's shapes with logical axis names (boxed).
   shardings: object  # The state's NamedShardings.
-  batch_sharding: object
+  batch_sharding: dict  # {feature: NamedSharding}
 
   @property
   def abstract_state(self):
@@ -60,22 +61,22 @@ def setup(config, devices=None):
   for name, shape, names, spec in state_lib.param_table(abstract, shardings):
     mesh_lib.check_divisible(f'parameter {name}', shape, spec, mesh, names)
   return Setup(config, mesh, rules, model, tx, lr_schedule, abstract, shardings,
-               state_lib.batch_shardings(mesh, rules))
+               state_lib.batch_shardings(mesh, rules, config))
 
 
-def compile_train_step(s):
-  """The train step, jit-compiled ahead of time for the state and batch shardings of `s`.
-
-  Lowered from shapes alone, so it also plans meshes whose devices are not all real.
+def compile_train_step(s, prepare):
+  """The train step of objective `prepare`, jit-compiled ahead of time for the state and batch
+  shardings of `s`. Lowered from shapes alone, so it also plans meshes whose devices are not
+  all real.
   """
-  step = jax.jit(steps.make_train_step(s.model, s.tx, s.lr_schedule, s.config),
+  step = jax.jit(steps.make_train_step(s.model, s.tx, s.lr_schedule, s.config, prepare),
                  in_shardings=(s.shardings, s.batch_sharding),
                  out_shardings=(s.shardings, None), donate_argnums=0)
   state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                        s.abstract_state, s.shardings)
   shape = (s.config.batch_size, s.config.model.max_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s.batch_sharding)
-           for k in ('tokens', 'segment_ids', 'positions')}
+  batch = {k: jax.ShapeDtypeStruct(shape[:len(axes)], jnp.int32, sharding=s.batch_sharding[k])
+           for k, axes in state_lib.batch_features(s.config).items()}
   with s.active():
     return step.lower(state, batch).compile()
 
@@ -90,12 +91,13 @@ def memory_per_device(compiled):
                     m.alias_size_in_bytes)}
 
 
-def to_device(batch, sharding):
-  return {k: mesh_lib.global_array(v, sharding) for k, v in batch.items()}
+def to_device(batch, shardings):
+  return {k: mesh_lib.global_array(batch[k], sharding) for k, sharding in shardings.items()}
 
 
 def evaluate(eval_step, params, batches, batch_sharding):
-  """Loss, perplexity and next-token accuracy over a fixed list of held-out batches."""
+  """Loss, perplexity and accuracy (of the objective's targets: next tokens, masked tokens or
+  labels) over a fixed list of held-out batches."""
   totals = None
   for batch in batches:
     stats = eval_step(params, to_device(batch, batch_sharding))
@@ -133,7 +135,17 @@ def init_source(s):
   if not s.config.init_from:
     return None
   source, step = checkpoint.find(s.config.init_from)
-  source.check_params(step, s.abstract_state.params)
+  saved = source.saved_config(step)
+  if saved is not None:
+    objective = saved.get('objective', 'causal')
+    if objective == 'classify':
+      objective = saved.get('finetune', {}).get('backbone', 'masked')
+    if model_lib.is_causal(s.config) != (objective == 'causal'):
+      wanted = 'finetune.backbone' if s.config.objective == 'classify' else 'objective'
+      raise errors.ConfigError(
+          f'init_from={s.config.init_from!r} was trained with objective {objective!r}; set '
+          f'--config.{wanted}={objective} (its attention direction must match)')
+  source.check_params(step, s.abstract_state.params, model_lib.CLASSIFIER_PARAMS)
   return source, step
 
 
@@ -147,13 +159,19 @@ def initial_state(s, checkpoints, batches, source):
   if source is not None:
     checkpointer, source_step = source
     log.info('initialising the parameters from %s/%d', checkpointer.directory, source_step)
-    state = state.replace(params=checkpointer.restore_params(
-        source_step, s.abstract_state.params, s.shardings.params))
+    restored = checkpointer.restore_params(source_step, s.abstract_state.params,
+                                           s.shardings.params, model_lib.CLASSIFIER_PARAMS)
+    fresh = sorted(set(state.params) - set(restored))
+    if fresh:
+      log.info('new parameters (not in the checkpoint): %s', ', '.join(fresh))
+    state = state.replace(params={**state.params, **restored})
   return state, 0
 
 
 def train(config, workdir, devices=None):
   """Trains (or resumes) the run in `workdir`. Returns the last logged and eval metrics."""
+  if config.objective == 'classify':
+    data.labeled.resolve_labels(config)  # The classifier's size, before the model is built.
   s = setup(config, devices)
   workdir_lib.check(workdir, config)
   source = init_source(s)
@@ -166,18 +184,22 @@ def train(config, workdir, devices=None):
   if chief:
     workdir_lib.save_config(workdir, config)
     distributed.barrier('jaxlm: data prepared')
+  prepare = objectives.build(config, corpus.tokenizer)
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
   eval_set = data.eval_batches(corpus.validation, config, *process)
+  if config.objective == 'masked':
+    log.info('masked-token accuracy of always guessing the most frequent token: %.4f',
+             objectives.unigram_accuracy(data.eval_tokens(eval_set), prepare.special))
   checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
   writer = metrics.Writer(workdir, enabled=chief)
   try:
     with s.active(), preemption.Watcher() as preempted:
       state, start = initial_state(s, checkpoints, batches, source)
       compile_start = time.perf_counter()
-      compiled = compile_train_step(s)
+      compiled = compile_train_step(s, prepare)
       log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
       log_summary(s, compiled)
-      eval_step = jax.jit(steps.make_eval_step(s.model, config),
+      eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare),
                           in_shardings=(s.shardings.params, s.batch_sharding))
       return _loop(s, state, start, compiled, lambda params: evaluate(
           eval_step, params, eval_set, s.batch_sharding), batches, checkpoints, writer,
@@ -223,8 +245,8 @@ def _loop(s, state, start, train_step, run_eval, batches, checkpoints, writer, p
   def evaluate_and_log(step):
     row = run_eval(state.params)
     writer.write(step, row)
-    log.info('step %d: eval loss %.4f, perplexity %.2f', step, row['eval_loss'],
-             row['eval_perplexity'])
+    log.info('step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f', step, row['eval_loss'],
+             row['eval_perplexity'], row['eval_accuracy'])
     result.update(row)
     return row
 

@@ -19,7 +19,8 @@ SHAPE_FIELDS = ('objective', 'model.num_layers', 'model.emb_dim', 'model.num_hea
                 'model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.vocab_size',
                 'model.max_len', 'model.norm', 'model.position', 'model.gated_mlp',
                 'model.use_bias', 'model.tied_embeddings', 'model.scan_layers',
-                'data.tokenizer')
+                'model.norm_position', 'model.head_transform', 'model.output_bias',
+                'model.type_vocab_size', 'data.tokenizer')
 
 
 def config_path(workdir):

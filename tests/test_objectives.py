@@ -34,11 +34,11 @@ def test_loss_mask_removes_targets():
 def test_masked_positions_cannot_change_the_loss():
   batch = batch_of([[1, 1, 1, 2, 2, 2, 0, 0]])
   logits = jax.random.normal(jax.random.key(0), (1, 8, 7))
-  loss, stats = objectives.causal_lm(logits, batch)
+  loss, stats = objectives.loss(logits, objectives.causal(batch))
   # Positions with weight 0 (document ends, padding) may predict anything.
   _, weights = objectives.causal_targets(batch)
   noise = jnp.where(weights[..., None] == 0, 100 * jax.random.normal(jax.random.key(1), logits.shape), 0)
-  loss2, _ = objectives.causal_lm(logits + noise, batch)
+  loss2, _ = objectives.loss(logits + noise, objectives.causal(batch))
   assert float(loss) == pytest.approx(float(loss2), rel=1e-6)
   assert float(stats['weight']) == 4
 
@@ -46,7 +46,7 @@ def test_masked_positions_cannot_change_the_loss():
 def test_loss_is_the_summed_negative_log_likelihood():
   batch = batch_of([[1, 1, 1]])
   logits = jax.random.normal(jax.random.key(0), (1, 3, 7))
-  loss, stats = objectives.causal_lm(logits, batch)
+  loss, stats = objectives.loss(logits, objectives.causal(batch))
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   tokens = batch['tokens'][0]
   expected = -(log_probs[0, 0, tokens[1]] + log_probs[0, 1, tokens[2]])
@@ -56,8 +56,8 @@ def test_loss_is_the_summed_negative_log_likelihood():
 def test_z_loss_adds_the_squared_log_normaliser():
   batch = batch_of([[1, 1, 1]])
   logits = jax.random.normal(jax.random.key(0), (1, 3, 7)) + 3.0
-  plain, _ = objectives.causal_lm(logits, batch)
-  with_z, stats = objectives.causal_lm(logits, batch, z_loss=1e-2)
+  plain, _ = objectives.loss(logits, objectives.causal(batch))
+  with_z, stats = objectives.loss(logits, objectives.causal(batch), z_loss=1e-2)
   log_z = jax.nn.logsumexp(logits[0, :2], axis=-1)
   assert float(with_z - plain) == pytest.approx(float(1e-2 * jnp.sum(log_z ** 2)), rel=1e-5)
   assert float(stats['z_loss_sum']) == pytest.approx(float(with_z - plain), rel=1e-5)

@@ -77,7 +77,7 @@ def test_gradient_accumulation_equals_the_full_batch():
 
   def loss_fn(p, b, _):
     logits = model.apply({'params': p}, b['tokens'], b['positions'], b['segment_ids'])
-    return objectives.causal_lm(logits, b)
+    return objectives.loss(logits, objectives.causal(b))
 
   def grads(num_micro):
     g, stats = steps.accumulate_gradients(loss_fn, params, batch, num_micro, jax.random.key(0))

@@ -14,7 +14,7 @@ import grain
 import numpy as np
 
 from jaxlm.config import ConfigError
-from jaxlm.data import packing, sources, store
+from jaxlm.data import labeled, packing, sources, store
 from jaxlm.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger('jaxlm')
@@ -31,21 +31,31 @@ def tokenizer_path(workdir):
   return os.path.join(workdir, 'tokenizer.model')
 
 
-def get_tokenizer(config, workdir):
-  """The configured tokenizer, the one cached in the workdir, or a new one trained here (not
-  yet saved: `tokenizer.path` is '' until it is)."""
+def init_from_tokenizer(init_from):
+  """The tokenizer.model of the run that `init_from` (a workdir, its checkpoints/ directory or
+  one checkpoint) points into, or ''."""
+  path = os.path.abspath(init_from.rstrip('/')) if init_from else ''
+  for _ in range(3):
+    if path and os.path.isfile(tokenizer_path(path)):
+      return tokenizer_path(path)
+    path = os.path.dirname(path)
+  return ''
+
+
+def get_tokenizer(config, workdir, sample=None):
+  """The configured tokenizer, the one cached in the workdir, the one of the run `init_from`
+  continues, or a new one trained here on `sample` (Documents; default: a sample of the corpus)
+  and not yet saved: `tokenizer.path` is '' until it is."""
   if config.data.tokenizer:
     tokenizer = tokenizer_lib.load(config.data.tokenizer)
   elif os.path.exists(tokenizer_path(workdir)):
     tokenizer = tokenizer_lib.load(tokenizer_path(workdir))
+  elif init_from_tokenizer(config.init_from):
+    tokenizer = tokenizer_lib.load(init_from_tokenizer(config.init_from))
   else:
     # An unbiased sample from all over the corpus: each training document with probability
     # sample_bytes / corpus bytes, decided by a hash of its name.
-    _, files = sources.list_files(config.data.path)
-    share = config.data.tokenizer_sample_bytes / max(1, sum(os.path.getsize(f) for f in files))
-    train_docs = (d for d in sources.iter_documents(config.data)
-                  if not sources.sampled(d.name, config.data.validation_fraction)
-                  and sources.sampled('tokenizer:' + d.name, share))
+    train_docs = sample if sample is not None else _tokenizer_sample(config)
     log.info('training a %d-piece %s tokenizer on up to %.0f MB of text',
              config.model.vocab_size, config.data.tokenizer_type,
              config.data.tokenizer_sample_bytes / 1e6)
@@ -55,17 +65,47 @@ def get_tokenizer(config, workdir):
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'tokenizer\'s {tokenizer.vocab_size} pieces ({tokenizer.path})')
+  if config.objective != 'causal':
+    tokenizer.check_specials()
   return tokenizer
 
 
+def _tokenizer_sample(config):
+  """An unbiased sample from all over the corpus: each training document with probability
+  sample_bytes / corpus bytes, decided by a hash of its name."""
+  _, files = sources.list_files(config.data.path)
+  share = config.data.tokenizer_sample_bytes / max(1, sum(os.path.getsize(f) for f in files))
+  return (d for d in sources.iter_documents(config.data)
+          if not sources.sampled(d.name, config.data.validation_fraction)
+          and sources.sampled('tokenizer:' + d.name, share))
+
+
+def save_tokenizer(tokenizer, workdir):
+  if not tokenizer.path:
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer.save(tokenizer_path(workdir))
+
+
+def frame(config, tokenizer):
+  """The ids around every document: BOS/EOS for a decoder; [CLS]/[SEP] for an encoder, whose
+  first token is the one a classifier reads."""
+  if config.objective == 'masked' or (config.objective == 'classify' and
+                                      config.finetune.backbone == 'masked'):
+    return tokenizer.special_id('[CLS]'), tokenizer.special_id('[SEP]')
+  return tokenizer.bos_id, tokenizer.eos_id
+
+
 def prepare(config, workdir):
-  """Tokenizer and packed train/validation rows, building the token cache if needed.
+  """Tokenizer and packed train/validation rows, building the token cache if needed (or, to
+  fine-tune a classifier, the labeled examples).
 
   A new tokenizer and token cache are written only once the corpus has been found usable.
   """
+  if config.objective == 'classify':
+    return _prepare_labeled(config, workdir)
   tokenizer = get_tokenizer(config, workdir)
   _, files = sources.list_files(config.data.path)
-  key = store.cache_key(sources.fingerprint(files), tokenizer, config)
+  key = store.cache_key(sources.fingerprint(files), tokenizer, config, frame(config, tokenizer))
   cache_dir = config.data.cache_dir or os.path.join(workdir, 'data')
   streams = store.load(cache_dir, key)
   built = streams is None
@@ -74,7 +114,8 @@ def prepare(config, workdir):
     log.info('tokenizing %s', config.data.path or 'the Python standard library')
     streams = store.build(
         sources.iter_documents(config.data, skipped), tokenizer,
-        lambda name: sources.sampled(name, config.data.validation_fraction))
+        lambda name: sources.sampled(name, config.data.validation_fraction),
+        frame(config, tokenizer))
     if skipped:
       log.warning('skipped %s', skipped.summary())
   corpus = Corpus(tokenizer, *(packing.PackedRows(streams[s], config.model.max_len)
@@ -84,15 +125,33 @@ def prepare(config, workdir):
       raise ConfigError(f'the {split} split has {len(rows.stream.tokens)} tokens, fewer than one '
                         f'row of model.max_len={config.model.max_len}; use more data '
                         f'(data.path) or change data.validation_fraction')
-  if not tokenizer.path:
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer.save(tokenizer_path(workdir))
+  save_tokenizer(tokenizer, workdir)
   if built:
     store.save(streams, cache_dir, key)
     log.info('cached the tokenized corpus in %s', cache_dir)
   log.info('corpus: %d train rows (%d documents), %d validation rows (%d documents) of %d tokens',
            len(corpus.train), corpus.train.stream.num_documents, len(corpus.validation),
            corpus.validation.stream.num_documents, config.model.max_len)
+  return corpus
+
+
+def _prepare_labeled(config, workdir):
+  """Rows of labeled examples; a tokenizer trained here learns from the train texts."""
+  fc, skipped = config.finetune, sources.Skipped()
+  train = labeled.read(fc.train, 'finetune.train', fc, skipped)
+  validation = labeled.read(fc.validation or fc.train, 'finetune.validation', fc, skipped)
+  if not fc.validation:
+    log.warning('finetune.validation is empty: reporting accuracy on the train split')
+  if skipped:
+    log.warning('skipped %s', skipped.summary())
+  tokenizer = get_tokenizer(config, workdir, (sources.Document(str(i), text)
+                                              for i, (text, _) in enumerate(train)))
+  ids = frame(config, tokenizer)
+  corpus = Corpus(tokenizer, labeled.rows(train, tokenizer, config, ids, 'train'),
+                  labeled.rows(validation, tokenizer, config, ids, 'validation'))
+  save_tokenizer(tokenizer, workdir)
+  log.info('%d train and %d validation examples, %d classes', len(corpus.train),
+           len(corpus.validation), len(fc.labels))
   return corpus
 
 
@@ -119,7 +178,12 @@ def eval_batches(rows, config, process_index=0, process_count=1):
   batches = []
   for b in range(math.ceil(count / config.batch_size)):
     first = b * config.batch_size + process_index * per_process
-    picked = [rows[i] if i < count else packing.padding_row(rows.seq_len)
+    picked = [rows[i] if i < count else rows.padding_row()
               for i in range(first, first + per_process)]
     batches.append({k: np.stack([r[k] for r in picked]) for k in picked[0]})
   return batches
+
+
+def eval_tokens(batches):
+  """Every real (non-padding) token of a list of batches."""
+  return np.concatenate([b['tokens'][b['segment_ids'] > 0] for b in batches])

@@ -34,7 +34,7 @@ class PackedRows:
     }
 
 
-def padding_row(seq_len):
-  """A row that contributes nothing: segment 0 has zero loss weight."""
-  zeros = np.zeros((seq_len,), np.int32)
-  return {'tokens': zeros, 'segment_ids': zeros, 'positions': zeros}
+  def padding_row(self):
+    """A row that contributes nothing: segment 0 has zero loss weight."""
+    zeros = np.zeros((self.seq_len,), np.int32)
+    return {'tokens': zeros, 'segment_ids': zeros, 'positions': zeros}

@@ -17,7 +17,7 @@ SPLITS = ('train', 'validation')
 
 @dataclasses.dataclass
 class TokenStream:
-  tokens: np.ndarray  # [num_tokens] every document as BOS text EOS, back to back.
+  tokens: np.ndarray  # [num_tokens] every document framed (BOS text EOS), back to back.
   starts: np.ndarray  # [num_documents + 1] offset of each document; the last is num_tokens.
 
   @property
@@ -25,11 +25,10 @@ class TokenStream:
     return len(self.starts) - 1
 
 
-def cache_key(source_fingerprint, tokenizer, config):
+def cache_key(source_fingerprint, tokenizer, config, frame):
   h = hashlib.sha256(tokenizer.proto)
   h.update(json.dumps([source_fingerprint, config.data.validation_fraction,
-                       config.data.max_documents, config.data.text_field,
-                       tokenizer.bos_id, tokenizer.eos_id]).encode())
+                       config.data.max_documents, config.data.text_field, list(frame)]).encode())
   return h.hexdigest()[:16]
 
 
@@ -48,8 +47,9 @@ def load(cache_dir, key):
           for split in SPLITS}
 
 
-def build(documents, tokenizer, is_validation, chunk=256):
-  """Tokenizes documents (wrapping each in BOS/EOS) into per-split streams, in memory."""
+def build(documents, tokenizer, is_validation, frame, chunk=256):
+  """Tokenizes documents into per-split streams, in memory, each document wrapped in the
+  (first, last) ids of `frame`: BOS/EOS for causal LMs, [CLS]/[SEP] for masked ones."""
   pieces = {s: [] for s in SPLITS}
   lengths = {s: [] for s in SPLITS}
   dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
@@ -57,7 +57,7 @@ def build(documents, tokenizer, is_validation, chunk=256):
 
   def flush():
     for (split, _), ids in zip(batch, tokenizer.encode(text for _, text in batch)):
-      pieces[split].append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype))
+      pieces[split].append(np.asarray([frame[0], *ids, frame[1]], dtype))
       lengths[split].append(len(ids) + 2)
     batch.clear()
 

@@ -28,6 +28,20 @@ class Tokenizer:
     self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
     self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
 
+  def special_id(self, piece):
+    """The id of a special piece such as '[MASK]', or a ConfigError naming the file."""
+    i = self.sp.piece_to_id(piece)
+    if self.sp.id_to_piece(i) != piece:
+      raise ConfigError(f'tokenizer {self.path or "(trained here)"} has no {piece} piece; '
+                        f'masked LMs need {", ".join((PAD, *CONTROL))}: train one with jaxlm '
+                        f'(leave data.tokenizer empty) or add them as control symbols')
+    return i
+
+  def check_specials(self):
+    """Every piece the masked objective and classifiers use; a clear error if one is missing."""
+    for piece in (PAD, *CONTROL):
+      self.special_id(piece)
+
   @property
   def vocab_size(self):
     return self.sp.get_piece_size()

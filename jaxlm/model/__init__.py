@@ -2,10 +2,19 @@
 
 import ml_collections
 
-from jaxlm.model.transformer import Transformer
+from jaxlm.model.transformer import CLASSIFIER_PARAMS, Transformer  # noqa: F401
+
+
+def is_causal(config):
+  """Whether the model attends only to the past: causal LMs and classifiers built on them."""
+  if config.objective == 'classify':
+    return config.finetune.backbone == 'causal'
+  return config.objective == 'causal'
 
 
 def build(config):
-  """The model for `config.objective`: a causal decoder for 'causal'."""
-  return Transformer(ml_collections.FrozenConfigDict(config.model),
-                     causal=config.objective == 'causal')
+  """The model `config.objective` trains: a decoder ('causal'), an encoder ('masked'), or
+  either one with a classification head ('classify', one class per finetune.labels)."""
+  num_labels = len(config.finetune.labels) if config.objective == 'classify' else 0
+  return Transformer(ml_collections.FrozenConfigDict(config.model), causal=is_causal(config),
+                     num_labels=num_labels)

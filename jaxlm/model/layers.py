@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 NORMS = {'layernorm': nn.LayerNorm, 'rmsnorm': nn.RMSNorm}
-ACTIVATIONS = {'gelu': nn.gelu, 'silu': nn.silu, 'relu': nn.relu}
+ACTIVATIONS = {'gelu': nn.gelu, 'gelu_exact': lambda x: nn.gelu(x, approximate=False),
+               'silu': nn.silu, 'relu': nn.relu}
 
 
 def dtype(name):
@@ -141,7 +142,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. The (carry, None) signature lets nn.scan stack it."""
+  """Attention and MLP residual branches. The (carry, None) signature lets nn.scan stack it.
+
+  Pre-norm (GPT-2, Llama) normalises each branch's input; post-norm (BERT) normalises the sum.
+  """
   cfg: object
   causal: bool
   deterministic: bool
@@ -150,8 +154,13 @@ class Block(nn.Module):
   def __call__(self, x, positions, mask):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-    h = Attention(cfg, self.causal, name='attention')(norm(cfg, 'attention_norm')(x), positions,
-                                                      mask)
-    x = x + drop(h)
-    x = x + drop(Mlp(cfg, name='mlp')(norm(cfg, 'mlp_norm')(x)))
+
+    def residual(x, branch, norm_name):
+      if cfg.norm_position == 'pre':
+        return x + drop(branch(norm(cfg, norm_name)(x)))
+      return norm(cfg, norm_name)(x + drop(branch(x)))
+
+    x = residual(x, lambda h: Attention(cfg, self.causal, name='attention')(h, positions, mask),
+                 'attention_norm')
+    x = residual(x, Mlp(cfg, name='mlp'), 'mlp_norm')
     return constrain(x, ('batch', 'length', 'embed')), None

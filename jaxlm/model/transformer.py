@@ -1,6 +1,7 @@
-"""The Transformer: embeddings, a stack of blocks, a final norm and the output projection.
+"""The Transformer: embeddings, a stack of blocks, a final norm and an output head.
 
-`causal=True` is a GPT/Llama decoder; `causal=False` the same stack attending both ways.
+`causal=True` is a GPT/Llama decoder; `causal=False` the same stack attending both ways (a
+BERT-style encoder). The head predicts tokens, or with `num_labels` classifies the sequence.
 """
 
 import flax.linen as nn
@@ -17,34 +18,76 @@ REMAT_POLICIES = {
 }
 
 
+# Parameters that only a classifier has: fine-tuning initialises them fresh when the
+# pretrained checkpoint lacks them.
+CLASSIFIER_PARAMS = ('pooler', 'classifier')
+
+
 class Transformer(nn.Module):
-  """tokens [B, T] -> logits [B, T, vocab]; positions and segment ids describe packed rows."""
+  """tokens [B, T] -> logits [B, T, vocab], or [B, num_labels] when num_labels > 0.
+
+  Positions and segment ids describe packed rows: attention never crosses a segment.
+  """
   cfg: object  # The model config (a FrozenConfigDict of config.model).
   causal: bool = True
+  num_labels: int = 0  # > 0: a sequence classifier instead of a token predictor.
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True):
+  def __call__(self, tokens, positions=None, segment_ids=None, token_types=None,
+               deterministic=True):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    embed = nn.Embed(cfg.vocab_size, cfg.emb_dim, name='token_embed',
-                     dtype=layers.dtype(cfg.dtype), param_dtype=layers.dtype(cfg.param_dtype),
-                     embedding_init=layers.normal(cfg.init_std, ('vocab', 'embed')))
+    embed = self.embedding(cfg.vocab_size, 'token_embed', 'vocab')
     x = embed(tokens)
     if cfg.position == 'learned':
-      x += nn.Embed(cfg.max_len, cfg.emb_dim, name='position_embed',
-                    dtype=layers.dtype(cfg.dtype), param_dtype=layers.dtype(cfg.param_dtype),
-                    embedding_init=layers.normal(cfg.init_std, (None, 'embed')))(positions)
+      x += self.embedding(cfg.max_len, 'position_embed')(positions)
+    if cfg.type_vocab_size:
+      types = jnp.zeros_like(tokens) if token_types is None else token_types
+      x += self.embedding(cfg.type_vocab_size, 'type_embed')(types)
+    if cfg.norm_position == 'post':  # Post-norm blocks expect a normalised input.
+      x = layers.norm(cfg, 'embed_norm')(x)
     x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
     x = layers.constrain(x.astype(layers.dtype(cfg.dtype)), ('batch', 'length', 'embed'))
 
     x = self.blocks(x, positions, layers.attention_mask(segment_ids), deterministic)
-    x = layers.norm(cfg, 'final_norm')(x)
+    if cfg.norm_position == 'pre':  # Post-norm blocks end normalised already.
+      x = layers.norm(cfg, 'final_norm')(x)
+    if self.num_labels:
+      return self.classify(x, segment_ids, deterministic)
+    if cfg.head_transform:
+      x = layers.ACTIVATIONS[cfg.mlp_activation](
+          layers.dense(cfg, cfg.emb_dim, ('embed', None), 'head_dense')(x))
+      x = layers.norm(cfg, 'head_norm')(x)
     if cfg.tied_embeddings:
       logits = embed.attend(x)
     else:
       logits = layers.dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'unembed', bias=False)(x)
+    if cfg.output_bias:
+      logits += self.param('output_bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,),
+                           layers.dtype(cfg.param_dtype)).astype(logits.dtype)
     return layers.constrain(logits, ('batch', 'length', 'vocab'))
+
+  def embedding(self, num, name, axis=None):
+    cfg = self.cfg
+    return nn.Embed(num, cfg.emb_dim, name=name, dtype=layers.dtype(cfg.dtype),
+                    param_dtype=layers.dtype(cfg.param_dtype),
+                    embedding_init=layers.normal(cfg.init_std, (axis, 'embed')))
+
+  def classify(self, x, segment_ids, deterministic):
+    """Class logits from one state per row: the first token ([CLS]) of a bidirectional model
+    through a tanh pooler (BERT), or the last real token of a causal one (which alone has
+    seen the whole text)."""
+    cfg = self.cfg
+    if self.causal:
+      length = jnp.sum(segment_ids > 0, axis=1) if segment_ids is not None else x.shape[1]
+      pooled = jnp.take_along_axis(
+          x, jnp.maximum(length - 1, 0).reshape(-1, 1, 1), axis=1)[:, 0]
+    else:
+      pooled = jnp.tanh(layers.dense(cfg, cfg.emb_dim, ('embed', None), 'pooler')(x[:, 0]))
+    pooled = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(pooled)
+    return layers.dense(cfg, self.num_labels, ('embed', None), 'classifier', bias=True)(pooled)
 
   def blocks(self, x, positions, mask, deterministic):
     cfg = self.cfg
