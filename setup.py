@@ -27,6 +27,7 @@ setup(
         'tensorboardX>=2.6.2',
         'tqdm>=4.66',
         'numpy>=1.26',
+        'pyarrow>=14',  # Parquet corpora.
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100'],

@@ -139,8 +139,10 @@ def defaults(family='gpt2'):
 
   c.data = ml_collections.ConfigDict()
   d = c.data
-  d.path = ''  # Glob of .txt/.jsonl files (comma-separated globs allowed); '' = Python stdlib.
-  d.text_field = 'text'  # The JSONL field that holds a document's text.
+  d.path = ''  # Globs (comma-separated) of text, .jsonl and .parquet files; '' = Python stdlib.
+  d.tfds_name = ''  # A TFDS dataset (e.g. 'lm1b', 'wikipedia/20230601.en') instead of data.path.
+  d.tfds_split = 'train'  # Its split that documents come from (validation is held out of it).
+  d.text_field = 'text'  # The JSONL field, Parquet column or TFDS feature of a document's text.
   d.tokenizer = ''  # A sentencepiece .model to use; '' = train one, cached in the workdir.
   d.tokenizer_type = 'bpe'  # Sentencepiece algorithm when training one: 'bpe' or 'unigram'.
   d.tokenizer_sample_bytes = 20_000_000  # Text sampled from the corpus to train it.
@@ -323,6 +325,9 @@ def validate(config):
   _check(config, 'optimizer.end_lr_fraction', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
   _check(config, 'data.validation_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)')
   _check(config, 'model.type_vocab_size', lambda v: v >= 0, 'must be >= 0')
+  if config.data.path and config.data.tfds_name:
+    raise ConfigError(f'data.path={config.data.path!r} and data.tfds_name='
+                      f'{config.data.tfds_name!r} are both set; keep one')
   for name in ('masking.mask_fraction', 'masking.random_fraction'):
     _check(config, name, lambda v: 0 <= v <= 1, 'must be in [0, 1]')
   if config.masking.mask_fraction + config.masking.random_fraction > 1:

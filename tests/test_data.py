@@ -145,3 +145,41 @@ def test_eval_batches_are_fixed_and_padded(config):
   assert len(batches) == 2
   assert (batches[1]['segment_ids'][3:] == 0).all()  # 5 empty rows carry no weight.
   assert (batches[1]['segment_ids'][:3] > 0).all()
+
+
+def test_parquet_rows_are_documents_and_bad_rows_are_counted(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({'body': ['first document', None, '  ', 'third one'],
+                           'id': [1, 2, 3, 4]}), tmp_path / 'a.parquet')
+  pq.write_table(pa.table({'other': ['x']}), tmp_path / 'b.parquet')
+  skipped = sources.Skipped()
+  config = tiny_config(data__path=str(tmp_path / '*.parquet'), data__text_field='body')
+  docs = list(sources.iter_documents(config.data, skipped))
+  assert [(d.name, d.text) for d in docs] == [('a.parquet:1', 'first document'),
+                                              ('a.parquet:4', 'third one')]
+  assert skipped == {"Parquet rows without a string 'body'": 1,
+                     "Parquet files without a column 'body'": 1}
+
+
+def test_a_tfds_dataset_is_read_through_its_data_source(tmp_path, shared_data):
+  import tensorflow_datasets as tfds
+  config = tiny_config(data__path='', data__tfds_name='lm1b', data__max_documents=0,
+                       model__max_len=16, data__validation_fraction=0.2)
+  with tfds.testing.mock_data(num_examples=60, policy=tfds.testing.MockPolicy.USE_CODE):
+    docs = list(sources.iter_documents(config.data))
+    assert len(docs) == 60 and docs[0].name == 'lm1b/train:0' and docs[0].text.strip()
+    (tmp_path / 'tokenizer.model').write_bytes((shared_data / 'tokenizer.model').read_bytes())
+    corpus = data.prepare(config, str(tmp_path))
+  assert len(corpus.train) > 0 and corpus.train.stream.num_documents + \
+      corpus.validation.stream.num_documents == 60
+
+
+def test_an_unprepared_tfds_dataset_is_one_clear_error(tmp_path):
+  config = tiny_config(data__path='', data__tfds_name='no_such_dataset_xyz')
+  with pytest.raises(ConfigError, match=r"data.tfds_name='no_such_dataset_xyz' \(split 'train'\) "
+                                        r'cannot be read: .*tfds build no_such_dataset_xyz'):
+    data.prepare(config, str(tmp_path))
+  assert not (tmp_path / 'tokenizer.model').exists()
+  with pytest.raises(ConfigError, match='are both set; keep one'):
+    tiny_config(data__tfds_name='lm1b')

@@ -73,8 +73,7 @@ def get_tokenizer(config, workdir, sample=None):
 def _tokenizer_sample(config):
   """An unbiased sample from all over the corpus: each training document with probability
   sample_bytes / corpus bytes, decided by a hash of its name."""
-  _, files = sources.list_files(config.data.path)
-  share = config.data.tokenizer_sample_bytes / max(1, sum(os.path.getsize(f) for f in files))
+  share = config.data.tokenizer_sample_bytes / max(1, sources.approximate_bytes(config.data))
   return (d for d in sources.iter_documents(config.data)
           if not sources.sampled(d.name, config.data.validation_fraction)
           and sources.sampled('tokenizer:' + d.name, share))
@@ -104,14 +103,15 @@ def prepare(config, workdir):
   if config.objective == 'classify':
     return _prepare_labeled(config, workdir)
   tokenizer = get_tokenizer(config, workdir)
-  _, files = sources.list_files(config.data.path)
-  key = store.cache_key(sources.fingerprint(files), tokenizer, config, frame(config, tokenizer))
+  key = store.cache_key(sources.fingerprint(config.data), tokenizer, config,
+                        frame(config, tokenizer))
   cache_dir = config.data.cache_dir or os.path.join(workdir, 'data')
   streams = store.load(cache_dir, key)
   built = streams is None
   if built:
     skipped = sources.Skipped()
-    log.info('tokenizing %s', config.data.path or 'the Python standard library')
+    log.info('tokenizing %s', config.data.tfds_name or config.data.path or
+             'the Python standard library')
     streams = store.build(
         sources.iter_documents(config.data, skipped), tokenizer,
         lambda name: sources.sampled(name, config.data.validation_fraction),

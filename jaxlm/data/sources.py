@@ -1,4 +1,5 @@
-"""Where documents come from: the Python standard library's source, or the user's files.
+"""Where documents come from: the Python standard library's source, the user's files (text,
+JSONL, Parquet), or a TFDS dataset read through its ArrayRecord data source.
 
 A document is (name, text). Its name is stable across machines and runs, because the train /
 validation split is decided by hashing it.
@@ -15,6 +16,7 @@ import sysconfig
 from jaxlm.config import ConfigError
 
 JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
+PARQUET_SUFFIXES = ('.parquet', '.pq')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +49,47 @@ def list_files(path):
   return root, sorted(files)
 
 
-def fingerprint(files):
-  """Changes when any file is added, removed, resized or touched."""
+def fingerprint(data_config):
+  """Changes when any file is added, removed, resized or touched (or the TFDS dataset, split
+  or size changes)."""
   h = hashlib.sha256()
-  for f in files:
+  if data_config.tfds_name:
+    source = tfds_source(data_config)
+    h.update(f'tfds\0{data_config.tfds_name}\0{data_config.tfds_split}\0{len(source)}'.encode())
+    return h.hexdigest()[:16]
+  for f in list_files(data_config.path)[1]:
     st = os.stat(f)
     h.update(f'{f}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   return h.hexdigest()[:16]
+
+
+def approximate_bytes(data_config):
+  """The size of the source's text, roughly: what a tokenizer sample is a share of."""
+  if data_config.tfds_name:
+    source = tfds_source(data_config)
+    sample = [_tfds_text(source[i], data_config.text_field) or ''
+              for i in range(min(len(source), 100))]
+    return len(source) * sum(len(t) for t in sample) / max(1, len(sample))
+  return sum(os.path.getsize(f) for f in list_files(data_config.path)[1])
+
+
+def tfds_source(data_config):
+  """The split's random-access data source. Never downloads: a download would hang an offline
+  machine, so the dataset must be prepared already (tfds build NAME, TFDS_DATA_DIR)."""
+  import tensorflow_datasets as tfds
+  name, split = data_config.tfds_name, data_config.tfds_split
+  try:
+    return tfds.data_source(name, split=split, download=False)
+  except Exception as e:  # noqa: BLE001 - tfds raises many kinds; all mean "not readable here".
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f'data.tfds_name={name!r} (split {split!r}) cannot be read: {first}; '
+                      f'prepare it where there is network (tfds build {name}) and point '
+                      f'TFDS_DATA_DIR at it') from e
+
+
+def _tfds_text(record, field):
+  text = record.get(field) if isinstance(record, dict) else None
+  return text.decode('utf-8', 'replace') if isinstance(text, bytes) else text
 
 
 class Skipped(collections.Counter):
@@ -66,16 +102,30 @@ class Skipped(collections.Counter):
 def iter_documents(data_config, skipped=None):
   """Yields every Document of the configured source, skipping (and counting) bad ones."""
   skipped = Skipped() if skipped is None else skipped
-  root, files = list_files(data_config.path)
   count = 0
+  for doc in _all_documents(data_config, skipped):
+    yield doc
+    count += 1
+    if data_config.max_documents and count >= data_config.max_documents:
+      return
+
+
+def _all_documents(data_config, skipped):
+  if data_config.tfds_name:
+    source = tfds_source(data_config)
+    for i in range(len(source)):
+      text = _tfds_text(source[i], data_config.text_field)
+      if not isinstance(text, str):
+        skipped[f'TFDS records without a text feature {data_config.text_field!r}'] += 1
+      elif text.strip():
+        yield Document(f'{data_config.tfds_name}/{data_config.tfds_split}:{i}', text)
+    return
+  root, files = list_files(data_config.path)
   for path in files:
     name = os.path.relpath(path, root)
-    reader = _jsonl_documents if path.endswith(JSONL_SUFFIXES) else _text_document
-    for doc in reader(path, name, data_config.text_field, skipped):
-      yield doc
-      count += 1
-      if data_config.max_documents and count >= data_config.max_documents:
-        return
+    reader = (_jsonl_documents if path.endswith(JSONL_SUFFIXES) else
+              _parquet_documents if path.endswith(PARQUET_SUFFIXES) else _text_document)
+    yield from reader(path, name, data_config.text_field, skipped)
 
 
 def _text_document(path, name, _, skipped):
@@ -107,6 +157,27 @@ def _jsonl_documents(path, name, field, skipped):
         skipped[f'JSONL lines without a string field {field!r}'] += 1
       elif text.strip():
         yield Document(f'{name}:{line_no}', text)
+
+
+def _parquet_documents(path, name, field, skipped):
+  """One document per row of the `field` column, read a batch of rows at a time."""
+  import pyarrow.parquet as pq
+  try:
+    table = pq.ParquetFile(path)
+  except Exception:  # noqa: BLE001 - pyarrow's errors for unreadable files vary.
+    skipped['unreadable Parquet files'] += 1
+    return
+  if field not in table.schema_arrow.names:
+    skipped[f'Parquet files without a column {field!r}'] += 1
+    return
+  row = 0
+  for batch in table.iter_batches(columns=[field], batch_size=1024):
+    for text in batch.column(0).to_pylist():
+      row += 1
+      if not isinstance(text, str):
+        skipped[f'Parquet rows without a string {field!r}'] += 1
+      elif text.strip():
+        yield Document(f'{name}:{row}', text)
 
 
 def sampled(name, fraction):
