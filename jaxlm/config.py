@@ -49,6 +49,7 @@ CHOICES = {
     'model.attention': ('auto', 'xla', 'cudnn'),
     'model.remat_policy': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims'),
     'data.tokenizer_type': ('bpe', 'unigram'),
+    'data.packing': ('split', 'first_fit'),
     'finetune.backbone': ('masked', 'causal'),
 }
 
@@ -143,11 +144,17 @@ def defaults(family='gpt2'):
   d.tfds_name = ''  # A TFDS dataset (e.g. 'lm1b', 'wikipedia/20230601.en') instead of data.path.
   d.tfds_split = 'train'  # Its split that documents come from (validation is held out of it).
   d.text_field = 'text'  # The JSONL field, Parquet column or TFDS feature of a document's text.
+  # Several sources mixed by weight, replacing path/tfds_name: ((weight, source), ...), a
+  # source being globs as in data.path or 'tfds:NAME[:SPLIT]'. () = no mixture.
+  d.mixture = ()
   d.tokenizer = ''  # A sentencepiece .model to use; '' = train one, cached in the workdir.
   d.tokenizer_type = 'bpe'  # Sentencepiece algorithm when training one: 'bpe' or 'unigram'.
   d.tokenizer_sample_bytes = 20_000_000  # Text sampled from the corpus to train it.
   d.validation_fraction = 0.02  # Share of documents held out (chosen by a hash of their name).
   d.cache_dir = ''  # Where the tokenized corpus is cached; '' = <workdir>/data.
+  # How documents fill rows: 'split' concatenates and cuts (no padding, most documents cut);
+  # 'first_fit' places whole documents (long ones in max_len pieces) first-fit decreasing.
+  d.packing = 'split'
   d.max_documents = 0  # Use at most this many documents (0 = all); for quick experiments.
   d.num_threads = 2  # Threads reading and assembling batches ahead of the step.
   d.prefetch = 4  # Batches prepared ahead of the step.
@@ -325,6 +332,7 @@ def validate(config):
   _check(config, 'optimizer.end_lr_fraction', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
   _check(config, 'data.validation_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)')
   _check(config, 'model.type_vocab_size', lambda v: v >= 0, 'must be >= 0')
+  _check_mixture(config.data)
   if config.data.path and config.data.tfds_name:
     raise ConfigError(f'data.path={config.data.path!r} and data.tfds_name='
                       f'{config.data.tfds_name!r} are both set; keep one')
@@ -370,6 +378,17 @@ def _check_rules(rules):
         or not all(a is None or a in MESH_AXES for a in axes)):
       raise ConfigError(f'mesh.rules entry {rule!r} must be (logical_name, mesh_axes) with '
                         f'mesh axes from {", ".join(MESH_AXES)} or None')
+
+
+def _check_mixture(d):
+  for entry in d.mixture:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+        or isinstance(entry[0], bool) or not isinstance(entry[0], (int, float)) or entry[0] <= 0
+        or not isinstance(entry[1], str) or not entry[1]):
+      raise ConfigError(f'data.mixture entry {entry!r} must be (positive weight, source), e.g. '
+                        f"(0.7, '/data/web/*.jsonl') or (0.3, 'tfds:lm1b')")
+  if d.mixture and (d.path or d.tfds_name):
+    raise ConfigError('data.mixture replaces data.path and data.tfds_name; leave those empty')
 
 
 def get_field(config, name):

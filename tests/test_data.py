@@ -122,12 +122,14 @@ def test_batch_order_is_a_function_of_seed_and_step(config):
   assert not np.array_equal(next(other)['tokens'], first[0])
 
 
-def test_each_process_reads_its_own_rows_of_the_same_global_batches(config):
+@pytest.mark.parametrize('count', [2, 4])
+def test_each_process_reads_its_own_rows_of_the_same_global_batches(config, count):
   rows = packing.PackedRows(stream_of([23] * 50), seq_len=8)
   whole = data.train_dataset(rows, config)
-  halves = [data.train_dataset(rows, config, process_index=p, process_count=2) for p in (0, 1)]
+  parts = [data.train_dataset(rows, config, process_index=p, process_count=count)
+           for p in range(count)]
   for step in range(5):
-    joined = np.concatenate([h[step]['tokens'] for h in halves])
+    joined = np.concatenate([part[step]['tokens'] for part in parts])
     np.testing.assert_array_equal(joined, whole[step]['tokens'])
 
 
@@ -183,3 +185,97 @@ def test_an_unprepared_tfds_dataset_is_one_clear_error(tmp_path):
   assert not (tmp_path / 'tokenizer.model').exists()
   with pytest.raises(ConfigError, match='are both set; keep one'):
     tiny_config(data__tfds_name='lm1b')
+
+
+@pytest.mark.parametrize('lengths', [[5, 17, 3, 40, 9, 2, 12], [8] * 5, [1] * 30, [100], [7, 9]])
+def test_first_fit_packing_keeps_every_token_once_and_documents_whole(lengths):
+  stream = stream_of(lengths)
+  rows = packing.FirstFitRows(stream, seq_len=8)
+  seen = []
+  for i in range(len(rows)):
+    row = rows[i]
+    real = row['segment_ids'] > 0
+    assert real[:real.sum()].all()  # Padding only at the end.
+    for seg in range(1, row['segment_ids'].max() + 1):
+      piece = row['tokens'][row['segment_ids'] == seg]
+      assert len(set(piece)) == 1  # A segment is one document (stream_of: token = doc + 10) ...
+      np.testing.assert_array_equal(row['positions'][row['segment_ids'] == seg],
+                                    np.arange(len(piece)))  # ... whose positions restart.
+      seen.append((int(piece[0]), len(piece)))
+  # Every token once: each document's pieces add up to its length; short ones are never cut.
+  for doc, length in enumerate(lengths):
+    pieces = [n for d, n in seen if d == doc + 10]
+    assert sum(pieces) == length and (len(pieces) == 1 or length > 8)
+  assert -(-sum(lengths) // 8) <= len(rows) <= len(seen)
+  with pytest.raises(IndexError):
+    rows[len(rows)]
+
+
+def test_first_fit_fills_rows_and_cuts_fewer_documents_than_split():
+  rng = np.random.default_rng(0)
+  lengths = list(rng.integers(1, 300, 400))
+  stream, seq_len = stream_of(lengths), 256
+  first_fit, split = packing.FirstFitRows(stream, seq_len), packing.PackedRows(stream, seq_len)
+  used = sum((first_fit[i]['segment_ids'] > 0).sum() for i in range(len(first_fit)))
+  assert used == sum(lengths)
+  assert used / (len(first_fit) * seq_len) > 0.95  # Little padding, and far fewer cuts:
+  first_fit_cuts = len(first_fit.piece_length) - len(lengths)  # Only documents over 256.
+  assert first_fit_cuts == sum(-(-n // seq_len) - 1 for n in lengths)
+  starts = np.concatenate([[0], np.cumsum(lengths)])
+  split_cuts = sum(s // seq_len != (e - 1) // seq_len for s, e in zip(starts[:-1], starts[1:]))
+  assert first_fit_cuts < split_cuts / 2
+
+
+def test_first_fit_is_chosen_by_config_and_trains(config, workdir):
+  config.data.packing = 'first_fit'
+  corpus = data.prepare(config, str(workdir))
+  assert isinstance(corpus.train, packing.FirstFitRows)
+  assert (corpus.train[0]['segment_ids'] > 0).sum() > 0.9 * config.model.max_len
+
+
+def test_a_mixture_draws_rows_in_proportion_to_its_weights(config):
+  a = packing.PackedRows(stream_of([8] * 30), seq_len=8)  # Tokens 10..39: source A.
+  b_stream = stream_of([8] * 90)
+  b_stream.tokens[:] += 1000  # Tokens >= 1010: source B.
+  b = packing.PackedRows(b_stream, seq_len=8)
+  ds = data.train_dataset(packing.Mixture([a, b], [0.7, 0.3]), config)
+  first = np.concatenate([ds[step]['tokens'][:, 0] for step in range(100)])
+  share = (first < 1000).mean()
+  assert abs(share - 0.7) < 0.02, share
+  # Each source still covers all its rows and reshuffles between its epochs.
+  from_a = first[first < 1000]
+  assert set(from_a[:30]) == set(range(10, 40)) and not np.array_equal(from_a[:30], from_a[30:60])
+  # Per-process slices of a mixture assemble the same global batches.
+  parts = [data.train_dataset(packing.Mixture([a, b], [0.7, 0.3]), config, p, 2) for p in (0, 1)]
+  np.testing.assert_array_equal(np.concatenate([p[3]['tokens'] for p in parts]), ds[3]['tokens'])
+
+
+def test_a_mixture_of_sources_is_prepared_from_the_config(tmp_path, shared_data):
+  from conftest import STDLIB
+  import os
+  (tmp_path / 'tokenizer.model').write_bytes((shared_data / 'tokenizer.model').read_bytes())
+  config = tiny_config(data__path='', data__mixture=(
+      (3, os.path.join(STDLIB, 'json/*.py') + ',' + os.path.join(STDLIB, 'email/*.py')),
+      (1, os.path.join(STDLIB, 'logging/*.py'))))
+  corpus = data.prepare(config, str(tmp_path))
+  assert isinstance(corpus.train, packing.Mixture) and len(corpus.train.parts) == 2
+  assert len(list((tmp_path / 'data').glob('train-*.tokens.npy'))) == 2  # A cache per source.
+  rows = [corpus.validation[i] for i in range(min(8, len(corpus.validation)))]
+  assert all(r['tokens'].shape == (64,) for r in rows)
+  for bad, message in [(((0, 'x'),), 'must be \\(positive weight, source\\)'),
+                       ((('x', 1),), 'must be \\(positive weight, source\\)')]:
+    with pytest.raises(ConfigError, match=message):
+      tiny_config(data__path='', data__mixture=bad)
+  with pytest.raises(ConfigError, match='data.mixture replaces data.path'):
+    tiny_config(data__mixture=((1, 'x'),))
+
+
+def test_training_runs_on_a_first_fit_packed_mixture(tmp_path, shared_data):
+  from conftest import CORPUS, one_device
+  from jaxlm import train
+  (tmp_path / 'tokenizer.model').write_bytes((shared_data / 'tokenizer.model').read_bytes())
+  json_glob, *others = CORPUS.split(',')
+  config = tiny_config(data__path='', data__packing='first_fit', train_steps=4,
+                       log_every_steps=2, data__mixture=((1, json_glob), (2, ','.join(others))))
+  result = train.train(config, str(tmp_path), one_device())
+  assert result['step'] == 4 and np.isfinite(result['loss']) and np.isfinite(result['eval_loss'])

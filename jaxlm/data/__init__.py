@@ -72,11 +72,16 @@ def get_tokenizer(config, workdir, sample=None):
 
 def _tokenizer_sample(config):
   """An unbiased sample from all over the corpus: each training document with probability
-  sample_bytes / corpus bytes, decided by a hash of its name."""
-  share = config.data.tokenizer_sample_bytes / max(1, sources.approximate_bytes(config.data))
-  return (d for d in sources.iter_documents(config.data)
-          if not sources.sampled(d.name, config.data.validation_fraction)
-          and sources.sampled('tokenizer:' + d.name, share))
+  sample_bytes / corpus bytes, decided by a hash of its name (in a mixture, each source
+  contributes in proportion to its weight)."""
+  components = sources.components(config.data)
+  total = sum(w for w, _ in components)
+  for weight, source in components:
+    share = (weight / total * config.data.tokenizer_sample_bytes /
+             max(1, sources.approximate_bytes(source)))
+    yield from (d for d in sources.iter_documents(source)
+                if not sources.sampled(d.name, config.data.validation_fraction)
+                and sources.sampled('tokenizer:' + d.name, share))
 
 
 def save_tokenizer(tokenizer, workdir):
@@ -95,44 +100,55 @@ def frame(config, tokenizer):
 
 
 def prepare(config, workdir):
-  """Tokenizer and packed train/validation rows, building the token cache if needed (or, to
-  fine-tune a classifier, the labeled examples).
+  """Tokenizer and packed train/validation rows, building the token caches if needed (or, to
+  fine-tune a classifier, the labeled examples). With `data.mixture`, each source has its own
+  cache and rows, mixed by weight (packing.Mixture).
 
   A new tokenizer and token cache are written only once the corpus has been found usable.
   """
   if config.objective == 'classify':
     return _prepare_labeled(config, workdir)
   tokenizer = get_tokenizer(config, workdir)
-  key = store.cache_key(sources.fingerprint(config.data), tokenizer, config,
-                        frame(config, tokenizer))
+  parts = [(weight, _rows(config, source, tokenizer, workdir))
+           for weight, source in sources.components(config.data)]
+  save_tokenizer(tokenizer, workdir)
+  if len(parts) == 1:
+    return Corpus(tokenizer, *parts[0][1])
+  weights = [w for w, _ in parts]
+  return Corpus(tokenizer, packing.Mixture([r[0] for _, r in parts], weights),
+                packing.Mixture([r[1] for _, r in parts], weights))
+
+
+def _rows(config, source, tokenizer, workdir):
+  """(train rows, validation rows) of one source (a data config), from its token cache."""
+  what = source.tfds_name or source.path or 'the Python standard library'
+  key = store.cache_key(sources.fingerprint(source), tokenizer, config, frame(config, tokenizer))
   cache_dir = config.data.cache_dir or os.path.join(workdir, 'data')
   streams = store.load(cache_dir, key)
   built = streams is None
   if built:
     skipped = sources.Skipped()
-    log.info('tokenizing %s', config.data.tfds_name or config.data.path or
-             'the Python standard library')
+    log.info('tokenizing %s', what)
     streams = store.build(
-        sources.iter_documents(config.data, skipped), tokenizer,
+        sources.iter_documents(source, skipped), tokenizer,
         lambda name: sources.sampled(name, config.data.validation_fraction),
         frame(config, tokenizer))
     if skipped:
-      log.warning('skipped %s', skipped.summary())
-  corpus = Corpus(tokenizer, *(packing.PackedRows(streams[s], config.model.max_len)
-                               for s in store.SPLITS))
-  for split, rows in (('train', corpus.train), ('validation', corpus.validation)):
-    if len(rows) == 0:
-      raise ConfigError(f'the {split} split has {len(rows.stream.tokens)} tokens, fewer than one '
-                        f'row of model.max_len={config.model.max_len}; use more data '
-                        f'(data.path) or change data.validation_fraction')
-  save_tokenizer(tokenizer, workdir)
+      log.warning('%s: skipped %s', what, skipped.summary())
+  pack = {'split': packing.PackedRows, 'first_fit': packing.FirstFitRows}[config.data.packing]
+  rows = tuple(pack(streams[s], config.model.max_len) for s in store.SPLITS)
+  for split, part in zip(store.SPLITS, rows):
+    if len(part) == 0:
+      raise ConfigError(f'the {split} split of {what} has {len(part.stream.tokens)} tokens, '
+                        f'fewer than one row of model.max_len={config.model.max_len}; use more '
+                        f'data or change data.validation_fraction')
   if built:
     store.save(streams, cache_dir, key)
     log.info('cached the tokenized corpus in %s', cache_dir)
-  log.info('corpus: %d train rows (%d documents), %d validation rows (%d documents) of %d tokens',
-           len(corpus.train), corpus.train.stream.num_documents, len(corpus.validation),
-           corpus.validation.stream.num_documents, config.model.max_len)
-  return corpus
+  log.info('%s: %d train rows (%d documents), %d validation rows (%d documents) of %d tokens',
+           what, len(rows[0]), rows[0].stream.num_documents, len(rows[1]),
+           rows[1].stream.num_documents, config.model.max_len)
+  return rows
 
 
 def _prepare_labeled(config, workdir):
@@ -158,7 +174,12 @@ def _prepare_labeled(config, workdir):
 def train_dataset(rows, config, process_index=0, process_count=1):
   """A grain MapDataset whose element s is this process's share of global batch s."""
   per_process = config.batch_size // process_count
-  ds = grain.MapDataset.source(rows).seed(config.seed).shuffle().repeat()
+  if isinstance(rows, packing.Mixture):  # Shuffled apart, then mixed: proportions hold.
+    ds = grain.MapDataset.mix(
+        [grain.MapDataset.source(part).seed(config.seed + i).shuffle().repeat()
+         for i, part in enumerate(rows.parts)], rows.weights)
+  else:
+    ds = grain.MapDataset.source(rows).seed(config.seed).shuffle().repeat()
   ds = ds.batch(per_process, drop_remainder=True)
   return ds.slice(slice(process_index, None, process_count))
 

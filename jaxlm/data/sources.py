@@ -49,6 +49,23 @@ def list_files(path):
   return root, sorted(files)
 
 
+def components(data_config):
+  """[(weight, data config of one source)]: the entries of data.mixture, or the one source."""
+  if not data_config.mixture:
+    return [(1.0, data_config)]
+  parts = []
+  for weight, spec in data_config.mixture:
+    part = data_config.copy_and_resolve_references()
+    part.mixture, part.path, part.tfds_name = (), '', ''
+    if spec.startswith('tfds:'):
+      name, _, split = spec[len('tfds:'):].partition(':')
+      part.tfds_name, part.tfds_split = name, split or 'train'
+    else:
+      part.path = spec
+    parts.append((float(weight), part))
+  return parts
+
+
 def fingerprint(data_config):
   """Changes when any file is added, removed, resized or touched (or the TFDS dataset, split
   or size changes)."""
