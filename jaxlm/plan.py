@@ -15,6 +15,9 @@ log = logging.getLogger('jaxlm')
 
 
 def run(config):
+  if config.objective == 'classify':
+    from jaxlm.data import labeled
+    labeled.resolve_labels(config)  # The classifier's size.
   s = train_lib.setup(config)
   m = config.model
   tokens_per_step = config.batch_size * m.max_len

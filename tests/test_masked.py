@@ -246,6 +246,11 @@ def test_finetune_from_the_cli_checks_the_objective_and_the_backbone(tmp_path, s
                    f'--config.finetune.train={tmp_path}/none.jsonl']) == 2
   err = capsys.readouterr().err
   assert 'none.jsonl' in err and 'matches no files' in err
+  # plan sizes the classifier from the labels of the train split.
+  train_file = labeled_file(tmp_path / 'train.jsonl', 20, 0)
+  assert cli.main(['plan', '--config=configs/finetune_cls.py',
+                   f'--config.finetune.train={train_file}']) == 0
+  assert 'classifier/kernel                    (192, 2)' in capsys.readouterr().out
 
 
 def test_a_causal_model_classifies_from_its_last_token(tmp_path, shared_data):
