@@ -391,6 +391,15 @@ def _check_mixture(d):
     raise ConfigError('data.mixture replaces data.path and data.tfds_name; leave those empty')
 
 
+def is_causal(config):
+  """Whether the model attends only to the past: causal LMs and classifiers built on them.
+  Works on a ConfigDict or on a saved config's dict (which may predate the finetune fields)."""
+  objective = config.get('objective', 'causal')
+  if objective == 'classify':
+    return config.get('finetune', {}).get('backbone', 'masked') == 'causal'
+  return objective == 'causal'
+
+
 def get_field(config, name):
   for part in name.split('.'):
     config = config[part]

@@ -56,6 +56,7 @@ def run(config, workdir, texts, top_k=5, step=None):
   if step is None:
     raise ConfigError(f'--workdir={workdir} has no checkpoint; train first')
   special = objectives.Masking.for_tokenizer(config, tokenizer).special  # Never a filler.
+  mask_id = tokenizer.special_id(MASK)
   with s.active():
     params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
     checkpoints.close()
@@ -71,7 +72,7 @@ def run(config, workdir, texts, top_k=5, step=None):
     for text in texts:
       ids = encode(tokenizer, text, config.model.max_len)
       probs = np.asarray(probabilities(params, jnp.asarray([ids], jnp.int32)))[0]
-      masks = [i for i, t in enumerate(ids) if t == tokenizer.special_id(MASK)]
+      masks = [i for i, t in enumerate(ids) if t == mask_id]
       for n, position in enumerate(masks):
         best = np.argsort(-probs[position])[:top_k]
         fillers = []

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxlm import (checkpoint, data, distributed, errors, flops, metrics, objectives, optim,
                    preemption, steps)
+from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
 from jaxlm import state as state_lib
@@ -136,15 +137,12 @@ def init_source(s):
     return None
   source, step = checkpoint.find(s.config.init_from)
   saved = source.saved_config(step)
-  if saved is not None:
-    objective = saved.get('objective', 'causal')
-    if objective == 'classify':
-      objective = saved.get('finetune', {}).get('backbone', 'masked')
-    if model_lib.is_causal(s.config) != (objective == 'causal'):
-      wanted = 'finetune.backbone' if s.config.objective == 'classify' else 'objective'
-      raise errors.ConfigError(
-          f'init_from={s.config.init_from!r} was trained with objective {objective!r}; set '
-          f'--config.{wanted}={objective} (its attention direction must match)')
+  if saved is not None and config_lib.is_causal(saved) != config_lib.is_causal(s.config):
+    objective = 'causal' if config_lib.is_causal(saved) else 'masked'
+    wanted = 'finetune.backbone' if s.config.objective == 'classify' else 'objective'
+    raise errors.ConfigError(
+        f'init_from={s.config.init_from!r} was trained with objective {objective!r}; set '
+        f'--config.{wanted}={objective} (its attention direction must match)')
   source.check_params(step, s.abstract_state.params, model_lib.CLASSIFIER_PARAMS)
   return source, step
 

@@ -13,7 +13,7 @@ import os
 import grain
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, is_causal
 from jaxlm.data import labeled, packing, sources, store
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -93,10 +93,9 @@ def save_tokenizer(tokenizer, workdir):
 def frame(config, tokenizer):
   """The ids around every document: BOS/EOS for a decoder; [CLS]/[SEP] for an encoder, whose
   first token is the one a classifier reads."""
-  if config.objective == 'masked' or (config.objective == 'classify' and
-                                      config.finetune.backbone == 'masked'):
-    return tokenizer.special_id('[CLS]'), tokenizer.special_id('[SEP]')
-  return tokenizer.bos_id, tokenizer.eos_id
+  if is_causal(config):
+    return tokenizer.bos_id, tokenizer.eos_id
+  return tokenizer.special_id('[CLS]'), tokenizer.special_id('[SEP]')
 
 
 def prepare(config, workdir):
@@ -122,7 +121,8 @@ def prepare(config, workdir):
 def _rows(config, source, tokenizer, workdir):
   """(train rows, validation rows) of one source (a data config), from its token cache."""
   what = source.tfds_name or source.path or 'the Python standard library'
-  key = store.cache_key(sources.fingerprint(source), tokenizer, config, frame(config, tokenizer))
+  ids = frame(config, tokenizer)
+  key = store.cache_key(sources.fingerprint(source), tokenizer, config, ids)
   cache_dir = config.data.cache_dir or os.path.join(workdir, 'data')
   streams = store.load(cache_dir, key)
   built = streams is None
@@ -131,8 +131,7 @@ def _rows(config, source, tokenizer, workdir):
     log.info('tokenizing %s', what)
     streams = store.build(
         sources.iter_documents(source, skipped), tokenizer,
-        lambda name: sources.sampled(name, config.data.validation_fraction),
-        frame(config, tokenizer))
+        lambda name: sources.sampled(name, config.data.validation_fraction), ids)
     if skipped:
       log.warning('%s: skipped %s', what, skipped.summary())
   pack = {'split': packing.PackedRows, 'first_fit': packing.FirstFitRows}[config.data.packing]
@@ -155,8 +154,10 @@ def _prepare_labeled(config, workdir):
   """Rows of labeled examples; a tokenizer trained here learns from the train texts."""
   fc, skipped = config.finetune, sources.Skipped()
   train = labeled.read(fc.train, 'finetune.train', fc, skipped)
-  validation = labeled.read(fc.validation or fc.train, 'finetune.validation', fc, skipped)
-  if not fc.validation:
+  validation = train
+  if fc.validation:
+    validation = labeled.read(fc.validation, 'finetune.validation', fc, skipped)
+  else:
     log.warning('finetune.validation is empty: reporting accuracy on the train split')
   if skipped:
     log.warning('skipped %s', skipped.summary())

@@ -6,7 +6,6 @@ model.max_len and padded; segment 0 marks the padding so attention and pooling i
 
 import csv
 import glob
-import json
 import logging
 import os
 
@@ -60,30 +59,15 @@ def _file_records(path, field_name, skipped):
     return
   if not path.endswith(sources.JSONL_SUFFIXES):
     raise ConfigError(f'{field_name}: {path} is neither .jsonl nor .csv')
-  with open(path, 'rb') as f:
-    for raw in f:
-      if raw.strip():
-        try:
-          record = json.loads(raw.decode('utf-8'))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-          skipped['JSONL lines not valid UTF-8 JSON'] += 1
-          continue
-        yield record if isinstance(record, dict) else {}
+  yield from (record for _, record in sources.jsonl_records(path, skipped))
 
 
 def _tfds_records(spec, field_name):
-  """Records of an already prepared TFDS dataset, read through its ArrayRecord data source
-  (no TensorFlow needed). Never downloads: a download would hang an offline machine."""
+  """Records of an already prepared TFDS dataset (see sources.open_tfds)."""
   parts = spec.split(':')
   if len(parts) != 3 or not parts[1] or not parts[2]:
     raise ConfigError(f'{field_name}={spec!r} must be tfds:NAME:SPLIT, e.g. tfds:imdb_reviews:train')
-  import tensorflow_datasets as tfds
-  try:
-    source = tfds.data_source(parts[1], split=parts[2], download=False)
-  except Exception as e:  # noqa: BLE001 - tfds raises many kinds; all mean "not readable here".
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f'{field_name}={spec!r}: tfds cannot read it ({first}); prepare it first '
-                      f'where there is network (tfds build {parts[1]}) and set TFDS_DATA_DIR') from e
+  source = sources.open_tfds(parts[1], parts[2], f'{field_name}={spec!r}: tfds cannot read it')
   return (source[i] for i in range(len(source)))
 
 

@@ -61,8 +61,7 @@ class FirstFitRows:
     order = np.argsort(-self.piece_length, kind='stable')
     rows = _first_fit(self.piece_length[order], seq_len)
     # Pieces grouped by row (CSR), each row's pieces in the order they were placed.
-    by_row = order[np.argsort(rows, kind='stable')]
-    self.row_pieces = by_row
+    self.row_pieces = order[np.argsort(rows, kind='stable')]
     self.row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows))])
 
   def __len__(self):

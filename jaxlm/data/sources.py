@@ -91,17 +91,22 @@ def approximate_bytes(data_config):
 
 
 def tfds_source(data_config):
-  """The split's random-access data source. Never downloads: a download would hang an offline
-  machine, so the dataset must be prepared already (tfds build NAME, TFDS_DATA_DIR)."""
-  import tensorflow_datasets as tfds
+  """The split's random-access data source (see open_tfds)."""
   name, split = data_config.tfds_name, data_config.tfds_split
+  return open_tfds(name, split, f'data.tfds_name={name!r} (split {split!r}) cannot be read')
+
+
+def open_tfds(name, split, what):
+  """A TFDS split's random-access (ArrayRecord) data source, read without TensorFlow. Never
+  downloads: a download would hang an offline machine, so the dataset must be prepared
+  already; otherwise a ConfigError: `what`, the cause and what to do."""
+  import tensorflow_datasets as tfds
   try:
     return tfds.data_source(name, split=split, download=False)
   except Exception as e:  # noqa: BLE001 - tfds raises many kinds; all mean "not readable here".
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f'data.tfds_name={name!r} (split {split!r}) cannot be read: {first}; '
-                      f'prepare it where there is network (tfds build {name}) and point '
-                      f'TFDS_DATA_DIR at it') from e
+    raise ConfigError(f'{what}: {first}; prepare it where there is network '
+                      f'(tfds build {name}) and point TFDS_DATA_DIR at it') from e
 
 
 def _tfds_text(record, field):
@@ -159,7 +164,9 @@ def _text_document(path, name, _, skipped):
     skipped['empty files'] += 1
 
 
-def _jsonl_documents(path, name, field, skipped):
+def jsonl_records(path, skipped):
+  """(line number, dict) for each JSON object line of a file; lines that are not UTF-8 JSON
+  are counted in `skipped`, and other JSON values come as {}."""
   with open(path, 'rb') as f:
     for line_no, raw in enumerate(f, 1):
       if not raw.strip():
@@ -169,11 +176,16 @@ def _jsonl_documents(path, name, field, skipped):
       except (UnicodeDecodeError, json.JSONDecodeError):
         skipped['JSONL lines not valid UTF-8 JSON'] += 1
         continue
-      text = record.get(field) if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        skipped[f'JSONL lines without a string field {field!r}'] += 1
-      elif text.strip():
-        yield Document(f'{name}:{line_no}', text)
+      yield line_no, record if isinstance(record, dict) else {}
+
+
+def _jsonl_documents(path, name, field, skipped):
+  for line_no, record in jsonl_records(path, skipped):
+    text = record.get(field)
+    if not isinstance(text, str):
+      skipped[f'JSONL lines without a string field {field!r}'] += 1
+    elif text.strip():
+      yield Document(f'{name}:{line_no}', text)
 
 
 def _parquet_documents(path, name, field, skipped):

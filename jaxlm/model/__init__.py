@@ -2,14 +2,8 @@
 
 import ml_collections
 
+from jaxlm.config import is_causal
 from jaxlm.model.transformer import CLASSIFIER_PARAMS, Transformer  # noqa: F401
-
-
-def is_causal(config):
-  """Whether the model attends only to the past: causal LMs and classifiers built on them."""
-  if config.objective == 'classify':
-    return config.finetune.backbone == 'causal'
-  return config.objective == 'causal'
 
 
 def build(config):
