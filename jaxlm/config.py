@@ -1,8 +1,7 @@
-"""The config schema, config-file loading, command-line overrides and validation.
+"""Config-file loading, command-line overrides, validation and JSON round trips.
 
-Every field jaxlm reads is declared in `defaults()` with a comment; config files under
-`configs/` start from it and change what they need. The returned ConfigDict is locked, so a
-misspelt field in a config file or on the command line is an error, never a silent no-op.
+The fields themselves, with their defaults and comments, are declared in `jaxlm/schema.py`;
+config files import `defaults` from here (`from jaxlm.config import defaults`).
 
 This module imports nothing heavy (no jax): bad input must fail in milliseconds, before any
 device is touched or anything is compiled.
@@ -17,175 +16,8 @@ import os
 import ml_collections
 
 from jaxlm.errors import ConfigError  # noqa: F401 (re-exported: config errors live here)
-
-
-# Architecture presets. A model field left as None takes its family's value, so
-# `--config.model.family=llama` turns a GPT-2 config into a Llama-style one, while an explicit
-# field (for example `--config.model.position=rope` on a gpt2 model) still wins.
-FAMILIES = {
-    'gpt2': dict(norm='layernorm', norm_position='pre', position='learned', mlp_activation='gelu',
-                 gated_mlp=False, use_bias=True, tied_embeddings=True, norm_eps=1e-5,
-                 head_transform=False, output_bias=False),
-    'llama': dict(norm='rmsnorm', norm_position='pre', position='rope', mlp_activation='silu',
-                  gated_mlp=True, use_bias=False, tied_embeddings=False, norm_eps=1e-5,
-                  head_transform=False, output_bias=False),
-    # BERT/RoBERTa: post-norm blocks, a normed embedding, and an MLM head that transforms the
-    # final state (dense, GELU, LayerNorm) before the tied output layer with its own bias.
-    'bert': dict(norm='layernorm', norm_position='post', position='learned',
-                 mlp_activation='gelu_exact', gated_mlp=False, use_bias=True, tied_embeddings=True,
-                 norm_eps=1e-12, head_transform=True, output_bias=True),
-}
-
-CHOICES = {
-    'objective': ('causal', 'masked', 'classify'),
-    'nonfinite': ('skip', 'stop'),
-    'model.family': tuple(FAMILIES),
-    'model.norm': ('layernorm', 'rmsnorm'),
-    'model.norm_position': ('pre', 'post'),
-    'model.position': ('learned', 'rope'),
-    'model.mlp_activation': ('gelu', 'gelu_exact', 'silu', 'relu'),
-    'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'model.param_dtype': ('float32', 'bfloat16'),
-    'model.attention': ('auto', 'xla', 'cudnn'),
-    'model.remat_policy': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims'),
-    'data.tokenizer_type': ('bpe', 'unigram'),
-    'data.packing': ('split', 'first_fit'),
-    'finetune.backbone': ('masked', 'causal'),
-}
-
-
-def defaults(family='gpt2'):
-  """The complete config schema with its default values, as a locked ConfigDict."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # One seed for parameter init, dropout and data order.
-  # 'causal' (next-token prediction), 'masked' (BERT-style masked tokens, see `masking`) or
-  # 'classify' (sequence classification, see `finetune`; run it with `jaxlm finetune`).
-  c.objective = 'causal'
-  c.train_steps = 1000  # Number of optimizer updates.
-  c.batch_size = 32  # Global batch, in sequences of model.max_len tokens, over all devices.
-  c.log_every_steps = 50  # Write a metrics.jsonl row (and TensorBoard scalars) this often.
-  c.eval_every_steps = 500  # Evaluate on held-out data this often; 0 = only at start and end.
-  c.eval_batches = 8  # Held-out batches per evaluation (fewer if the split is smaller).
-  c.z_loss = 0.0  # Weight of the log(Z)^2 penalty that keeps output logits small (PaLM: 1e-4).
-  # A step whose loss or gradient norm is not finite never applies its update; then 'skip'
-  # goes on with the next batch, 'stop' saves the (good) state and stops with an error.
-  c.nonfinite = 'skip'
-  c.init_from = ''  # Start from the parameters of this checkpoint (a workdir or checkpoints/N).
-
-  c.model = ml_collections.ConfigDict()
-  m = c.model
-  m.family = family  # Architecture preset: 'gpt2', 'llama' or 'bert'; fills the None fields.
-  m.num_layers = 12  # Transformer blocks.
-  m.emb_dim = 768  # Residual stream width.
-  m.num_heads = 12  # Query heads.
-  m.num_kv_heads = 0  # Key/value heads (grouped-query attention); 0 = num_heads.
-  m.head_dim = 0  # Width of each head; 0 = emb_dim // num_heads.
-  m.mlp_dim = 3072  # Hidden width of the MLP.
-  m.vocab_size = 50304  # Output vocabulary; at least the tokenizer's size.
-  m.max_len = 1024  # Training sequence length (and size of a learned position table).
-  m.norm = None  # 'layernorm' or 'rmsnorm'; None = family default.
-  m.norm_eps = None  # Epsilon of the norms; None = family default.
-  m.norm_position = None  # 'pre' (norm, then attention/MLP) or 'post' (BERT); None = family.
-  m.position = None  # 'learned' absolute embeddings or 'rope'; None = family default.
-  m.rope_theta = 10000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5).
-  m.mlp_activation = None  # 'gelu' (tanh approximation), 'gelu_exact', 'silu', 'relu'; None = family.
-  m.gated_mlp = None  # True for GLU-style MLPs (SwiGLU = silu + gated); None = family default.
-  m.use_bias = None  # Biases in dense layers and LayerNorm; None = family default.
-  m.tied_embeddings = None  # Share the input embedding with the output layer; None = family.
-  m.head_transform = None  # Dense + activation + norm before the output layer (BERT); None = family.
-  m.output_bias = None  # A bias on the output logits (BERT); None = family default.
-  m.type_vocab_size = 0  # Token-type (segment A/B) embeddings, as in BERT; 0 = none.
-  m.dropout_rate = 0.0  # Dropout on embeddings and residual branches during training.
-  m.init_std = 0.02  # Std of the normal init; residual output projections get /sqrt(2 L).
-  m.dtype = 'float32'  # Compute dtype of activations ('bfloat16' on accelerators).
-  m.param_dtype = 'float32'  # Storage dtype of parameters (the optimizer's master copy).
-  m.attention = 'auto'  # jax.nn.dot_product_attention implementation: 'auto', 'xla', 'cudnn'.
-  m.scan_layers = True  # Stack the blocks with scan: compile time independent of depth.
-  m.remat_policy = 'none'  # Activation recomputation: 'none', 'full', 'dots_saveable', ...
-
-  c.optimizer = ml_collections.ConfigDict()
-  o = c.optimizer
-  o.learning_rate = 3e-4  # Peak learning rate, reached at the end of warmup.
-  o.warmup_steps = 100  # Linear warmup from 0 to the peak.
-  o.end_lr_fraction = 0.1  # The cosine decays to this fraction of the peak at train_steps.
-  o.b1 = 0.9  # AdamW first-moment decay.
-  o.b2 = 0.95  # AdamW second-moment decay.
-  o.eps = 1e-8  # AdamW epsilon.
-  o.weight_decay = 0.1  # Decoupled weight decay; never applied to norms and biases.
-  o.grad_clip = 1.0  # Clip the global gradient norm to this; 0 = no clipping.
-  o.grad_accum_steps = 1  # Split each batch into this many sequential micro-batches.
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1  # Data-parallel axis (replicated parameters). -1 = all remaining devices.
-  c.mesh.fsdp = -1  # Fully sharded data-parallel axis (ZeRO-3 parameter sharding).
-  c.mesh.tensor = 1  # Tensor-parallel axis (Megatron-style heads/MLP/vocab split).
-  c.mesh.sequence = 1  # Sequence axis: activations split along the length dimension.
-  # The same axes across slices (TPU multi-slice) or nodes (GPU), over the slower network.
-  c.mesh.dcn_data = -1  # Data parallelism across slices: -1 = all slices.
-  c.mesh.dcn_fsdp = 1  # FSDP across slices (more traffic than data parallelism).
-  c.mesh.dcn_sequence = 1  # Sequence parallelism across slices (rarely useful).
-  c.mesh.dcn_tensor = 1  # Tensor parallelism across slices (almost never useful).
-  # Logical axis -> mesh axes. The first rule whose mesh axes are still free in an array wins.
-  c.mesh.rules = (
-      ('batch', ('data', 'fsdp')),
-      ('length', 'sequence'),
-      ('embed', 'fsdp'),
-      ('heads', 'tensor'),
-      ('kv_heads', 'tensor'),
-      ('mlp', 'tensor'),
-      ('vocab', 'tensor'),
-      ('kv', None),
-      ('layers', None),
-  )
-
-  c.data = ml_collections.ConfigDict()
-  d = c.data
-  d.path = ''  # Globs (comma-separated) of text, .jsonl and .parquet files; '' = Python stdlib.
-  d.tfds_name = ''  # A TFDS dataset (e.g. 'lm1b', 'wikipedia/20230601.en') instead of data.path.
-  d.tfds_split = 'train'  # Its split that documents come from (validation is held out of it).
-  d.text_field = 'text'  # The JSONL field, Parquet column or TFDS feature of a document's text.
-  # Several sources mixed by weight, replacing path/tfds_name: ((weight, source), ...), a
-  # source being globs as in data.path or 'tfds:NAME[:SPLIT]'. () = no mixture.
-  d.mixture = ()
-  d.tokenizer = ''  # A sentencepiece .model to use; '' = train one, cached in the workdir.
-  d.tokenizer_type = 'bpe'  # Sentencepiece algorithm when training one: 'bpe' or 'unigram'.
-  d.tokenizer_sample_bytes = 20_000_000  # Text sampled from the corpus to train it.
-  d.validation_fraction = 0.02  # Share of documents held out (chosen by a hash of their name).
-  d.cache_dir = ''  # Where the tokenized corpus is cached; '' = <workdir>/data.
-  # How documents fill rows: 'split' concatenates and cuts (no padding, most documents cut);
-  # 'first_fit' places whole documents (long ones in max_len pieces) first-fit decreasing.
-  d.packing = 'split'
-  d.max_documents = 0  # Use at most this many documents (0 = all); for quick experiments.
-  d.num_threads = 2  # Threads reading and assembling batches ahead of the step.
-  d.prefetch = 4  # Batches prepared ahead of the step.
-
-  c.masking = ml_collections.ConfigDict()  # For objective='masked'; drawn anew every step.
-  c.masking.rate = 0.15  # Share of (non-special) tokens chosen for prediction.
-  c.masking.mask_fraction = 0.8  # Of the chosen tokens, the share replaced by [MASK] ...
-  c.masking.random_fraction = 0.1  # ... and by a random token; the rest stay unchanged.
-  c.masking.whole_word = False  # Choose whole words (a word starts at a '▁' piece), not pieces.
-
-  c.finetune = ml_collections.ConfigDict()  # For objective='classify' (`jaxlm finetune`).
-  c.finetune.train = ''  # Labeled .jsonl/.csv file(s) (glob), or 'tfds:NAME:SPLIT' (glue/sst2).
-  c.finetune.validation = ''  # The same for the split that accuracy is reported on.
-  c.finetune.text_field = 'text'  # Field (JSONL key, CSV column, TFDS feature) of the text.
-  c.finetune.label_field = 'label'  # Field of the label (a class name or an integer).
-  c.finetune.labels = ()  # Class names in id order; () = the sorted labels of the train split.
-  # The pretraining objective of the model being fine-tuned: 'masked' classifies from the
-  # first ([CLS]) token of a bidirectional model, 'causal' from the last token of a decoder.
-  c.finetune.backbone = 'masked'
-
-  c.distributed = ml_collections.ConfigDict()  # Multi-process runs; see jaxlm/distributed.py.
-  c.distributed.coordinator = ''  # host:port of process 0; '' = environment or cluster.
-  c.distributed.num_processes = 0  # Processes in the run; 0 = environment or cluster.
-  c.distributed.heartbeat_timeout_s = 300  # A process whose peer died exits after this long.
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.save_every_steps = 1000  # Save the train state this often (and at the end).
-  c.checkpoint.keep = 3  # Keep the newest N checkpoints.
-  c.checkpoint.keep_every_steps = 0  # Also keep every checkpoint whose step is a multiple; 0 = no.
-  c.lock()
-  return c
+# Config files import `defaults` from here, the public place for it.
+from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults  # noqa: F401
 
 
 def load(path, overrides=()):
@@ -362,11 +194,6 @@ def validate(config):
       _check(config, field, lambda v: v == -1 or v > 0, 'must be positive or -1')
   _check_rules(config.mesh.rules)
   return config
-
-
-# Outermost first: 'data' changes slowest over the device list, 'tensor' fastest, so tensor
-# parallelism (the most communication per step) lands on the closest devices.
-MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
 
 
 def _check_rules(rules):

@@ -7,7 +7,8 @@ import numpy as np
 from jaxlm import checkpoint, objectives, steps
 from jaxlm import data
 from jaxlm import train as train_lib
-from jaxlm.config import MESH_AXES, ConfigError
+from jaxlm.config import ConfigError
+from jaxlm.schema import MESH_AXES
 from jaxlm.data import tokenizer as tokenizer_lib
 
 MASK = '[MASK]'

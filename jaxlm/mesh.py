@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
-from jaxlm.config import MESH_AXES as AXES  # Outermost first: see config.MESH_AXES.
+from jaxlm.schema import MESH_AXES as AXES  # Outermost first: see schema.MESH_AXES.
 from jaxlm.config import ConfigError
 
 
