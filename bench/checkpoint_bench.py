@@ -19,6 +19,7 @@ from jaxlm import checkpoint, cli, data, flops
 from jaxlm import config as config_lib
 from jaxlm import state as state_lib
 from jaxlm import train as train_lib
+from table import print_table  # bench/table.py: scripts run from bench/.
 
 
 def bench(config, saves):
@@ -58,11 +59,7 @@ def main(argv):
   parser.add_argument('--saves', type=int, default=3)
   args, rest = parser.parse_known_args(argv)
   config = config_lib.load(args.config, cli.parse_overrides(rest))
-  row = bench(config, args.saves)
-  print('| ' + ' | '.join(row) + ' |')
-  print('|' + '---|' * len(row))
-  print('| ' + ' | '.join(f'{v:,.3f}' if isinstance(v, float) else f'{v:,}'
-                          for v in row.values()) + ' |')
+  print_table([bench(config, args.saves)], float_format=',.3f')
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ import time
 
 from jaxlm import cli, data, flops
 from jaxlm import config as config_lib
+from table import print_table  # bench/table.py: scripts run from bench/.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_TINY_TOKENS_PER_S = 3492  # bench/train_bench.py, gpt_tiny on cpu-2c (BENCHMARKS.md).
@@ -55,17 +56,12 @@ def main(argv):
   rates = {n: pipeline_tokens_per_s(corpus, config, n, args.batches) for n in (1, 2)}
   print(f'pipeline: batches of {config.batch_size} x {config.model.max_len} tokens, '
         f'{len(corpus.train):,} packed rows')
-  print('| threads | tokens/s |')
-  print('|---|---|')
-  for n, rate in rates.items():
-    print(f'| {n} | {rate:,.0f} |')
-  per_thread = rates[1]
+  print_table([{'threads': n, 'tokens/s': f'{rate:,.0f}'} for n, rate in rates.items()])
   print()
-  print('| consumer | tokens/s needed | pipeline / need (2 threads) | threads needed |')
-  print('|---|---|---|---|')
-  for name, need in consumers():
-    print(f'| {name} | {need:,.0f} | {rates[2] / need:,.1f}x | '
-          f'{max(1, math.ceil(need / per_thread))} |')
+  print_table([{'consumer': name, 'tokens/s needed': f'{need:,.0f}',
+                'pipeline / need (2 threads)': f'{rates[2] / need:,.1f}x',
+                'threads needed': max(1, math.ceil(need / rates[1]))}
+               for name, need in consumers()])
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ from jaxlm import cli, flops, objectives
 from jaxlm import config as config_lib
 from jaxlm import state as state_lib
 from jaxlm import train as train_lib
+from table import print_table  # bench/table.py: scripts run from bench/.
 
 
 def bench(config, num_steps, warmup=2):
@@ -67,11 +68,7 @@ def main(argv):
   parser.add_argument('--steps', type=int, default=20)
   args, rest = parser.parse_known_args(argv)
   config = config_lib.load(args.config, cli.parse_overrides(rest))
-  row = bench(config, args.steps)
-  print(f'| {" | ".join(row)} |')
-  print(f'|{"---|" * len(row)}')
-  print('| ' + ' | '.join(f'{v:,.4g}' if isinstance(v, float) else f'{v:,}' if isinstance(v, int)
-                          else str(v) for v in row.values()) + ' |')
+  print_table([bench(config, args.steps)])
 
 
 if __name__ == '__main__':
