@@ -28,6 +28,7 @@ setup(
         'tqdm>=4.66',
         'numpy>=1.26',
         'pyarrow>=14',  # Parquet corpora.
+        'matplotlib>=3.7',  # jaxlm fit's plots.
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100'],

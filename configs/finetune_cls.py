@@ -25,7 +25,7 @@ def get_config():
   c.model.emb_dim = 192
   c.model.num_heads = 4
   c.model.mlp_dim = 768
-  c.model.vocab_size = 4096
+  c.model.vocab_size = 2048
   c.model.max_len = 128
   c.model.type_vocab_size = 2
   c.model.dropout_rate = 0.1

@@ -105,6 +105,30 @@ def _plan(args, overrides):
   return plan.run(config)
 
 
+def _sweep(args, overrides):
+  if not args.config:
+    raise ConfigError('--config=FILE is required: a sweep config, e.g. configs/scaling/cpu_tiny.py')
+  _require_workdir(args)
+  from jaxlm import sweep
+  config = config_lib.load_sweep(args.config, overrides)
+  shard = sweep.parse_shard(args.shard)
+  runs = sweep.plan(config)  # Every run's config is checked before anything is trained.
+  _join(config.base, args)
+  return sweep.run(config, args.workdir, shard, runs)
+
+
+def _fit(args, overrides):
+  _require_workdir(args)
+  if overrides or args.config:
+    raise ConfigError('jaxlm fit takes no --config; it reads the sweep\'s --workdir/runs.jsonl')
+  if args.budget is not None and not args.budget > 0:
+    raise ConfigError(f'--budget={args.budget} must be a positive number of FLOPs, e.g. 1e18')
+  if args.bootstrap < 1:
+    raise ConfigError(f'--bootstrap={args.bootstrap} must be at least 1 (200 is the default)')
+  from jaxlm import fit
+  return fit.run(args.workdir, args.budget, args.bootstrap)
+
+
 def _require_workdir(args):
   if not args.workdir:
     raise ConfigError('--workdir=DIR is required')
@@ -116,6 +140,8 @@ COMMANDS = {
     'eval': (_eval, 'evaluate the latest checkpoint of --workdir on held-out data'),
     'fill-mask': (_fill_mask, 'print the likeliest tokens for each [MASK] of --text'),
     'plan': (_plan, 'compile the train step for the mesh; print parameters, FLOPs, memory'),
+    'sweep': (_sweep, 'train every run of a scaling-law sweep (configs/scaling/)'),
+    'fit': (_fit, 'fit scaling laws to the runs of a sweep; write fit.json and plots'),
 }
 
 
@@ -133,6 +159,14 @@ def _parser():
       p.add_argument('--text', action='append', default=[],
                      help='a text with [MASK] where a token is missing (may be repeated)')
       p.add_argument('--top_k', type=int, default=5, help='fillers shown per mask')
+    if name == 'sweep':
+      p.add_argument('--shard', default='0/1',
+                     help='i/n: run only every n-th run, starting from the i-th (0-based)')
+    if name == 'fit':
+      p.add_argument('--budget', type=float, default=None,
+                     help='print the compute-optimal N and D for this many training FLOPs')
+      p.add_argument('--bootstrap', type=int, default=200,
+                     help='resamples for the confidence intervals')
     if name == 'plan':
       p.add_argument('--devices', type=int, default=0,
                      help='plan for N simulated CPU devices instead of the real ones')

@@ -17,7 +17,7 @@ import ml_collections
 
 from jaxlm.errors import ConfigError  # noqa: F401 (re-exported: config errors live here)
 # Config files import `defaults` from here, the public place for it.
-from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults  # noqa: F401
+from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults, sweep_defaults  # noqa: F401
 
 
 def load(path, overrides=()):
@@ -27,7 +27,16 @@ def load(path, overrides=()):
   return validate(config)
 
 
-def _load_file(path):
+def load_sweep(path, overrides=()):
+  """Loads a sweep file (`sweep_defaults()`, see configs/scaling/) with overrides, validated;
+  its base run config is checked as each run's config is built from it (jaxlm/sweep.py)."""
+  config = _load_file(path, sweep_defaults)
+  apply_overrides(config, overrides)
+  validate(config.base)
+  return config
+
+
+def _load_file(path, schema=defaults):
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} not found; pass --config=configs/<name>.py')
   spec = importlib.util.spec_from_file_location('_jaxlm_config_file', path)
@@ -47,9 +56,14 @@ def _load_file(path):
   except Exception as e:
     raise ConfigError(f'config file {path}: get_config() failed: {type(e).__name__}: {e}') from e
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f'config file {path}: get_config() must return jaxlm.config.defaults() '
-                      f'(a ConfigDict), got {type(config).__name__}')
-  unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(defaults())))
+    raise ConfigError(f'config file {path}: get_config() must return jaxlm.config.'
+                      f'{schema.__name__}() (a ConfigDict), got {type(config).__name__}')
+  if ('sizes' in config) != (schema is sweep_defaults):
+    raise ConfigError(f'config file {path} is a scaling sweep: run it with jaxlm sweep'
+                      if 'sizes' in config else
+                      f'config file {path} is a run config; jaxlm sweep needs a sweep built from '
+                      f'jaxlm.config.sweep_defaults() (see configs/scaling/)')
+  unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(schema())))
   if unknown:
     raise ConfigError(f'config file {path}: unknown field {unknown[0]!r}')
   return config
@@ -182,6 +196,9 @@ def validate(config):
                       f'model.num_heads={m.num_heads}')
   if m.position == 'rope' and m.head_dim % 2:
     raise ConfigError(f'model.head_dim={m.head_dim} must be even for rotary positions')
+  _check(config, 'loss_chunk', lambda v: v >= 0, 'must be >= 0')
+  if config.loss_chunk and m.max_len % config.loss_chunk:
+    raise ConfigError(f'loss_chunk={config.loss_chunk} must divide model.max_len={m.max_len}')
   o = config.optimizer
   if o.warmup_steps > config.train_steps:
     raise ConfigError(f'optimizer.warmup_steps={o.warmup_steps} is longer than '

@@ -6,11 +6,12 @@ projection, whether or not it is tied to the input embedding; not the embedding 
 the number of layers, H the number of query heads, Q the head width and T the sequence length.
 The second term is attention's QK^T and AV; a causal mask makes half of it unnecessary, which
 `causal_halved=True` reports (MaxText-style), while the non-halved figure is the convention most
-papers quote.
+papers quote. `embeddings=False` leaves the output projection out of N as well (Kaplan et
+al.'s non-embedding count, whose scaling laws are cleaner for small models).
+
+tests/test_scaling.py checks these counts against XLA's own cost analysis of the compiled step.
 """
 
-import jax
-import jax.numpy as jnp
 import time
 
 # Dense bf16 peak FLOP/s per chip (no sparsity), from the vendors' data sheets.
@@ -29,7 +30,8 @@ PEAK_FLOPS = {
 
 
 def param_counts(m):
-  """Analytic parameter counts of a model config: {'total', 'embedding', 'matmul'}."""
+  """Analytic parameter counts of a model config: {'total', 'embedding', 'matmul',
+  'non_embedding'} ('matmul' = 'non_embedding' + the output projection)."""
   d, f, v, L = m.emb_dim, m.mlp_dim, m.vocab_size, m.num_layers
   q_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
   bias = 1 if m.use_bias else 0
@@ -41,25 +43,34 @@ def param_counts(m):
   per_layer = attention + mlp + 2 * norm
   token_embed = v * d
   position_embed = m.max_len * d if m.position == 'learned' else 0
+  type_embed = m.type_vocab_size * d
   unembed = 0 if m.tied_embeddings else d * v
-  total = L * per_layer + norm + token_embed + position_embed + unembed
+  head = (d * d + bias * d + norm) if m.head_transform else 0  # BERT's MLM transform.
+  output_bias = v if m.output_bias else 0
+  total = (L * per_layer + norm + token_embed + position_embed + type_embed + unembed + head
+           + output_bias)
   layer_matmul = d * q_width + 2 * d * kv_width + q_width * d + mlp_in * d * f + f * d
+  non_embedding = L * layer_matmul + (d * d if m.head_transform else 0)
   return {
       'total': total,
-      'embedding': token_embed + position_embed,
-      'matmul': L * layer_matmul + d * v,  # The output projection always multiplies.
+      'embedding': token_embed + position_embed + type_embed,
+      'matmul': non_embedding + d * v,  # The output projection always multiplies.
+      'non_embedding': non_embedding,
   }
 
 
-def flops_per_token(m, seq_len=None, causal_halved=False):
-  """Training (forward + backward) FLOPs per token: 6 N + 12 L H Q T (halved attention: 6 L H Q T)."""
+def flops_per_token(m, seq_len=None, causal_halved=False, embeddings=True):
+  """Training (forward + backward) FLOPs per token: 6 N + 12 L H Q T (halved attention:
+  6 L H Q T; embeddings=False: N without the output projection)."""
   seq_len = m.max_len if seq_len is None else seq_len
   attention = 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
-  return 6 * param_counts(m)['matmul'] + (attention // 2 if causal_halved else attention)
+  n = param_counts(m)['matmul' if embeddings else 'non_embedding']
+  return 6 * n + (attention // 2 if causal_halved else attention)
 
 
 def device_peak_flops(device=None):
   """(peak FLOP/s of one device, where the number came from)."""
+  import jax  # Here, not at the top: counting FLOPs must not need a device.
   device = device or jax.devices()[0]
   kind = getattr(device, 'device_kind', '')
   for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
@@ -73,6 +84,8 @@ _MEASURED = {}
 
 def measured_matmul_flops(n=1024, repeats=8):
   """Sustained FLOP/s of a large float32 matmul on the default device (cached per process)."""
+  import jax
+  import jax.numpy as jnp
   if n not in _MEASURED:
     a = jnp.ones((n, n), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)

@@ -128,6 +128,36 @@ def loss(logits, batch, z_loss=0.0):
   return loss_sum + z_sum, stats
 
 
+def chunked_loss(hidden, kernel, bias, batch, z_loss, chunk):
+  """`loss` of the output layer applied to `hidden` [B, T, embed], without ever holding the
+  [B, T, vocab] logits: the layer and the cross-entropy run over `chunk` positions at a time,
+  and the backward pass recomputes each chunk's logits instead of keeping them.
+
+  Why: at vocab 128k and 8k tokens per device, float32 logits alone are 4 GiB (and their
+  gradient as much again); chunks of 512 positions cut that by the number of chunks for the
+  price of one extra output-layer matmul in the backward pass.
+  """
+  B, T, d = hidden.shape
+
+  def split(x):  # [B, T, ...] -> [T / chunk, B, chunk, ...], the batch axis kept in place.
+    return jnp.swapaxes(x.reshape(B, T // chunk, chunk, *x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def body(totals, xs):
+    h, targets, weights = xs
+    logits = jnp.einsum('bcd,dv->bcv', h, kernel.astype(h.dtype))
+    if bias is not None:
+      logits += bias.astype(logits.dtype)
+    return jax.tree.map(jnp.add, totals, cross_entropy(logits, targets, weights, z_loss)), None
+
+  zeros = (jnp.zeros((), jnp.float32),) * 3
+  (loss_sum, z_sum, correct), _ = jax.lax.scan(
+      body, zeros, (split(hidden), split(batch['targets']), split(batch['weights'])))
+  stats = {'loss_sum': loss_sum, 'z_loss_sum': z_sum, 'correct': correct,
+           'weight': jnp.sum(batch['weights'])}
+  return loss_sum + z_sum, stats
+
+
 def unigram_accuracy(tokens, special):
   """The accuracy of always guessing the most frequent ordinary token: the floor that a
   masked LM's accuracy must rise above."""

@@ -40,7 +40,8 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention': ('auto', 'xla', 'cudnn'),
-    'model.remat_policy': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims'),
+    'model.remat_policy': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims', 'minimal',
+                           'save_qkv_proj', 'offload'),
     'data.tokenizer_type': ('bpe', 'unigram'),
     'data.packing': ('split', 'first_fit'),
     'finetune.backbone': ('masked', 'causal'),
@@ -60,6 +61,9 @@ def defaults(family='gpt2'):
   c.eval_every_steps = 500  # Evaluate on held-out data this often; 0 = only at start and end.
   c.eval_batches = 8  # Held-out batches per evaluation (fewer if the split is smaller).
   c.z_loss = 0.0  # Weight of the log(Z)^2 penalty that keeps output logits small (PaLM: 1e-4).
+  # Run the output layer and loss over this many sequence positions at a time, so the float32
+  # logits of the whole batch never exist at once (large vocabularies); 0 = all at once.
+  c.loss_chunk = 0
   # A step whose loss or gradient norm is not finite never applies its update; then 'skip'
   # goes on with the next batch, 'stop' saves the (good) state and stops with an error.
   c.nonfinite = 'skip'
@@ -94,7 +98,11 @@ def defaults(family='gpt2'):
   m.param_dtype = 'float32'  # Storage dtype of parameters (the optimizer's master copy).
   m.attention = 'auto'  # jax.nn.dot_product_attention implementation: 'auto', 'xla', 'cudnn'.
   m.scan_layers = True  # Stack the blocks with scan: compile time independent of depth.
-  m.remat_policy = 'none'  # Activation recomputation: 'none', 'full', 'dots_saveable', ...
+  # Activation recomputation in the backward pass: 'none' keeps everything; 'full' keeps only
+  # each block's input; 'minimal' keeps the projections' outputs (recomputing norms and
+  # attention); 'save_qkv_proj' only q, k, v; 'offload' = 'minimal' kept in host memory
+  # (GPU/TPU); 'dots_saveable' / 'dots_with_no_batch_dims' are JAX's matmul-based policies.
+  m.remat_policy = 'none'
 
   c.optimizer = ml_collections.ConfigDict()
   o = c.optimizer
@@ -179,3 +187,31 @@ def defaults(family='gpt2'):
   c.checkpoint.keep_every_steps = 0  # Also keep every checkpoint whose step is a multiple; 0 = no.
   c.lock()
   return c
+
+
+def sweep_defaults(base=None):
+  """The schema of a scaling-law sweep (`jaxlm sweep`, configs/scaling/): a base run config and
+  the rules that turn it into one run per (model size, compute budget) or (size, token count)."""
+  s = ml_collections.ConfigDict()
+  s.base = base if base is not None else defaults()  # Every run starts from this run config.
+  # Model shapes of the family, ((num_layers, emb_dim), ...); the other sizes follow by rule:
+  s.sizes = ()
+  s.head_dim = 64  # num_heads = emb_dim // head_dim.
+  s.mlp_ratio = 4.0  # mlp_dim = mlp_ratio * emb_dim, rounded up to a multiple of 8.
+  # Either isoFLOP budgets, training FLOPs C per run (each size trains C / FLOPs-per-token
+  # tokens), or a grid of token counts D (each size trains on each); set exactly one.
+  s.budgets = ()
+  s.tokens = ()
+  s.min_steps = 50  # Leave out runs shorter than this (the largest sizes at small budgets)...
+  s.max_steps = 0  # ...and longer than this (the smallest at large budgets); 0 = no limit.
+  # Peak learning rate by width, muP-style: learning_rate * (lr_reference_width / emb_dim)
+  # ** lr_width_exponent (0 = the same for every size).
+  s.learning_rate = 3e-3
+  s.lr_reference_width = 256
+  s.lr_width_exponent = 1.0
+  s.warmup_fraction = 0.05  # Warmup steps as a share of each run's train_steps.
+  # Batch by compute: base.batch_size * (C / smallest C) ** batch_compute_exponent, rounded
+  # to a power-of-two multiple of base.batch_size (0 = one batch size for all runs).
+  s.batch_compute_exponent = 0.0
+  s.lock()
+  return s

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm import model as model_lib
 from jaxlm import objectives
 from jaxlm.model import layers
 from jaxlm.state import TrainState
@@ -47,6 +48,16 @@ def apply(model, params, batch, **kwargs):
                      batch['segment_ids'], batch.get('token_types'), **kwargs)
 
 
+def model_loss(model, params, batch, config, z_loss=0.0, **kwargs):
+  """(objective, stats) of the model on a prepared batch; with config.loss_chunk the output
+  layer and the loss run chunk by chunk (objectives.chunked_loss)."""
+  if not config.loss_chunk or config.objective == 'classify':
+    return objectives.loss(apply(model, params, batch, **kwargs), batch, z_loss)
+  hidden = apply(model, params, batch, project=False, **kwargs)
+  kernel, bias = model_lib.output_layer(params, config.model)
+  return objectives.chunked_loss(hidden, kernel, bias, batch, z_loss, config.loss_chunk)
+
+
 # The key of evaluation's random choices (masks): fixed, so evaluations are comparable.
 EVAL_KEY = 0x5eed
 
@@ -59,8 +70,8 @@ def make_train_step(model, tx, lr_schedule, config, prepare):
   optimizer.grad_accum_steps.
   """
   def loss_fn(params, batch, rng):
-    logits = apply(model, params, batch, deterministic=False, rngs={'dropout': rng})
-    return objectives.loss(logits, batch, config.z_loss)
+    return model_loss(model, params, batch, config, config.z_loss, deterministic=False,
+                      rngs={'dropout': rng})
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
@@ -95,7 +106,7 @@ def make_eval_step(model, config, prepare):
   """params, batch -> summed statistics (loss_sum, correct, weight) over the batch's targets."""
   def eval_step(params, batch):
     batch = prepare(batch, jax.random.key(EVAL_KEY))
-    _, stats = objectives.loss(apply(model, params, batch, deterministic=True), batch)
+    _, stats = model_loss(model, params, batch, config, deterministic=True)
     return stats
 
   return eval_step

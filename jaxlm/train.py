@@ -53,6 +53,9 @@ def setup(config, devices=None):
   """
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch(config, mesh)
+  if config.model.remat_policy == 'offload' and mesh.devices.flat[0].platform == 'cpu':
+    raise errors.ConfigError("model.remat_policy='offload' keeps activations in pinned host "
+                             "memory, which needs a GPU or TPU; use 'minimal' on CPU")
   rules = mesh_lib.rules(config)
   model = model_lib.build(config)
   tx, lr_schedule = optim.optimizer(config)

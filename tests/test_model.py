@@ -53,6 +53,17 @@ def test_shapes_and_parameter_count_match_the_formula(family, tied, scan):
   assert actual == flops.param_counts(config.model)['total']
 
 
+@pytest.mark.parametrize('type_vocab_size', [0, 2])
+def test_bert_parameter_count_matches_the_formula(type_vocab_size):
+  """Post-norm, MLM head transform, output bias and token types are all counted."""
+  config = tiny_config(model__family='bert', objective='masked',
+                       model__type_vocab_size=type_vocab_size)
+  model = model_lib.build(config)
+  tokens = jnp.zeros((2, config.model.max_len), jnp.int32)
+  params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)['params']))
+  assert sum(x.size for x in jax.tree.leaves(params)) == flops.param_counts(config.model)['total']
+
+
 def test_known_model_sizes():
   from jaxlm import config as config_lib
   sizes = {'configs/gpt2_124m.py': 124.475e6, 'configs/llama_7b.py': 6.738e9}
@@ -129,7 +140,8 @@ def test_scan_and_unrolled_layers_agree(family):
       rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots_saveable', 'dots_with_no_batch_dims'])
+@pytest.mark.parametrize('policy', ['full', 'dots_saveable', 'dots_with_no_batch_dims',
+                                    'minimal', 'save_qkv_proj'])
 def test_remat_policies_give_the_same_gradients(policy):
   _, plain, params, tokens = build(model__family='llama')
   _, remat, _, _ = build(model__family='llama', model__remat_policy=policy)
@@ -139,6 +151,13 @@ def test_remat_policies_give_the_same_gradients(policy):
     return jax.jit(jax.grad(loss))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads(plain), grads(remat))
+
+
+def test_offloading_remat_is_refused_on_cpu_with_a_clear_error():
+  from jaxlm import train
+  from jaxlm.config import ConfigError
+  with pytest.raises(ConfigError, match="remat_policy='offload' .* needs a GPU or TPU"):
+    train.setup(tiny_config(model__remat_policy='offload'), jax.devices()[:1])
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32():

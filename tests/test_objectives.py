@@ -61,3 +61,56 @@ def test_z_loss_adds_the_squared_log_normaliser():
   log_z = jax.nn.logsumexp(logits[0, :2], axis=-1)
   assert float(with_z - plain) == pytest.approx(float(1e-2 * jnp.sum(log_z ** 2)), rel=1e-5)
   assert float(stats['z_loss_sum']) == pytest.approx(float(with_z - plain), rel=1e-5)
+
+
+
+# ------------------------------------------------------------- chunked (fused) output layer
+
+
+def _loss_and_grads(config):
+  """The train loss (with z-loss) of a random batch and its gradient, through steps.model_loss."""
+  import flax.linen as nn
+  from jaxlm import model as model_lib, steps
+  model = model_lib.build(config)
+  tokens = jax.random.randint(jax.random.key(3), (4, config.model.max_len), 7,
+                              config.model.vocab_size)
+  batch = {'tokens': tokens, 'segment_ids': jnp.ones_like(tokens),
+           'positions': jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
+  batch = objectives.build(config)(batch, jax.random.key(4))
+  params = nn.unbox(model.init(jax.random.key(0), tokens)['params'])
+  objective = lambda p: steps.model_loss(model, p, batch, config, z_loss=1e-4)
+  (value, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  return value, stats, grads
+
+
+@pytest.mark.parametrize('family,objective', [('gpt2', 'causal'), ('llama', 'causal'),
+                                              ('bert', 'masked')])
+def test_chunked_output_layer_matches_the_plain_loss_and_gradients(family, objective):
+  """Tied (gpt2) and untied (llama) output layers, and BERT's head transform and output bias."""
+  from conftest import tiny_config
+  plain = _loss_and_grads(tiny_config(model__family=family, objective=objective))
+  chunked = _loss_and_grads(tiny_config(model__family=family, objective=objective,
+                                        loss_chunk=16))
+  np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-5)
+  for key in ('loss_sum', 'z_loss_sum', 'correct', 'weight'):
+    np.testing.assert_allclose(chunked[1][key], plain[1][key], rtol=1e-5, err_msg=key)
+  # Float32 sums in another order: compared relative to each gradient's largest entry.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5 * np.abs(b).max()),
+               chunked[2], plain[2])
+
+
+def test_chunked_output_layer_never_holds_the_whole_batchs_logits():
+  """The compiled train step's temporaries shrink by most of the [B, T, vocab] float32 logits
+  (and their gradient) when the loss runs over 32 positions at a time instead of 256."""
+  from conftest import tiny_config
+  from jaxlm import train
+  temporaries = {}
+  for chunk in (0, 32):
+    config = tiny_config(loss_chunk=chunk, model__vocab_size=32768, model__max_len=256,
+                         batch_size=4, mesh__fsdp=1)
+    s = train.setup(config, jax.devices()[:1])
+    compiled = train.compile_train_step(s, objectives.build(config))
+    temporaries[chunk] = compiled.memory_analysis().temp_size_in_bytes
+  logits_bytes = 4 * 256 * 32768 * 4
+  assert temporaries[0] - temporaries[32] > logits_bytes, temporaries

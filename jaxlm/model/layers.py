@@ -10,6 +10,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 NORMS = {'layernorm': nn.LayerNorm, 'rmsnorm': nn.RMSNorm}
 ACTIVATIONS = {'gelu': nn.gelu, 'gelu_exact': lambda x: nn.gelu(x, approximate=False),
@@ -114,13 +115,15 @@ class Attention(nn.Module):
     v = dense(cfg, (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), 'value')(x)
     if cfg.position == 'rope':
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    q = constrain(q, ('batch', 'length', 'heads', 'kv'))
-    k = constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
-    v = constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
+    # Names that remat policies ('minimal', 'offload', see transformer.py) keep or offload.
+    q = checkpoint_name(constrain(q, ('batch', 'length', 'heads', 'kv')), 'query_proj')
+    k = checkpoint_name(constrain(k, ('batch', 'length', 'kv_heads', 'kv')), 'key_proj')
+    v = checkpoint_name(constrain(v, ('batch', 'length', 'kv_heads', 'kv')), 'value_proj')
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
                                        implementation=attention_implementation(cfg))
     out = constrain(out, ('batch', 'length', 'heads', 'kv'))
-    return dense(cfg, cfg.emb_dim, ('heads', 'kv', 'embed'), 'out', std=out_std)(out)
+    out = dense(cfg, cfg.emb_dim, ('heads', 'kv', 'embed'), 'out', std=out_std)(out)
+    return checkpoint_name(out, 'out_proj')
 
 
 class Mlp(nn.Module):
@@ -132,13 +135,15 @@ class Mlp(nn.Module):
     cfg = self.cfg
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     act = ACTIVATIONS[cfg.mlp_activation]
-    h = dense(cfg, cfg.mlp_dim, ('embed', 'mlp'), 'wi')(x)
+    h = checkpoint_name(dense(cfg, cfg.mlp_dim, ('embed', 'mlp'), 'wi')(x), 'mlp_wi')
     if cfg.gated_mlp:
-      h = act(dense(cfg, cfg.mlp_dim, ('embed', 'mlp'), 'wi_gate')(x)) * h
+      gate = checkpoint_name(dense(cfg, cfg.mlp_dim, ('embed', 'mlp'), 'wi_gate')(x), 'mlp_gate')
+      h = act(gate) * h
     else:
       h = act(h)
     h = constrain(h, ('batch', 'length', 'mlp'))
-    return dense(cfg, cfg.emb_dim, ('mlp', 'embed'), 'wo', std=out_std)(h)
+    return checkpoint_name(dense(cfg, cfg.emb_dim, ('mlp', 'embed'), 'wo', std=out_std)(h),
+                           'mlp_wo')
 
 
 class Block(nn.Module):

@@ -10,17 +10,37 @@ import jax.numpy as jnp
 
 from jaxlm.model import layers
 
+# The projections' outputs, named in layers.py: keeping them (and recomputing norms,
+# activations and attention itself) is MaxText's 'minimal' policy.
+PROJECTIONS = ('query_proj', 'key_proj', 'value_proj', 'out_proj', 'mlp_wi', 'mlp_gate', 'mlp_wo')
+
 # What a rematerialised block keeps for the backward pass instead of recomputing.
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'minimal': jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    'save_qkv_proj': jax.checkpoint_policies.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj'),
+    # The same as 'minimal', but kept in host memory until the backward pass (GPU and TPU).
+    'offload': jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTIONS),
+        offload_src='device', offload_dst='pinned_host'),
 }
 
 
 # Parameters that only a classifier has: fine-tuning initialises them fresh when the
 # pretrained checkpoint lacks them.
 CLASSIFIER_PARAMS = ('pooler', 'classifier')
+
+
+def output_layer(params, cfg):
+  """(kernel [embed, vocab], bias [vocab] or None) of the model's output layer."""
+  if cfg.tied_embeddings:
+    kernel = params['token_embed']['embedding'].T
+  else:
+    kernel = params['unembed']['kernel']
+  return kernel, params.get('output_bias')
 
 
 class Transformer(nn.Module):
@@ -34,7 +54,9 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, token_types=None,
-               deterministic=True):
+               deterministic=True, project=True):
+    """project=False stops before the output layer: the final states [B, T, embed], for a
+    loss that projects them itself (objectives.chunked_loss, with `output_layer`)."""
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -59,6 +81,8 @@ class Transformer(nn.Module):
       x = layers.ACTIVATIONS[cfg.mlp_activation](
           layers.dense(cfg, cfg.emb_dim, ('embed', None), 'head_dense')(x))
       x = layers.norm(cfg, 'head_norm')(x)
+    if not project:
+      return x
     if cfg.tied_embeddings:
       logits = embed.attend(x)
     else:

@@ -1,0 +1,42 @@
+"""A 1.1B Llama (TinyLlama's shape) on a TPU v6e-16 slice (16 chips, 32 GB HBM each). NOT RUN
+HERE: no TPU was available to jaxlm's developers; the settings follow MaxText-class recipes
+and the memory arithmetic below, and `jaxlm plan --config=configs/llama_1b_tpu_v6e.py
+--devices=16` checks that the shardings divide.
+
+    launch/tpu_pod.sh --name lm --zone ZONE --accelerator v6e-16 --mount BUCKET:/mnt/jaxlm \
+      -- train --config=configs/llama_1b_tpu_v6e.py --config.data.path=... --workdir=/mnt/jaxlm/runs/NAME
+
+- FSDP over the 16 chips: parameters + AdamW state (17.6 GB in float32) are 1.1 GB per chip.
+- bfloat16 compute; remat 'save_qkv_proj' keeps q, k and v and recomputes the rest (the
+  'minimal' policy, which also keeps the MLP's projections, would need about 42 GiB per chip
+  by `jaxlm plan` on CPU; 'save_qkv_proj' about 24 GiB, under v6e's 32 GB).
+- 128 sequences of 2048 (0.26M tokens) per step; a 32k vocabulary's logits are computed
+  512 positions at a time (loss_chunk) instead of all 16k tokens of a chip at once.
+"""
+
+from jaxlm.config import defaults
+
+
+def get_config():
+  c = defaults('llama')
+  c.train_steps = 200_000
+  c.batch_size = 128  # 8 per chip on 16 chips.
+  c.log_every_steps = 10
+  c.eval_every_steps = 2000
+  c.eval_batches = 16
+  c.loss_chunk = 512
+  c.model.num_layers = 22
+  c.model.emb_dim = 2048
+  c.model.num_heads = 32
+  c.model.num_kv_heads = 4
+  c.model.mlp_dim = 5632
+  c.model.vocab_size = 32000
+  c.model.max_len = 2048
+  c.model.dtype = 'bfloat16'
+  c.model.remat_policy = 'save_qkv_proj'
+  c.optimizer.learning_rate = 4e-4
+  c.optimizer.warmup_steps = 2000
+  c.optimizer.eps = 1e-5
+  c.mesh.fsdp = -1
+  c.checkpoint.save_every_steps = 1000
+  return c

@@ -1,0 +1,43 @@
+"""Llama-2-7B on a TPU v5p-128 slice (64 chips, 95 GB HBM each). NOT RUN HERE: no TPU was
+available to jaxlm's developers; the settings follow MaxText-class recipes and the memory
+arithmetic below, and `jaxlm plan --config=configs/llama_7b_tpu_v5p.py --devices=64` checks
+that the shardings divide.
+
+    launch/tpu_pod.sh --name lm --zone ZONE --accelerator v5p-128 --mount BUCKET:/mnt/jaxlm \
+      -- train --config=configs/llama_7b_tpu_v5p.py --config.data.path=... --workdir=/mnt/jaxlm/runs/NAME
+
+- Pure FSDP over all 64 chips (mesh.fsdp=-1): parameters + AdamW state, 112 GB in float32,
+  are 1.75 GB per chip.
+- bfloat16 compute, float32 master weights, remat 'full' (each block's input kept: 4 x 4096 x
+  4096 x 2 bytes x 32 layers = 4.3 GB per chip).
+- 4 sequences of 4096 per chip (1M tokens per step): jaxlm's attention on TPU is XLA's, which
+  materialises each layer's [batch, heads, 4096, 4096] scores (4.3 GB per chip in bfloat16); a
+  Pallas flash-attention kernel for TPU is not wired in yet. On this CPU, `jaxlm plan` reports
+  44 GiB per chip for the compiled step (CPU's own layout; a TPU's figure will differ).
+- Learning rate and warmup as in the Llama 2 paper.
+"""
+
+from jaxlm.config import defaults
+
+
+def get_config():
+  c = defaults('llama')
+  c.train_steps = 500_000
+  c.batch_size = 256  # 4 per chip on 64 chips.
+  c.log_every_steps = 10
+  c.eval_every_steps = 5000
+  c.eval_batches = 16
+  c.model.num_layers = 32
+  c.model.emb_dim = 4096
+  c.model.num_heads = 32
+  c.model.mlp_dim = 11008
+  c.model.vocab_size = 32000
+  c.model.max_len = 4096
+  c.model.dtype = 'bfloat16'
+  c.model.remat_policy = 'full'
+  c.optimizer.learning_rate = 3e-4
+  c.optimizer.warmup_steps = 2000
+  c.optimizer.eps = 1e-5
+  c.mesh.fsdp = -1
+  c.checkpoint.save_every_steps = 1000
+  return c

@@ -1,0 +1,258 @@
+"""Scaling-law sweeps: a sweep config (configs/scaling/) becomes one ordinary training run per
+(model size, compute budget) or (model size, token count), each in its own workdir.
+
+DIR/runs/<name>/             a normal `jaxlm train` workdir: interrupted runs resume from it
+DIR/runs/<name>/result.json  written once the run has finished: its row of runs.jsonl
+DIR/runs.jsonl               one row per finished run (N, D, C, eval_loss, wall_s, config),
+                             rebuilt from the result files after every run, so shards on several
+                             machines sharing DIR never overwrite each other's rows
+DIR/tokenizer.model, DIR/data/  one tokenizer and one token cache for every run: all runs see
+                             the same tokens, so their losses are comparable
+
+N counts the weights that take part in matrix multiplications and C = FLOPs per token * D, both
+from jaxlm/flops.py, the one place FLOPs are counted.
+"""
+
+import copy
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import time
+
+from jaxlm import config as config_lib
+from jaxlm import flops
+from jaxlm import workdir as workdir_lib
+from jaxlm.errors import ConfigError, RunError
+
+log = logging.getLogger('jaxlm')
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  config: object  # The complete, validated run config.
+  N: int  # Matmul parameters (flops.param_counts(...)['matmul']).
+  D: int  # Training tokens: train_steps * batch_size * max_len.
+  C: float  # Training FLOPs: flops_per_token * D.
+  budget: float  # The isoFLOP budget this run belongs to; 0 in a token grid.
+
+
+def check(sweep):
+  """One-line errors for a sweep's own fields (its base config is checked per run)."""
+  if not sweep.sizes:
+    raise ConfigError('sizes is empty: list the model shapes, e.g. sizes=((2, 64), (4, 128))')
+  for size in sweep.sizes:
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+        or not all(isinstance(v, int) and v > 0 for v in size)):
+      raise ConfigError(f'sizes entry {size!r} must be (num_layers, emb_dim), positive integers')
+    if size[1] % sweep.head_dim:
+      raise ConfigError(f'sizes entry {tuple(size)}: head_dim={sweep.head_dim} must divide '
+                        f'emb_dim={size[1]}')
+  if bool(sweep.budgets) == bool(sweep.tokens):
+    raise ConfigError('set exactly one of budgets (isoFLOP: FLOPs per run) and tokens (a grid '
+                      'of training tokens per run)')
+  for name in ('budgets', 'tokens'):
+    if not all(isinstance(v, (int, float)) and v > 0 for v in sweep[name]):
+      raise ConfigError(f'{name}={tuple(sweep[name])!r} must all be positive numbers')
+  for name in ('head_dim', 'mlp_ratio', 'learning_rate', 'lr_reference_width', 'min_steps'):
+    if not sweep[name] > 0:
+      raise ConfigError(f'{name}={sweep[name]!r} must be positive')
+  if not 0 <= sweep.warmup_fraction < 1:
+    raise ConfigError(f'warmup_fraction={sweep.warmup_fraction!r} must be in [0, 1)')
+
+
+def plan(sweep):
+  """The sweep's runs, smallest compute first, each with its complete config."""
+  check(sweep)
+  base = sweep.base
+  candidates = []
+  for num_layers, emb_dim in sweep.sizes:
+    config = _sized(base, num_layers, emb_dim, sweep)
+    per_token = flops.flops_per_token(config.model)
+    for target in sweep.budgets or sweep.tokens:
+      budget = float(target) if sweep.budgets else 0.0
+      candidates.append((config, per_token, budget, budget or per_token * target))
+  smallest = min(c[3] for c in candidates)
+  runs = []
+  for config, per_token, budget, compute in candidates:
+    config = copy.deepcopy(config)
+    doublings = round(sweep.batch_compute_exponent * math.log2(compute / smallest))
+    config.batch_size = base.batch_size * 2 ** doublings
+    tokens_per_step = config.batch_size * config.model.max_len
+    steps = max(1, round(compute / per_token / tokens_per_step))
+    name = (f'L{config.model.num_layers}-d{config.model.emb_dim}-' +
+            (f'C{_short(budget)}' if budget else f'D{_short(compute / per_token)}'))
+    if steps < sweep.min_steps or (sweep.max_steps and steps > sweep.max_steps):
+      log.info('sweep: leaving out %s (%d steps, outside [min_steps, max_steps])', name, steps)
+      continue
+    config.train_steps = steps
+    config.optimizer.warmup_steps = round(sweep.warmup_fraction * steps)
+    config.log_every_steps = min(base.log_every_steps, steps)
+    config.eval_every_steps = 0  # Only the final loss enters the fit.
+    config_lib.validate(config)
+    D = steps * tokens_per_step
+    runs.append(Run(name, config, flops.param_counts(config.model)['matmul'], D,
+                    float(per_token * D), budget))
+  if not runs:
+    raise ConfigError('every run of the sweep is outside [min_steps, max_steps]; lower '
+                      'min_steps or change budgets/tokens')
+  return sorted(runs, key=lambda r: (r.budget or r.C, r.N))
+
+
+def _sized(base, num_layers, emb_dim, sweep):
+  config = copy.deepcopy(base)
+  m = config.model
+  m.num_layers, m.emb_dim = num_layers, emb_dim
+  m.num_heads = emb_dim // sweep.head_dim
+  m.head_dim = sweep.head_dim
+  if base.model.num_kv_heads:  # Keep the base's grouping (heads per key/value head).
+    m.num_kv_heads = max(1, m.num_heads * base.model.num_kv_heads // base.model.num_heads)
+  else:
+    m.num_kv_heads = 0
+  m.mlp_dim = 8 * math.ceil(sweep.mlp_ratio * emb_dim / 8)
+  config.optimizer.learning_rate = sweep.learning_rate * (
+      sweep.lr_reference_width / emb_dim) ** sweep.lr_width_exponent
+  return config
+
+
+def _short(x):
+  """1e12 -> '1e12', 2.5e5 -> '2.5e5': short, and distinct for distinct 3-digit values."""
+  text = f'{x:.3g}'
+  if 'e' not in text:
+    return text
+  mantissa, exponent = text.split('e')
+  return f'{mantissa}e{int(exponent)}'
+
+
+
+def result_path(run_dir):
+  return os.path.join(run_dir, 'result.json')
+
+
+def runs_path(workdir):
+  return os.path.join(workdir, 'runs.jsonl')
+
+
+def parse_shard(text):
+  """'i/n' -> (i, n): this machine runs every n-th run starting from the i-th."""
+  try:
+    index, count = (int(v) for v in text.split('/'))
+  except ValueError:
+    raise ConfigError(f'--shard={text!r} must be i/n, e.g. --shard=0/4') from None
+  if not 0 <= index < count:
+    raise ConfigError(f'--shard={text!r}: need 0 <= i < n')
+  return index, count
+
+
+def run(sweep, workdir, shard=(0, 1), runs=None):
+  """Trains this shard's runs (of `runs`, default plan(sweep)) that have not finished; returns
+  a summary."""
+  import jax  # Not at import time: plans and errors come before any device is touched.
+
+  from jaxlm import distributed
+  from jaxlm import train
+
+  runs = plan(sweep) if runs is None else runs
+  mine = runs[shard[0]::shard[1]]
+  workdir_lib.create(workdir)
+  chief = jax.process_index() == 0
+  tokenizer = _shared_tokenizer(sweep.base, workdir, chief, distributed)
+  summary = {'runs': len(runs), 'this_shard': len(mine), 'trained': 0, 'skipped': 0,
+             'failed': []}
+  for i, r in enumerate(mine):
+    run_dir = os.path.join(workdir, 'runs', r.name)
+    if os.path.exists(result_path(run_dir)):
+      summary['skipped'] += 1
+      log.info('sweep: %s has finished; skipping it', r.name)
+      continue
+    r.config.data.tokenizer = tokenizer
+    r.config.data.cache_dir = r.config.data.cache_dir or os.path.join(workdir, 'data')
+    log.info('sweep: run %d of %d: %s (N=%.3g, D=%.3g, C=%.3g, %d steps of %d x %d tokens, '
+             'lr %.3g)', i + 1, len(mine), r.name, r.N, r.D, r.C, r.config.train_steps,
+             r.config.batch_size, r.config.model.max_len, r.config.optimizer.learning_rate)
+    start = time.perf_counter()
+    try:
+      outcome = train.train(r.config, run_dir)
+    except RunError as e:  # One diverged run must not cost the others.
+      log.error('sweep: %s failed: %s', r.name, e)
+      summary['failed'].append(r.name)
+      continue
+    if outcome.get('preempted'):
+      log.warning('sweep: preempted during %s; run the same command to resume', r.name)
+      summary['preempted'] = r.name
+      break
+    if chief:
+      _write_result(r, run_dir, time.perf_counter() - start)
+      collect(workdir)
+    summary['trained'] += 1
+  if chief:
+    summary['finished'] = len(collect(workdir))
+  if summary['failed']:
+    raise RunError(f'sweep: {len(summary["failed"])} run(s) failed: '
+                   f'{", ".join(summary["failed"])} (see the log above); the others are in '
+                   f'{runs_path(workdir)}')
+  return summary
+
+
+def _shared_tokenizer(base, workdir, chief, distributed):
+  """The path of the tokenizer every run uses: base.data.tokenizer, or one trained once here."""
+  if base.data.tokenizer:
+    return base.data.tokenizer
+  from jaxlm import data
+  path = data.tokenizer_path(workdir)
+  if chief and not os.path.exists(path):
+    data.save_tokenizer(data.get_tokenizer(base, workdir), workdir)
+  distributed.barrier('jaxlm: sweep tokenizer')
+  return os.path.abspath(path)
+
+
+def _write_result(r, run_dir, wall_s):
+  final = _final_eval(run_dir, r.config.train_steps)
+  row = {'name': r.name, 'N': r.N, 'D': r.D, 'C': r.C, 'budget': r.budget,
+         'eval_loss': final['eval_loss'], 'eval_perplexity': final['eval_perplexity'],
+         'wall_s': round(wall_s, 2),
+         'params': flops.param_counts(r.config.model),
+         'flops_per_token': flops.flops_per_token(r.config.model),
+         'flops_per_token_halved': flops.flops_per_token(r.config.model, causal_halved=True),
+         'config': r.config.to_dict()}
+  workdir_lib.atomic_write(result_path(run_dir), json.dumps(row, default=list) + '\n')
+
+
+def _final_eval(run_dir, train_steps):
+  """The eval row at the last step in metrics.jsonl (a resumed run may have written it before
+  being interrupted, so it is read back rather than taken from train()'s return value)."""
+  with open(workdir_lib.metrics_path(run_dir)) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  for row in reversed(rows):
+    if row['step'] == train_steps and 'eval_loss' in row:
+      return row
+  raise RunError(f'{workdir_lib.metrics_path(run_dir)} has no evaluation at step '
+                 f'{train_steps}; remove {run_dir} and run the sweep again')
+
+
+def collect(workdir):
+  """Rebuilds runs.jsonl from every finished run's result.json; returns the rows."""
+  rows = []
+  for path in sorted(glob.glob(os.path.join(workdir, 'runs', '*', 'result.json'))):
+    with open(path) as f:
+      rows.append(json.loads(f.read()))
+  rows.sort(key=lambda r: (r['budget'] or r['C'], r['N']))  # The order of plan().
+  workdir_lib.atomic_write(runs_path(workdir), ''.join(json.dumps(r) + '\n' for r in rows))
+  return rows
+
+
+def read_runs(workdir):
+  """The rows of DIR/runs.jsonl (rebuilt from the run directories if they are there)."""
+  if os.path.isdir(os.path.join(workdir, 'runs')):
+    return collect(workdir)
+  path = runs_path(workdir)
+  if not os.path.exists(path):
+    raise ConfigError(f'{path} not found: run jaxlm sweep --workdir={workdir} first')
+  with open(path) as f:
+    try:
+      return [json.loads(line) for line in f if line.strip()]
+    except ValueError as e:
+      raise ConfigError(f'{path} is not JSON lines: {e}') from e
