@@ -90,6 +90,22 @@ def _fill_mask(args, overrides):
                           sys.stdout)
 
 
+def _generate(args, overrides):
+  _require_workdir(args)
+  if not args.prompt:
+    raise ConfigError('--prompt is required, e.g. --prompt="def main("')
+  if args.max_new_tokens < 1:
+    raise ConfigError(f'--max_new_tokens={args.max_new_tokens} must be at least 1')
+  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    raise ConfigError('--temperature and --top_k must be >= 0 and --top_p in (0, 1]')
+  config = _config(args, overrides)
+  from jaxlm import generate
+  for r in generate.run(config, args.workdir, args.prompt, args.max_new_tokens,
+                        args.temperature, args.top_k, args.top_p, args.seed, args.step):
+    print(f'{r["prompt"]}{r["completion"]}\n---')
+  return None
+
+
 def _plan(args, overrides):
   config = _config(args, overrides)
   if args.devices:
@@ -139,6 +155,7 @@ COMMANDS = {
     'finetune': (_finetune, 'fine-tune a sequence classifier (objective=classify)'),
     'eval': (_eval, 'evaluate the latest checkpoint of --workdir on held-out data'),
     'fill-mask': (_fill_mask, 'print the likeliest tokens for each [MASK] of --text'),
+    'generate': (_generate, 'continue --prompt texts with a causal LM (KV-cache decoding)'),
     'plan': (_plan, 'compile the train step for the mesh; print parameters, FLOPs, memory'),
     'sweep': (_sweep, 'train every run of a scaling-law sweep (configs/scaling/)'),
     'fit': (_fit, 'fit scaling laws to the runs of a sweep; write fit.json and plots'),
@@ -153,12 +170,20 @@ def _parser():
     p.add_argument('--config', default='', help='a Python file defining get_config()')
     p.add_argument('--workdir', default='', help='the run directory')
     p.add_argument('--verbose', action='store_true', help='debug logging and full tracebacks')
-    if name in ('eval', 'fill-mask'):
+    if name in ('eval', 'fill-mask', 'generate'):
       p.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
     if name == 'fill-mask':
       p.add_argument('--text', action='append', default=[],
                      help='a text with [MASK] where a token is missing (may be repeated)')
       p.add_argument('--top_k', type=int, default=5, help='fillers shown per mask')
+    if name == 'generate':
+      p.add_argument('--prompt', action='append', default=[],
+                     help='a text to continue (may be repeated: one batch)')
+      p.add_argument('--max_new_tokens', type=int, default=64, help='tokens added per prompt')
+      p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+      p.add_argument('--top_k', type=int, default=0, help='sample from the k likeliest (0 = all)')
+      p.add_argument('--top_p', type=float, default=1.0, help='nucleus sampling mass')
+      p.add_argument('--seed', type=int, default=0, help='sampling seed')
     if name == 'sweep':
       p.add_argument('--shard', default='0/1',
                      help='i/n: run only every n-th run, starting from the i-th (0-based)')

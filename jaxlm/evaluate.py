@@ -1,4 +1,5 @@
-"""`jaxlm eval`: held-out loss, perplexity and accuracy of a workdir's latest checkpoint."""
+"""`jaxlm eval`: held-out loss, perplexity, bits per byte and accuracy of a workdir's latest
+checkpoint."""
 
 import logging
 
@@ -24,7 +25,8 @@ def run(config, workdir, step=None):
   with s.active():
     params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
     eval_step = jax.jit(steps.make_eval_step(s.model, config,
-                                             objectives.build(config, corpus.tokenizer)),
+                                             objectives.build(config, corpus.tokenizer),
+                                             train_lib.token_bytes(config, corpus.tokenizer)),
                         in_shardings=(s.shardings.params, s.batch_sharding))
     result = train_lib.evaluate(eval_step, params, batches, s.batch_sharding)
   checkpoints.close()

@@ -102,11 +102,14 @@ def make_train_step(model, tx, lr_schedule, config, prepare):
   return train_step
 
 
-def make_eval_step(model, config, prepare):
-  """params, batch -> summed statistics (loss_sum, correct, weight) over the batch's targets."""
+def make_eval_step(model, config, prepare, token_bytes=None):
+  """params, batch -> summed statistics (loss_sum, correct, weight) over the batch's targets,
+  and with `token_bytes` (Tokenizer.token_bytes) the UTF-8 bytes those targets stand for."""
   def eval_step(params, batch):
     batch = prepare(batch, jax.random.key(EVAL_KEY))
     _, stats = model_loss(model, params, batch, config, deterministic=True)
+    if token_bytes is not None:
+      stats['bytes'] = jnp.sum(jnp.asarray(token_bytes)[batch['targets']] * batch['weights'])
     return stats
 
   return eval_step

@@ -109,8 +109,11 @@ def evaluate(eval_step, params, batches, batch_sharding):
   totals = jax.device_get(totals)  # One host sync for the whole evaluation.
   weight = max(float(totals['weight']), 1.0)
   loss = float(totals['loss_sum']) / weight
-  return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))),
-          'eval_accuracy': float(totals['correct']) / weight}
+  row = {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))),
+         'eval_accuracy': float(totals['correct']) / weight}
+  if float(totals.get('bytes', 0)) > 0:  # Nats per target -> bits per byte of their text.
+    row['eval_bits_per_byte'] = float(totals['loss_sum']) / np.log(2) / float(totals['bytes'])
+  return row
 
 
 def log_summary(s, compiled):
@@ -200,7 +203,8 @@ def train(config, workdir, devices=None):
       compiled = compile_train_step(s, prepare)
       log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
       log_summary(s, compiled)
-      eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare),
+      eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare,
+                                               token_bytes(config, corpus.tokenizer)),
                           in_shardings=(s.shardings.params, s.batch_sharding))
       return _loop(s, state, start, compiled, lambda params: evaluate(
           eval_step, params, eval_set, s.batch_sharding), batches, checkpoints, writer,
@@ -210,6 +214,13 @@ def train(config, workdir, devices=None):
     checkpoints.close()
     if source is not None:
       source[0].close()
+
+
+def token_bytes(config, tokenizer):
+  """The byte table of bits per byte, for objectives whose targets are tokens."""
+  if config.objective == 'classify':
+    return None
+  return tokenizer.token_bytes(config.model.vocab_size)
 
 
 def _interval_row(values):
@@ -246,8 +257,9 @@ def _loop(s, state, start, train_step, run_eval, batches, checkpoints, writer, p
   def evaluate_and_log(step):
     row = run_eval(state.params)
     writer.write(step, row)
-    log.info('step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f', step, row['eval_loss'],
-             row['eval_perplexity'], row['eval_accuracy'])
+    log.info('step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f%s', step,
+             row['eval_loss'], row['eval_perplexity'], row['eval_accuracy'],
+             f", {row['eval_bits_per_byte']:.4f} bits/byte" if 'eval_bits_per_byte' in row else '')
     result.update(row)
     return row
 

@@ -8,6 +8,7 @@ encodable. Newlines and indentation are pieces of their own, so code survives a 
 import io
 import os
 
+import numpy as np
 import sentencepiece as spm
 
 from jaxlm.config import ConfigError
@@ -54,6 +55,18 @@ class Tokenizer:
 
   def __len__(self):
     return self.vocab_size
+
+  def token_bytes(self, size=None):
+    """UTF-8 bytes of text each id stands for ('▁' is a space, a byte-fallback piece one
+    byte, control and unknown pieces none), as an int32 table of `size` >= vocab_size rows:
+    the denominator of bits per byte, which compares models across tokenizers."""
+    table = np.zeros(size or self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      if self.sp.is_byte(i):
+        table[i] = 1
+      elif not (self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i)):
+        table[i] = len(self.sp.id_to_piece(i).replace('▁', ' ').encode('utf-8'))
+    return table
 
   def save(self, path):
     """Writes the model atomically (a temporary file renamed into place)."""

@@ -102,9 +102,15 @@ def attention_implementation(cfg):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with grouped-query key/value heads (num_kv_heads <= num_heads)."""
+  """Multi-head attention with grouped-query key/value heads (num_kv_heads <= num_heads).
+
+  decode=True keeps keys and values in a 'cache' collection of [batch, cache length, ...],
+  written at each row's `positions`; a query sees the cache up to its own position. The cache
+  length is that of the input the cache was created with (see generate.py).
+  """
   cfg: object
   causal: bool
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask):
@@ -119,11 +125,28 @@ class Attention(nn.Module):
     q = checkpoint_name(constrain(q, ('batch', 'length', 'heads', 'kv')), 'query_proj')
     k = checkpoint_name(constrain(k, ('batch', 'length', 'kv_heads', 'kv')), 'key_proj')
     v = checkpoint_name(constrain(v, ('batch', 'length', 'kv_heads', 'kv')), 'value_proj')
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
-                                       implementation=attention_implementation(cfg))
+    if self.decode:
+      k, v, mask = self.cached(k, v, positions)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
+                                         implementation=attention_implementation(cfg))
     out = constrain(out, ('batch', 'length', 'heads', 'kv'))
     out = dense(cfg, cfg.emb_dim, ('heads', 'kv', 'embed'), 'out', std=out_std)(out)
     return checkpoint_name(out, 'out_proj')
+
+
+  def cached(self, k, v, positions):
+    """Writes k, v [B, T, ...] at each row's positions; returns the whole cache and the mask
+    of what each query may see (positions up to its own: earlier tokens, never stale ones)."""
+    key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new, (p, 0, 0)))
+    key.value = write(key.value, k, positions[:, 0])
+    value.value = write(value.value, v, positions[:, 0])
+    length = key.value.shape[1]
+    mask = jnp.arange(length)[None, None, None, :] <= positions[:, None, :, None]
+    return key.value, value.value, mask
 
 
 class Mlp(nn.Module):
@@ -154,6 +177,7 @@ class Block(nn.Module):
   cfg: object
   causal: bool
   deterministic: bool
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask):
@@ -165,7 +189,8 @@ class Block(nn.Module):
         return x + drop(branch(norm(cfg, norm_name)(x)))
       return norm(cfg, norm_name)(x + drop(branch(x)))
 
-    x = residual(x, lambda h: Attention(cfg, self.causal, name='attention')(h, positions, mask),
+    x = residual(x, lambda h: Attention(cfg, self.causal, self.decode, name='attention')(
+        h, positions, mask),
                  'attention_norm')
     x = residual(x, Mlp(cfg, name='mlp'), 'mlp_norm')
     return constrain(x, ('batch', 'length', 'embed')), None

@@ -54,9 +54,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, token_types=None,
-               deterministic=True, project=True):
+               deterministic=True, project=True, decode=False):
     """project=False stops before the output layer: the final states [B, T, embed], for a
-    loss that projects them itself (objectives.chunked_loss, with `output_layer`)."""
+    loss that projects them itself (objectives.chunked_loss, with `output_layer`).
+    decode=True reads and extends the key/value cache (layers.Attention; generate.py)."""
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -72,7 +73,7 @@ class Transformer(nn.Module):
     x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
     x = layers.constrain(x.astype(layers.dtype(cfg.dtype)), ('batch', 'length', 'embed'))
 
-    x = self.blocks(x, positions, layers.attention_mask(segment_ids), deterministic)
+    x = self.blocks(x, positions, layers.attention_mask(segment_ids), deterministic, decode)
     if cfg.norm_position == 'pre':  # Post-norm blocks end normalised already.
       x = layers.norm(cfg, 'final_norm')(x)
     if self.num_labels:
@@ -113,20 +114,21 @@ class Transformer(nn.Module):
     pooled = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(pooled)
     return layers.dense(cfg, self.num_labels, ('embed', None), 'classifier', bias=True)(pooled)
 
-  def blocks(self, x, positions, mask, deterministic):
+  def blocks(self, x, positions, mask, deterministic, decode):
     cfg = self.cfg
     block = layers.Block
-    if cfg.remat_policy != 'none':
+    if cfg.remat_policy != 'none' and not decode:
       # Under scan each layer is its own loop iteration, so CSE cannot undo the remat.
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, length=cfg.num_layers, variable_axes={'params': 0},
+      stack = nn.scan(block, length=cfg.num_layers, variable_axes={'params': 0, 'cache': 0},
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast),
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, self.causal, deterministic, name='layers')(x, positions, mask)
+      x, _ = stack(cfg, self.causal, deterministic, decode, name='layers')(x, positions, mask)
       return x
     for i in range(cfg.num_layers):
-      x, _ = block(cfg, self.causal, deterministic, name=f'layers_{i}')(x, positions, mask)
+      x, _ = block(cfg, self.causal, deterministic, decode, name=f'layers_{i}')(
+          x, positions, mask)
     return x
