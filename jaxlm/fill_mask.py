@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, objectives, steps
+from jaxlm import objectives, steps
 from jaxlm import data
 from jaxlm import train as train_lib
 from jaxlm.config import ConfigError
-from jaxlm.schema import MESH_AXES
 from jaxlm.data import tokenizer as tokenizer_lib
 
 MASK = '[MASK]'
@@ -48,19 +47,11 @@ def run(config, workdir, texts, top_k=5, step=None):
                       f'a masked LM (objective=masked)')
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_specials()
-  config.batch_size = 1  # Texts go through one at a time, on one device.
-  for axis in MESH_AXES:
-    config.mesh[axis] = config.mesh[f'dcn_{axis}'] = 1
-  s = train_lib.setup(config, jax.local_devices()[:1])
-  checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
-  step = checkpoints.latest_step() if step is None else step
-  if step is None:
-    raise ConfigError(f'--workdir={workdir} has no checkpoint; train first')
+  # Texts go through one at a time, on one device.
+  s, params, step = train_lib.restore_for_inference(config, workdir, step)
   special = objectives.Masking.for_tokenizer(config, tokenizer).special  # Never a filler.
   mask_id = tokenizer.special_id(MASK)
   with s.active():
-    params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
-    checkpoints.close()
 
     @jax.jit
     def probabilities(params, tokens):

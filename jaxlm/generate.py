@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, data
+from jaxlm import data
 from jaxlm import train as train_lib
 from jaxlm.config import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.schema import MESH_AXES
 
 
 def sample(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
@@ -110,17 +109,8 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
     raise ConfigError(f'the longest prompt ({longest} tokens) plus --max_new_tokens='
                       f'{max_new_tokens} exceeds model.max_len={config.model.max_len}, the '
                       f'length of its learned position table')
-  config.batch_size = len(prompts)
-  for axis in MESH_AXES:  # One device: decoding a few prompts needs no mesh.
-    config.mesh[axis] = config.mesh[f'dcn_{axis}'] = 1
-  s = train_lib.setup(config, jax.local_devices()[:1])
-  checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
-  step = checkpoints.latest_step() if step is None else step
-  if step is None:
-    raise ConfigError(f'--workdir={workdir} has no checkpoint; train first')
-  with s.active():
-    params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
-  checkpoints.close()
+  # One device: decoding a few prompts needs no mesh.
+  s, params, _ = train_lib.restore_for_inference(config, workdir, step, len(prompts))
   tokens = np.zeros((len(prompts), longest), np.int32)
   for row, ids in enumerate(encoded):
     tokens[row, :len(ids)] = ids

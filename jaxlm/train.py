@@ -14,6 +14,7 @@ from jaxlm import (checkpoint, data, distributed, errors, flops, metrics, object
                    preemption, steps)
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
+from jaxlm.schema import MESH_AXES
 from jaxlm import model as model_lib
 from jaxlm import state as state_lib
 from jaxlm import workdir as workdir_lib
@@ -66,6 +67,25 @@ def setup(config, devices=None):
     mesh_lib.check_divisible(f'parameter {name}', shape, spec, mesh, names)
   return Setup(config, mesh, rules, model, tx, lr_schedule, abstract, shardings,
                state_lib.batch_shardings(mesh, rules, config))
+
+
+def restore_for_inference(config, workdir, step=None, batch_size=1):
+  """(setup on one local device, the parameters of checkpoint `step` (default: the latest),
+  that step), for the commands that only run the model (fill-mask, generate)."""
+  config.batch_size = batch_size
+  for axis in MESH_AXES:
+    config.mesh[axis] = config.mesh[f'dcn_{axis}'] = 1
+  s = setup(config, jax.local_devices()[:1])
+  checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
+  try:
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+      raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
+    with s.active():
+      params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
+  finally:
+    checkpoints.close()
+  return s, params, step
 
 
 def compile_train_step(s, prepare):
