@@ -28,7 +28,8 @@ def run(workdir, budget=None, samples=200, seed=0):
   if len(rows) < MIN_RUNS:
     raise ConfigError(f'{sweep_lib.runs_path(workdir)} has {len(rows)} finished run(s); the fit '
                       f'needs at least {MIN_RUNS}: run (or finish) jaxlm sweep first')
-  N, D, C, loss = (np.array([r[k] for r in rows], np.float64) for k in ('N', 'D', 'C', 'eval_loss'))
+  N, D, C, loss = _columns(rows)
+  groups = _budget_groups(rows)
   law = laws.fit_parametric(N, D, loss)
   law['intervals'] = laws.bootstrap_parametric(N, D, loss, law, samples, seed)
   per_token = _flops_per_token_of(N, C / D)
@@ -41,16 +42,20 @@ def run(workdir, budget=None, samples=200, seed=0):
       'bootstrap_samples': samples,
       'huber_delta': laws.HUBER_DELTA,
       'residual_rms': float(np.sqrt(np.mean(np.log(laws.predict(law, N, D) / loss) ** 2))),
-      'isoflop': laws.fit_isoflop(_budget_groups(rows), samples, seed),
+      'isoflop': laws.fit_isoflop(groups, samples, seed),
       'holdout': _holdout(rows),
   }
   if budget:
     result['budget'] = _optimum(law, result['isoflop'], budget, per_token)
   workdir_lib.atomic_write(os.path.join(workdir, 'fit.json'), json.dumps(result, indent=2) + '\n')
-  result['plots'] = _plot(workdir, rows, law, result['isoflop'], per_token)
+  result['plots'] = _plot(workdir, (N, D, C, loss), groups, law, result['isoflop'], per_token)
   _report(result)
   return {k: result[k] for k in ('runs', 'E', 'A', 'B', 'alpha', 'beta', 'intervals')} | (
       {'budget': result['budget']} if budget else {})
+
+
+def _columns(rows):
+  return tuple(np.array([r[k] for r in rows], np.float64) for k in ('N', 'D', 'C', 'eval_loss'))
 
 
 def _budget_groups(rows):
@@ -77,7 +82,8 @@ def _holdout(rows):
     return None
   held = max(range(len(rows)), key=lambda i: (rows[i]['N'], rows[i]['C']))
   rest = [r for i, r in enumerate(rows) if i != held]
-  law = laws.fit_parametric(*(np.array([r[k] for r in rest]) for k in ('N', 'D', 'eval_loss')))
+  N, D, _, loss = _columns(rest)
+  law = laws.fit_parametric(N, D, loss)
   predicted = float(laws.predict(law, rows[held]['N'], rows[held]['D']))
   actual = rows[held]['eval_loss']
   return {'run': rows[held]['name'], 'N': rows[held]['N'], 'D': rows[held]['D'],
@@ -118,13 +124,13 @@ def _report(result):
              if 'isoflop' in b else '')
 
 
-def _plot(workdir, rows, law, isoflop, per_token):
+def _plot(workdir, columns, groups, law, isoflop, per_token):
   """Writes the PNGs (write-then-rename, like every other file here); returns their paths."""
   import matplotlib
   matplotlib.use('Agg')  # No display needed.
   from matplotlib import pyplot as plt
 
-  N, D, C, loss = (np.array([r[k] for r in rows], np.float64) for k in ('N', 'D', 'C', 'eval_loss'))
+  N, D, C, loss = columns
   paths = []
 
   fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -139,7 +145,6 @@ def _plot(workdir, rows, law, isoflop, per_token):
 
   if isoflop:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    groups = _budget_groups(rows)
     colors = plt.cm.plasma(np.linspace(0, 0.85, len(groups)))
     for color, (budget, (n, _, l)) in zip(colors, sorted(groups.items())):
       n, l = np.array(n), np.array(l)

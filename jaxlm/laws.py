@@ -100,8 +100,9 @@ def compute_optimal(law, budget, flops_per_token):
   def loss_at(log_n):
     n = np.exp(log_n)
     return predict(law, n, budget / flops_per_token(n))
-  lo, hi = np.log(1e2), np.log(budget / 6) / 1.0  # D >= 1 token.
-  result = optimize.minimize_scalar(loss_at, bounds=(lo, min(hi, np.log(1e15))), method='bounded',
+  # From 100 parameters up to 1e15, or to C/6 (where D would fall below one token).
+  bounds = (np.log(1e2), min(np.log(budget / 6), np.log(1e15)))
+  result = optimize.minimize_scalar(loss_at, bounds=bounds, method='bounded',
                                     options={'xatol': 1e-6})
   n = float(np.exp(result.x))
   return n, float(budget / flops_per_token(n)), float(result.fun)

@@ -122,7 +122,11 @@ def cross_entropy(logits, targets, weights, z_loss=0.0):
 
 def loss(logits, batch, z_loss=0.0):
   """The loss of a prepared batch. Returns (objective_sum, stats), stats summed over targets."""
-  loss_sum, z_sum, correct = cross_entropy(logits, batch['targets'], batch['weights'], z_loss)
+  return _objective(*cross_entropy(logits, batch['targets'], batch['weights'], z_loss), batch)
+
+
+def _objective(loss_sum, z_sum, correct, batch):
+  """(loss + z-loss, the summed statistics that steps and evaluation divide once)."""
   stats = {'loss_sum': loss_sum, 'z_loss_sum': z_sum, 'correct': correct,
            'weight': jnp.sum(batch['weights'])}
   return loss_sum + z_sum, stats
@@ -151,11 +155,9 @@ def chunked_loss(hidden, kernel, bias, batch, z_loss, chunk):
     return jax.tree.map(jnp.add, totals, cross_entropy(logits, targets, weights, z_loss)), None
 
   zeros = (jnp.zeros((), jnp.float32),) * 3
-  (loss_sum, z_sum, correct), _ = jax.lax.scan(
+  sums, _ = jax.lax.scan(
       body, zeros, (split(hidden), split(batch['targets']), split(batch['weights'])))
-  stats = {'loss_sum': loss_sum, 'z_loss_sum': z_sum, 'correct': correct,
-           'weight': jnp.sum(batch['weights'])}
-  return loss_sum + z_sum, stats
+  return _objective(*sums, batch)
 
 
 def unigram_accuracy(tokens, special):

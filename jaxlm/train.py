@@ -76,7 +76,13 @@ def restore_for_inference(config, workdir, step=None, batch_size=1):
   for axis in MESH_AXES:
     config.mesh[axis] = config.mesh[f'dcn_{axis}'] = 1
   s = setup(config, jax.local_devices()[:1])
-  checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
+  return (s, *restore_params(s, workdir, step))
+
+
+def restore_params(s, workdir, step=None):
+  """(the parameters of the workdir's checkpoint `step`, default the latest, in the shardings
+  of `s`; that step)."""
+  checkpoints = checkpoint.Checkpointer.for_workdir(workdir, s.config)
   try:
     step = checkpoints.latest_step() if step is None else step
     if step is None:
@@ -85,7 +91,7 @@ def restore_for_inference(config, workdir, step=None, batch_size=1):
       params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
   finally:
     checkpoints.close()
-  return s, params, step
+  return params, step
 
 
 def compile_train_step(s, prepare):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from jaxlm import objectives
 
 
@@ -87,7 +88,6 @@ def _loss_and_grads(config):
                                               ('bert', 'masked')])
 def test_chunked_output_layer_matches_the_plain_loss_and_gradients(family, objective):
   """Tied (gpt2) and untied (llama) output layers, and BERT's head transform and output bias."""
-  from conftest import tiny_config
   plain = _loss_and_grads(tiny_config(model__family=family, objective=objective))
   chunked = _loss_and_grads(tiny_config(model__family=family, objective=objective,
                                         loss_chunk=16))
@@ -103,7 +103,6 @@ def test_chunked_output_layer_matches_the_plain_loss_and_gradients(family, objec
 def test_chunked_output_layer_never_holds_the_whole_batchs_logits():
   """The compiled train step's temporaries shrink by most of the [B, T, vocab] float32 logits
   (and their gradient) when the loss runs over 32 positions at a time instead of 256."""
-  from conftest import tiny_config
   from jaxlm import train
   temporaries = {}
   for chunk in (0, 32):
