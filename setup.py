@@ -29,9 +29,12 @@ setup(
         'numpy>=1.26',
         'pyarrow>=14',  # Parquet corpora.
         'matplotlib>=3.7',  # jaxlm fit's plots.
+        'safetensors>=0.4.3',  # jaxlm convert (its numpy API: no PyTorch).
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100'],
+        # The Hugging Face parity tests compare against transformers on a (CPU) torch.
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
+                 'transformers>=4.45', 'torch>=2.2'],
     },
     entry_points={'console_scripts': ['jaxlm=jaxlm.cli:main']},
 )

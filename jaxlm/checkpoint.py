@@ -80,6 +80,27 @@ class Checkpointer:
       raise self._write_error(step, e) from e
     self.last_save_blocking_s = time.perf_counter() - start
 
+  def save_params(self, step, params, config):
+    """Saves parameters without an optimizer state (jaxlm convert): training starts from them
+    with a fresh one, and the commands that read parameters read them like any checkpoint."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave({'params': params}),
+          config=ocp.args.JsonSave(config.to_dict())))
+    except Exception as e:
+      raise self._write_error(step, e) from e
+    self._saving = step
+
+  def parameters_only_step(self):
+    """The latest step if its checkpoint holds parameters alone (see save_params), else None."""
+    step = self.latest_step()
+    try:
+      if step is not None and 'opt_state' not in self.manager.item_metadata(step)['state'].tree:
+        return step
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is handled by restore_latest.
+      pass
+    return None
+
   def wait(self):
     """Blocks until every started save is complete."""
     try:
@@ -98,6 +119,8 @@ class Checkpointer:
     The data iterator is moved to the saved position. Unreadable checkpoints are set aside.
     """
     for step in reversed(self.all_steps()):
+      if step == self.parameters_only_step():
+        return None, 0  # Parameters to start from (see train.initial_state), not a state.
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=_restore_args(_target(abstract_state, shardings))))

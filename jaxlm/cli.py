@@ -98,10 +98,16 @@ def _generate(args, overrides):
     raise ConfigError(f'--max_new_tokens={args.max_new_tokens} must be at least 1')
   if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
     raise ConfigError('--temperature and --top_k must be >= 0 and --top_p in (0, 1]')
+  if args.num_beams < 1 or args.length_penalty < 0:
+    raise ConfigError('--num_beams must be at least 1 and --length_penalty >= 0')
+  if args.num_beams > 1 and (args.temperature or args.top_k or args.top_p < 1):
+    raise ConfigError('--num_beams searches for the likeliest text; it cannot be combined with '
+                      'sampling (--temperature, --top_k, --top_p)')
   config = _config(args, overrides)
   from jaxlm import generate
   for r in generate.run(config, args.workdir, args.prompt, args.max_new_tokens,
-                        args.temperature, args.top_k, args.top_p, args.seed, args.step):
+                        args.temperature, args.top_k, args.top_p, args.seed, args.step,
+                        args.num_beams, args.length_penalty):
     print(f'{r["prompt"]}{r["completion"]}\n---')
   return None
 
@@ -145,6 +151,26 @@ def _fit(args, overrides):
   return fit.run(args.workdir, args.budget, args.bootstrap)
 
 
+def _convert(args, overrides):
+  _require_workdir(args)
+  if bool(args.from_hf) == bool(args.to_hf):
+    raise ConfigError('give exactly one of --from-hf=HF_DIR (import into --workdir) and '
+                      '--to-hf=OUT_DIR (export the run in --workdir)')
+  if args.config:
+    raise ConfigError('jaxlm convert takes no --config: the model is the checkpoint\'s '
+                      '(--config.a.b=V overrides still apply to an import)')
+  from jaxlm import convert
+  if args.from_hf:
+    return convert.from_hf(args.from_hf, args.workdir, overrides)
+  if overrides:
+    raise ConfigError('--to-hf exports the run as it was trained; it takes no --config.* '
+                      'overrides')
+  if not args.max_shard_mb > 0:
+    raise ConfigError(f'--max_shard_mb={args.max_shard_mb} must be positive')
+  return convert.to_hf(_config(args, ()), args.workdir, args.to_hf, args.step, args.max_shard_mb,
+                       args.dtype)
+
+
 def _require_workdir(args):
   if not args.workdir:
     raise ConfigError('--workdir=DIR is required')
@@ -157,6 +183,7 @@ COMMANDS = {
     'fill-mask': (_fill_mask, 'print the likeliest tokens for each [MASK] of --text'),
     'generate': (_generate, 'continue --prompt texts with a causal LM (KV-cache decoding)'),
     'plan': (_plan, 'compile the train step for the mesh; print parameters, FLOPs, memory'),
+    'convert': (_convert, 'import a Hugging Face checkpoint as a run, or export a run to one'),
     'sweep': (_sweep, 'train every run of a scaling-law sweep (configs/scaling/)'),
     'fit': (_fit, 'fit scaling laws to the runs of a sweep; write fit.json and plots'),
 }
@@ -170,7 +197,7 @@ def _parser():
     p.add_argument('--config', default='', help='a Python file defining get_config()')
     p.add_argument('--workdir', default='', help='the run directory')
     p.add_argument('--verbose', action='store_true', help='debug logging and full tracebacks')
-    if name in ('eval', 'fill-mask', 'generate'):
+    if name in ('eval', 'fill-mask', 'generate', 'convert'):
       p.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
     if name == 'fill-mask':
       p.add_argument('--text', action='append', default=[],
@@ -184,6 +211,18 @@ def _parser():
       p.add_argument('--top_k', type=int, default=0, help='sample from the k likeliest (0 = all)')
       p.add_argument('--top_p', type=float, default=1.0, help='nucleus sampling mass')
       p.add_argument('--seed', type=int, default=0, help='sampling seed')
+      p.add_argument('--num_beams', type=int, default=1, help='beam search with N beams (1 = off)')
+      p.add_argument('--length_penalty', type=float, default=1.0,
+                     help='beam search: finished beams score log-prob / length ** this')
+    if name == 'convert':
+      p.add_argument('--from-hf', dest='from_hf', default='',
+                     help='a Hugging Face checkpoint directory to import into --workdir')
+      p.add_argument('--to-hf', dest='to_hf', default='',
+                     help='a new directory to export the run in --workdir to')
+      p.add_argument('--max_shard_mb', type=float, default=5000.0,
+                     help='export: largest safetensors file; more are written with an index')
+      p.add_argument('--dtype', default='', choices=('', 'float32', 'bfloat16', 'float16'),
+                     help='export: tensor dtype (default: model.param_dtype)')
     if name == 'sweep':
       p.add_argument('--shard', default='0/1',
                      help='i/n: run only every n-th run, starting from the i-th (0-based)')

@@ -5,6 +5,7 @@ values into the cache (prompts right-padded; each row's own length says where it
 then a while loop feeds one token per row per step until `max_new_tokens` or every row has
 produced a stop token. Greedy when temperature is 0, else temperature, top-k and top-p
 (nucleus) sampling from keys derived from (seed, step): the same seed gives the same text.
+With num_beams > 1, beam search instead (`beam_search`), in the same single jit.
 """
 
 import functools
@@ -44,20 +45,8 @@ def decode(model, params, tokens, lengths, seed, max_new_tokens, temperature=0.0
            top_p=1.0, stop_ids=()):
   """tokens [B, P] (prompts right-padded), lengths [B] -> new tokens [B, max_new_tokens] and how
   many of them each row produced (a row stops after its first stop token)."""
-  batch, prompt_len = tokens.shape
-  cache_len = prompt_len + max_new_tokens
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(
-      (batch, cache_len), jnp.int32), decode=True))['cache']
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-  def step(cache, tokens, positions):
-    logits, variables = model.apply({'params': params, 'cache': cache}, tokens, positions,
-                                    decode=True, mutable=['cache'])
-    return logits, variables['cache']
-
-  positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)
-  logits, cache = step(cache, tokens, positions)
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  batch = tokens.shape[0]
+  step, cache, last = _prefill(model, params, tokens, lengths, max_new_tokens)
   stops = jnp.asarray(stop_ids, jnp.int32)
 
   def body(carry):
@@ -81,23 +70,139 @@ def decode(model, params, tokens, lengths, seed, max_new_tokens, temperature=0.0
   return out, count
 
 
+def _prefill(model, params, tokens, lengths, max_new_tokens):
+  """(step(cache, tokens, positions) -> (logits, cache), the cache holding the prompts, each
+  row's logits after its last prompt token [B, V])."""
+  batch, prompt_len = tokens.shape
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(
+      (batch, prompt_len + max_new_tokens), jnp.int32), decode=True))['cache']
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def step(cache, tokens, positions):
+    logits, variables = model.apply({'params': params, 'cache': cache}, tokens, positions,
+                                    decode=True, mutable=['cache'])
+    return logits, variables['cache']
+
+  logits, cache = step(cache, tokens, jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape))
+  return step, cache, jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens',
+                                             'length_penalty', 'stop_ids'))
+def beam_search(model, params, tokens, lengths, num_beams, max_new_tokens, length_penalty=1.0,
+                stop_ids=()):
+  """The best continuation of each prompt found by beam search -> (tokens [B, max_new_tokens],
+  count [B], score [B]).
+
+  `num_beams` unfinished continuations ("alive" beams) are kept per prompt, with their summed
+  log-probabilities. A beam that emits a stop token is finished and scored by log-probability /
+  (tokens generated) ** length_penalty; the best `num_beams` finished ones are kept. The search
+  ends at max_new_tokens, when alive beams are scored the same way, or earlier once no alive
+  beam can beat the worst kept finished one. Each prompt runs as num_beams cache rows, which
+  are reordered after every step to follow their beams' parents.
+  """
+  batch, beams = tokens.shape[0], num_beams
+  step, cache, last = _prefill(model, params, jnp.repeat(tokens, beams, axis=0),
+                               jnp.repeat(lengths, beams), max_new_tokens)
+  row_lengths = jnp.repeat(lengths, beams)
+  layer_axis = 1 if model.cfg.scan_layers else 0  # Scanned caches lead with the layer axis.
+  stops = jnp.asarray(stop_ids, jnp.int32)
+  vocab = last.shape[-1]
+  # Enough candidates that num_beams of them never stop, however many beams pick a stop id.
+  candidates = beams * (len(stop_ids) + 1)
+  never = jnp.float32(-1e9)  # Finite, so that arithmetic on empty beams stays finite.
+
+  def take(x, index):  # x [B, n, ...] at index [B, m] -> [B, m, ...]
+    return jnp.take_along_axis(x, index.reshape(*index.shape, *([1] * (x.ndim - 2))), axis=1)
+
+  def normalized(score, length):
+    return score / jnp.asarray(length, jnp.float32) ** length_penalty
+
+  def body(carry):
+    i, cache, last, alive_score, alive_seq, done_score, done_seq, done_len = carry
+    logp = jax.nn.log_softmax(last.astype(jnp.float32)).reshape(batch, beams, vocab)
+    score, index = jax.lax.top_k((alive_score[:, :, None] + logp).reshape(batch, -1),
+                                 candidates)
+    parent, token = index // vocab, (index % vocab).astype(jnp.int32)
+    seq = take(alive_seq, parent).at[:, :, i].set(token)
+    stopped = jnp.isin(token, stops)
+    done_score, pick = jax.lax.top_k(jnp.concatenate(
+        [done_score, jnp.where(stopped, normalized(score, i + 1), never)], axis=1), beams)
+    done_seq = take(jnp.concatenate([done_seq, seq], axis=1), pick)
+    done_len = take(jnp.concatenate([done_len, jnp.full_like(token, i + 1)], axis=1), pick)
+    alive_score, pick = jax.lax.top_k(jnp.where(stopped, never, score), beams)
+    alive_seq, parent, token = take(seq, pick), take(parent, pick), take(token, pick)
+    rows = (jnp.arange(batch)[:, None] * beams + parent).reshape(-1)
+    cache = jax.tree.map(lambda c: jnp.take(c, rows, axis=layer_axis), cache)
+    logits, cache = step(cache, token.reshape(-1, 1), (row_lengths + i)[:, None])
+    return i + 1, cache, logits[:, 0], alive_score, alive_seq, done_score, done_seq, done_len
+
+  def cond(carry):
+    i, _, _, alive_score, _, done_score, _, _ = carry
+    # An alive beam's final score is at most its score now over the longest length.
+    best_possible = normalized(jnp.max(alive_score, axis=1), max_new_tokens)
+    return (i < max_new_tokens) & ~jnp.all(jnp.min(done_score, axis=1) >= best_possible)
+
+  empty = jnp.zeros((batch, beams, max_new_tokens), jnp.int32)
+  init = (0, cache, last, jnp.where(jnp.arange(beams) == 0, 0.0, never)[None].repeat(batch, 0),
+          empty, jnp.full((batch, beams), never), empty, jnp.zeros((batch, beams), jnp.int32))
+  i, _, _, alive_score, alive_seq, done_score, done_seq, done_len = jax.lax.while_loop(
+      cond, body, init)
+  score = jnp.concatenate([done_score, normalized(alive_score, jnp.maximum(i, 1))], axis=1)
+  seq = jnp.concatenate([done_seq, alive_seq], axis=1)
+  length = jnp.concatenate([done_len, jnp.full_like(done_len, i)], axis=1)
+  best = jnp.argmax(score, axis=1)[:, None]
+  return take(seq, best)[:, 0], take(length, best)[:, 0], take(score, best)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, tokens):
+  return model.apply({'params': params}, tokens).astype(jnp.float32)
+
+
 def reference_greedy(model, params, prompt, max_new_tokens, stop_ids=()):
   """Greedy decoding without a cache: the whole sequence through the causal model at every
   step (right-padded to one length, which cannot change earlier positions' logits). Slow; the
   tests' ground truth for `decode`."""
   ids = list(prompt)
   buffer = np.zeros((1, len(ids) + max_new_tokens), np.int32)
-  forward = jax.jit(lambda tokens: model.apply({'params': params}, tokens))
   for _ in range(max_new_tokens):
     buffer[0, :len(ids)] = ids
-    ids.append(int(jnp.argmax(forward(buffer)[0, len(ids) - 1])))
+    ids.append(int(jnp.argmax(_forward(model, params, buffer)[0, len(ids) - 1])))
     if ids[-1] in stop_ids:
       break
   return ids[len(prompt):]
 
 
+def reference_beam(model, params, prompt, num_beams, max_new_tokens, length_penalty=1.0,
+                   stop_ids=()):
+  """Beam search as `beam_search` defines it, written plainly: lists of hypotheses, the whole
+  sequence through the model for every beam at every step, no cache. The tests' ground truth.
+  Returns (tokens, score)."""
+  width = num_beams * (len(stop_ids) + 1)
+  alive, done = [([], 0.0)], []
+  for i in range(max_new_tokens):
+    expansions = []
+    for seq, score in alive:
+      ids = list(prompt) + seq
+      buffer = np.zeros((1, len(prompt) + max_new_tokens), np.int32)
+      buffer[0, :len(ids)] = ids
+      logp = np.asarray(jax.nn.log_softmax(_forward(model, params, buffer)[0, len(ids) - 1]))
+      expansions += [(seq + [int(t)], score + float(logp[t])) for t in np.argsort(-logp)[:width]]
+    expansions = sorted(expansions, key=lambda h: -h[1])[:width]
+    done += [(s, score / (i + 1) ** length_penalty) for s, score in expansions
+             if s[-1] in stop_ids]
+    done = sorted(done, key=lambda h: -h[1])[:num_beams]
+    alive = [h for h in expansions if h[0][-1] not in stop_ids][:num_beams]
+    best_possible = alive[0][1] / max_new_tokens ** length_penalty
+    if len(done) == num_beams and done[-1][1] >= best_possible:
+      break
+  final = done + [(s, score / len(s) ** length_penalty) for s, score in alive]
+  return max(final, key=lambda h: h[1])
+
+
 def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-        seed=0, step=None):
+        seed=0, step=None, num_beams=1, length_penalty=1.0):
   """Continues each prompt; returns [{'prompt', 'completion', 'tokens'}] (stop token dropped)."""
   if config.objective != 'causal':
     raise ConfigError(f'--workdir={workdir} holds a {config.objective!r} model; generate needs '
@@ -115,9 +220,13 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
   for row, ids in enumerate(encoded):
     tokens[row, :len(ids)] = ids
   lengths = np.array([len(ids) for ids in encoded], np.int32)
-  out, count = jax.device_get(decode(s.model, params, tokens, lengths, seed, max_new_tokens,
-                                     float(temperature), top_k, float(top_p),
-                                     (tokenizer.eos_id,)))
+  stop_ids = (tokenizer.eos_id,)
+  if num_beams > 1:
+    out, count, _ = jax.device_get(beam_search(s.model, params, tokens, lengths, num_beams,
+                                               max_new_tokens, float(length_penalty), stop_ids))
+  else:
+    out, count = jax.device_get(decode(s.model, params, tokens, lengths, seed, max_new_tokens,
+                                       float(temperature), top_k, float(top_p), stop_ids))
   results = []
   for prompt, row, n in zip(prompts, out, count):
     ids = [int(t) for t in row[:n] if t != tokenizer.eos_id]

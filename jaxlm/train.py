@@ -69,13 +69,20 @@ def setup(config, devices=None):
                state_lib.batch_shardings(mesh, rules, config))
 
 
-def restore_for_inference(config, workdir, step=None, batch_size=1):
-  """(setup on one local device, the parameters of checkpoint `step` (default: the latest),
-  that step), for the commands that only run the model (fill-mask, generate)."""
+def inference_setup(config, batch_size=1, devices=None):
+  """A setup on one device (default: the first local one) for the commands that only run or
+  read the model (fill-mask, generate, convert). `config` itself is left unchanged."""
+  config = config_lib.from_json(config_lib.to_json(config))
   config.batch_size = batch_size
   for axis in MESH_AXES:
     config.mesh[axis] = config.mesh[f'dcn_{axis}'] = 1
-  s = setup(config, jax.local_devices()[:1])
+  return setup(config, devices or jax.local_devices()[:1])
+
+
+def restore_for_inference(config, workdir, step=None, batch_size=1):
+  """(setup on one local device, the parameters of checkpoint `step` (default: the latest),
+  that step), for the commands that only run the model (fill-mask, generate)."""
+  s = inference_setup(config, batch_size)
   return (s, *restore_params(s, workdir, step))
 
 
@@ -186,6 +193,9 @@ def initial_state(s, checkpoints, batches, source):
     log.info('resumed from the checkpoint of step %d', step)
     return state, step
   state = state_lib.initialize(s.model, s.tx, s.config, s.shardings)
+  imported = checkpoints.parameters_only_step()
+  if imported is not None:  # A converted checkpoint (jaxlm convert): parameters, no optimizer.
+    source = checkpoints, imported
   if source is not None:
     checkpointer, source_step = source
     log.info('initialising the parameters from %s/%d', checkpointer.directory, source_step)
@@ -195,7 +205,7 @@ def initial_state(s, checkpoints, batches, source):
     if fresh:
       log.info('new parameters (not in the checkpoint): %s', ', '.join(fresh))
     state = state.replace(params={**state.params, **restored})
-  return state, 0
+  return state, imported or 0
 
 
 def train(config, workdir, devices=None):

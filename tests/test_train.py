@@ -110,7 +110,7 @@ def test_a_workdir_of_another_model_shape_is_refused(trained):
 # ------------------------------------------------------------------------------- generate
 
 
-def _random_model(family, scan):
+def _random_model(family, scan, scale=5.0):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -120,7 +120,7 @@ def _random_model(family, scan):
   model = model_lib.build(config)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   # Larger weights than the init's: peaked distributions, so greedy choices are not near-ties.
-  return model, jax.tree.map(lambda p: 5 * p, params)
+  return model, jax.tree.map(lambda p: scale * p, params)
 
 
 def _batch(prompts):
@@ -151,6 +151,28 @@ def test_kv_cache_decoding_equals_a_no_cache_reference_token_for_token(family, s
                                                                       12, stop_ids=(stop,))
 
 
+@pytest.mark.parametrize('family,scan', [('gpt2', True), ('llama', False)])
+def test_beam_search_equals_a_plain_reference(family, scan):
+  """The jitted, cached beam search against lists of hypotheses run without a cache: the same
+  tokens and scores, with and without stop tokens and length penalties."""
+  from jaxlm import generate
+  model, params = _random_model(family, scan, scale=1.25)  # Flatter: beams leave the greedy path.
+  batch = _batch(PROMPTS)
+  greedy = generate.decode(model, params, *batch, 0, 8)[0]
+  stop = int(greedy[1][2])
+  differs = False
+  for beams, penalty, stops in ((1, 1.0, ()), (4, 1.0, ()), (3, 0.6, (stop,)), (2, 0.0, (stop,))):
+    out, count, score = generate.beam_search(model, params, *batch, beams, 8, penalty, stops)
+    for row, prompt in enumerate(PROMPTS):
+      tokens, expected = generate.reference_beam(model, params, prompt, beams, 8, penalty, stops)
+      assert list(out[row][:count[row]]) == tokens, (beams, penalty, stops, row)
+      assert abs(float(score[row]) - expected) < 1e-4
+      if beams == 1 and not stops:
+        assert tokens == generate.reference_greedy(model, params, prompt, 8)
+      differs |= list(out[row][:count[row]]) != list(greedy[row][:count[row]])
+  assert differs  # The search is not greedy decoding in disguise.
+
+
 def test_sampling_is_deterministic_for_a_seed_and_top_k_1_is_greedy():
   from jaxlm import generate
   model, params = _random_model('gpt2', True)
@@ -171,6 +193,12 @@ def test_generate_command_continues_prompts(trained, capsys):
                    '--max_new_tokens=8', '--temperature=0.8', '--top_p=0.9']) == 0
   out = capsys.readouterr().out
   assert out.count('\n---\n') == 2 and out.startswith('import ') and '\ndef f(' in out
+  assert cli.main(['generate', f'--workdir={workdir}', '--prompt=import ', '--num_beams=3',
+                   '--max_new_tokens=6']) == 0
+  assert capsys.readouterr().out.startswith('import ')
+  assert cli.main(['generate', f'--workdir={workdir}', '--prompt=x', '--num_beams=2',
+                   '--temperature=0.5']) == 2
+  assert 'cannot be combined with sampling' in capsys.readouterr().err
   assert cli.main(['generate', f'--workdir={workdir}', '--prompt=x',
                    '--max_new_tokens=500']) == 2
   assert 'exceeds model.max_len=64' in capsys.readouterr().err

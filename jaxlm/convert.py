@@ -1,0 +1,285 @@
+"""`jaxlm convert`: Hugging Face safetensors checkpoints <-> jaxlm runs, one tensor at a time.
+
+`--from-hf=DIR --workdir=OUT` reads DIR/config.json and DIR/model.safetensors (or a sharded
+model.safetensors.index.json) and writes a new run: config.json, tokenizer.model and
+checkpoints/0 holding the parameters alone. `jaxlm train --workdir=OUT` continues pretraining
+from them with a fresh optimizer state; `generate`, `eval` and `init_from` read them too.
+
+`--to-hf=DIR --workdir=RUN [--step=N]` writes config.json, model.safetensors (shards and an
+index above --max_shard_mb) and the sentencepiece tokenizer.model.
+
+No PyTorch: tensors go through safetensors. Host memory holds one copy of the parameters plus
+one tensor (import) or one shard (export). Both directions build in a temporary sibling
+directory renamed into place at the end, so an interrupted conversion leaves nothing behind.
+The tensor tables of each family are in hf.py.
+"""
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from jaxlm import checkpoint, hf
+from jaxlm import config as config_lib
+from jaxlm import data
+from jaxlm import train as train_lib
+from jaxlm import workdir as workdir_lib
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.errors import ConfigError
+
+log = logging.getLogger('jaxlm')
+
+SINGLE, INDEX = 'model.safetensors', 'model.safetensors.index.json'
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class Reader:
+  """The tensors of a Hugging Face checkpoint directory, read one at a time (bfloat16
+  included: safetensors' numpy reader has no bfloat16, so tensors come through jax on CPU)."""
+
+  def __init__(self, directory):
+    self.directory = directory
+    index, single = os.path.join(directory, INDEX), os.path.join(directory, SINGLE)
+    if os.path.exists(index):
+      weight_map = _read_json(index).get('weight_map')
+      if not isinstance(weight_map, dict):
+        raise ConfigError(f'{index} has no weight_map')
+      self.files = {name: os.path.join(directory, f) for name, f in weight_map.items()}
+    elif os.path.exists(single):
+      self.files = {name: single for name in self._open(single).keys()}
+    else:
+      bin_file = os.path.join(directory, 'pytorch_model.bin')
+      raise ConfigError(
+          f'{directory} has no {SINGLE} or {INDEX}' +
+          ('; it holds PyTorch pickles only: save it as safetensors first '
+           '(model.save_pretrained(DIR, safe_serialization=True))'
+           if os.path.exists(bin_file) else ''))
+    self._handles = {}
+
+  def _open(self, path):
+    from safetensors import safe_open
+    try:
+      return safe_open(path, framework='flax')
+    except (OSError, Exception) as e:  # safetensors raises its own error types.
+      raise ConfigError(f'{path} cannot be read as safetensors: {e}') from e
+
+  def find(self, name, layout):
+    """The stored name of tensor `name`: also without the base-model prefix (checkpoints of
+    GPT2Model, BertModel) and with legacy LayerNorm suffixes (gamma, beta)."""
+    bare = name[len(layout.base_prefix):] if name.startswith(layout.base_prefix) else name
+    candidates = [name, bare] + [c[:-len(new)] + old for c in (name, bare)
+                                 for new, old in hf.LEGACY_SUFFIX.items() if c.endswith(new)]
+    return next((c for c in candidates if c in self.files), None)
+
+  def get(self, name):
+    path = self.files[name]
+    if path not in self._handles:
+      self._handles[path] = self._open(path)
+    with jax.default_device(jax.devices('cpu')[0]):
+      return np.asarray(self._handles[path].get_tensor(name))
+
+
+class ShardWriter:
+  """Writes tensors into safetensors files of at most `max_bytes` each (one tensor may exceed
+  it alone), named as transformers names them, with an index when there are several."""
+
+  def __init__(self, directory, max_bytes):
+    self.directory, self.max_bytes = directory, max_bytes
+    self.pending, self.pending_bytes, self.shards, self.total = {}, 0, [], 0
+
+  def add(self, name, tensor):
+    if self.pending and self.pending_bytes + tensor.nbytes > self.max_bytes:
+      self._flush()
+    self.pending[name] = tensor
+    self.pending_bytes += tensor.nbytes
+    self.total += tensor.nbytes
+
+  def _flush(self):
+    from safetensors.numpy import save_file
+    path = os.path.join(self.directory, f'shard-{len(self.shards)}.safetensors')
+    save_file(self.pending, path, metadata={'format': 'pt'})
+    self.shards.append(list(self.pending))
+    self.pending, self.pending_bytes = {}, 0
+
+  def close(self):
+    """Renames the shards to their final names; returns how many files there are."""
+    if self.pending or not self.shards:
+      self._flush()
+    n = len(self.shards)
+    names = [SINGLE] if n == 1 else [f'model-{k + 1:05d}-of-{n:05d}.safetensors'
+                                     for k in range(n)]
+    for k, name in enumerate(names):
+      os.replace(os.path.join(self.directory, f'shard-{k}.safetensors'),
+                 os.path.join(self.directory, name))
+    if n > 1:
+      weight_map = {tensor: name for name, shard in zip(names, self.shards) for tensor in shard}
+      _write_json(os.path.join(self.directory, INDEX),
+                  {'metadata': {'total_size': self.total}, 'weight_map': weight_map})
+    return n
+
+
+def from_hf(hf_dir, workdir, overrides=()):
+  """Imports a Hugging Face checkpoint directory as a new jaxlm run in `workdir`."""
+  where = os.path.join(hf_dir, 'config.json')
+  if not os.path.isdir(hf_dir):
+    raise ConfigError(f'--from-hf={hf_dir!r} is not a directory')
+  layout, fields = hf.model_fields(_read_json(where), where)
+  config = imported_config(layout, fields, overrides, where)
+  _check_new_directory(workdir, '--workdir')
+  tokenizer = _tokenizer(config, hf_dir)
+  config.data.tokenizer = ''  # The run keeps its own copy, <workdir>/tokenizer.model.
+  reader = Reader(hf_dir)
+
+  s = train_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
+  m = config.model
+  # One host copy of the parameters, filled in place tensor by tensor.
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), s.abstract_state.params)
+  used = set()
+  for entry in hf.entries(layout, params, m.scan_layers, m.num_layers):
+    stored = reader.find(entry.name, layout)
+    if stored is None:
+      raise ConfigError(f'{hf_dir} has no tensor {entry.name}, which a {layout.architecture} '
+                        f'of its config.json has')
+    targets = [hf.get(params, path, layer, m.scan_layers) for path, layer in entry.leaves]
+    shapes = [target.shape for target in targets]
+    tensor = reader.get(stored)
+    if tensor.shape != hf.hf_shape(entry, shapes):
+      raise ConfigError(f'{hf_dir}: tensor {stored} has shape {tuple(tensor.shape)}, but its '
+                        f'config.json makes it {hf.hf_shape(entry, shapes)}')
+    for target, array in zip(targets, hf.from_hf(entry, tensor, shapes)):
+      target[...] = array  # Cast to model.param_dtype.
+    used.add(stored)
+  unused = sorted(n for n in set(reader.files) - used if not any(i in n for i in layout.ignored))
+  if unused:
+    raise ConfigError(f'{hf_dir}: tensor {unused[0]} (and {len(unused) - 1} more) has no place '
+                      f'in a {layout.architecture} of its config.json; is the config from '
+                      f'another model?')
+
+  def write(tmp):
+    tokenizer.save(data.tokenizer_path(tmp))
+    checkpoints = checkpoint.Checkpointer.for_workdir(tmp, config)
+    try:
+      checkpoints.save_params(0, params, config)
+      checkpoints.wait()
+    finally:
+      checkpoints.close()
+    workdir_lib.save_config(tmp, config)
+
+  _build_then_rename(workdir, write)
+  counts = len(jax.tree.leaves(params)), sum(a.size for a in jax.tree.leaves(params))
+  log.info('imported %d tensors (%s parameters) of %s into %s', len(used), f'{counts[1]:,}',
+           hf_dir, workdir)
+  return {'workdir': workdir, 'family': layout.family, 'tensors': len(used),
+          'parameters': counts[1]}
+
+
+def imported_config(layout, fields, overrides, where):
+  """The run config of an imported model: the family's defaults, the model fields of the
+  Hugging Face config, then the user's overrides, which may not change those fields (except
+  the training length of a RoPE model, whose positions are not parameters)."""
+  def build(extra):
+    config = config_lib.defaults(layout.family)
+    config.objective = layout.objective
+    for field, value in fields.items():
+      current = config.model[field]
+      config.model[field] = type(current)(value) if current is not None else value
+    config_lib.apply_overrides(config, extra)
+    return config_lib.validate(config)
+
+  hf_fields = build(())
+  config = build(overrides)
+  for field in fields:
+    if field == 'max_len' and config.model.position == 'rope':
+      continue
+    if config.model[field] != hf_fields.model[field]:
+      raise ConfigError(f'--config.model.{field}={config.model[field]!r} contradicts {where} '
+                        f'({hf_fields.model[field]!r}); the checkpoint fixes it')
+  return config
+
+
+def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
+  """Exports checkpoint `step` (default: the latest) of the run in `workdir` to `out_dir`."""
+  layout = hf.exportable(config)
+  _check_new_directory(out_dir, '--to-hf')
+  tokenizer_file = config.data.tokenizer or data.tokenizer_path(workdir)
+  tokenizer = tokenizer_lib.load(tokenizer_file) if os.path.exists(tokenizer_file) else None
+  s = train_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
+  params, step = train_lib.restore_params(s, workdir, step)
+  m = config.model
+  dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
+
+  def write(tmp):
+    writer = ShardWriter(tmp, max_shard_mb * 2 ** 20)
+    for entry in hf.entries(layout, params, m.scan_layers, m.num_layers):
+      arrays = [np.asarray(hf.get(params, path, layer, m.scan_layers))
+                for path, layer in entry.leaves]
+      writer.add(entry.name, hf.to_hf(entry, arrays).astype(dtype))
+    files = writer.close()
+    hf_config = hf.hf_config(config, tokenizer)
+    hf_config['dtype'] = dtype.name
+    _write_json(os.path.join(tmp, 'config.json'), hf_config)
+    if tokenizer is not None:
+      shutil.copyfile(tokenizer_file, os.path.join(tmp, 'tokenizer.model'))
+    return files
+
+  files = _build_then_rename(out_dir, write)
+  log.info('exported step %d of %s to %s (%d file%s)%s', step, workdir, out_dir, files,
+           's' if files > 1 else '', '' if tokenizer else '; the run has no tokenizer.model')
+  return {'out': out_dir, 'step': step, 'architecture': layout.architecture, 'files': files}
+
+
+def _tokenizer(config, hf_dir):
+  """The sentencepiece model: data.tokenizer if given, else the checkpoint's tokenizer.model."""
+  path = config.data.tokenizer or os.path.join(hf_dir, 'tokenizer.model')
+  if not os.path.exists(path):
+    raise ConfigError(f'{hf_dir} has no tokenizer.model and jaxlm reads sentencepiece '
+                      f'tokenizers only (not tokenizer.json); give one with '
+                      f'--config.data.tokenizer=FILE.model')
+  tokenizer = tokenizer_lib.load(path)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f'the tokenizer {path} has {tokenizer.vocab_size} pieces, more than the '
+                      f'model\'s vocab_size={config.model.vocab_size}')
+  if config.objective == 'masked':
+    tokenizer.check_specials()
+  return tokenizer
+
+
+def _check_new_directory(path, flag):
+  if not path:
+    raise ConfigError(f'{flag}=DIR is required')
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise ConfigError(f'{flag}={path} exists and is not empty; conversion writes a new '
+                      f'directory, so give another path')
+
+
+def _build_then_rename(path, write):
+  """Runs write(tmp) in a temporary sibling of `path`, then renames it to `path`."""
+  path = os.path.abspath(path)
+  tmp = f'{path}.converting.{os.getpid()}'
+  try:
+    os.makedirs(tmp)
+    result = write(tmp)
+    os.replace(tmp, path)  # Also replaces an empty directory at `path`.
+    return result
+  except OSError as e:
+    raise ConfigError(f'cannot write {path}: {e.strerror or e}') from e
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except OSError as e:
+    raise ConfigError(f'{path} cannot be read: {e.strerror}') from e
+  except ValueError as e:
+    raise ConfigError(f'{path} is not valid JSON: {e}') from e
+
+
+def _write_json(path, value):
+  with open(path, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)

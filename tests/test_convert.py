@@ -1,0 +1,288 @@
+"""jaxlm convert: Hugging Face checkpoints in and out, checked against `transformers` itself.
+
+The parity tests need the test extra (transformers and a CPU build of torch); without it they
+are skipped with that reason. Round trips are bitwise; logits agree to 1e-4 in float32.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CORPUS
+from jaxlm import checkpoint, cli, evaluate, generate, hf
+from jaxlm import config as config_lib
+from jaxlm import train as train_lib
+from jaxlm import workdir as workdir_lib
+
+torch = pytest.importorskip('torch', reason='the HF parity tests need the test extra: '
+                            "pip install -e '.[test]' (torch, transformers)")
+transformers = pytest.importorskip('transformers', reason='the HF parity tests need the test '
+                                   "extra: pip install -e '.[test]'")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+VOCAB = 512  # The shared test tokenizer's size.
+TOLERANCE = 1e-4
+
+# Small random models of every family, as transformers builds them. Each case names the
+# transformers config and model classes and the config's arguments.
+CASES = {
+    'llama-gqa': ('LlamaConfig', 'LlamaForCausalLM', dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=5e5)),
+    'llama-tied-bias': ('LlamaConfig', 'LlamaForCausalLM', dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=2,
+        head_dim=32, max_position_embeddings=64, tie_word_embeddings=True,
+        attention_bias=True, mlp_bias=True, rms_norm_eps=1e-5)),
+    'gpt2': ('GPT2Config', 'GPT2LMHeadModel', dict(
+        n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96)),
+    'bert': ('BertConfig', 'BertForMaskedLM', dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=64)),
+}
+
+
+def hf_model(case, seed=0):
+  """A transformers model of `case` whose every parameter is random (biases and norms too)."""
+  config_class, model_class, kwargs = CASES[case]
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_class)(
+      getattr(transformers, config_class)(vocab_size=VOCAB, **kwargs)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+def tokens(length=24):
+  return np.random.RandomState(1).randint(4, VOCAB, (2, length)).astype(np.int32)
+
+
+def hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def jaxlm_logits(workdir, ids):
+  config = workdir_lib.read_config(workdir)
+  s, params, _ = train_lib.restore_for_inference(config, str(workdir))
+  with s.active():
+    return np.asarray(s.model.apply({'params': params}, ids))
+
+
+def jaxlm_params(workdir, step=None):
+  config = workdir_lib.read_config(workdir)
+  params = train_lib.restore_for_inference(config, str(workdir), step)[1]
+  return config, {jax.tree_util.keystr(p): np.asarray(v)
+                  for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def convert(*args):
+  return cli.main(['convert', *map(str, args)])
+
+
+@pytest.fixture
+def tokenizer_file(shared_data):
+  return shared_data / 'tokenizer.model'
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_import_matches_transformers(case, tmp_path, tokenizer_file):
+  model = hf_model(case)
+  model.save_pretrained(tmp_path / 'hf')
+  scan = [] if case != 'llama-tied-bias' else ['--config.model.scan_layers=False']
+  assert convert('--from-hf', tmp_path / 'hf', f'--workdir={tmp_path}/run',
+                 f'--config.data.tokenizer={tokenizer_file}', *scan) == 0
+  ids = tokens()
+  expected = hf_logits(model, ids)
+  assert np.abs(jaxlm_logits(tmp_path / 'run', ids) - expected).max() < TOLERANCE
+  config = workdir_lib.read_config(tmp_path / 'run')
+  assert config.model.family == case.split('-')[0]
+  assert config.data.tokenizer == '' and (tmp_path / 'run' / 'tokenizer.model').exists()
+  # And back: the exported tensors are the original ones, bit for bit.
+  assert convert('--to-hf', tmp_path / 'back', f'--workdir={tmp_path}/run') == 0
+  original = load_file(tmp_path / 'hf' / 'model.safetensors')
+  exported = load_file(tmp_path / 'back' / 'model.safetensors')
+  assert set(exported) <= set(original)
+  for name, tensor in exported.items():
+    np.testing.assert_array_equal(tensor, original[name], err_msg=name)
+  reloaded = type(model).from_pretrained(tmp_path / 'back').eval()
+  np.testing.assert_array_equal(hf_logits(reloaded, ids), expected)
+
+
+def random_run(family, workdir, tokenizer_file, **model):
+  """A jaxlm run directory whose parameters are all random (no zero biases, no unit norms)."""
+  config = config_lib.defaults(family)
+  config.objective = 'masked' if family == 'bert' else 'causal'
+  config.model.update(dict(num_layers=2, emb_dim=64, num_heads=4, mlp_dim=96,
+                           vocab_size=VOCAB, max_len=64, **model))
+  config = config_lib.validate(config)
+  s = train_lib.inference_setup(config)
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype),
+                        s.abstract_state.params)
+  os.makedirs(workdir)
+  shutil.copy(tokenizer_file, os.path.join(workdir, 'tokenizer.model'))
+  checkpoints = checkpoint.Checkpointer.for_workdir(str(workdir), config)
+  checkpoints.save_params(5, params, config)
+  checkpoints.close()
+  workdir_lib.save_config(str(workdir), config)
+  return config
+
+
+EXPORTS = {
+    'llama': ('llama', 'AutoModelForCausalLM', dict(num_kv_heads=2)),
+    'llama-tied-bias': ('llama', 'AutoModelForCausalLM', dict(
+        tied_embeddings=True, use_bias=True, head_dim=8, scan_layers=False)),
+    'gpt2': ('gpt2', 'AutoModelForCausalLM', {}),
+    'gpt2-untied': ('gpt2', 'AutoModelForCausalLM', dict(tied_embeddings=False)),
+    'bert': ('bert', 'AutoModelForMaskedLM', dict(type_vocab_size=2)),
+}
+
+
+@pytest.mark.parametrize('case', list(EXPORTS))
+def test_export_matches_transformers_and_round_trips(case, tmp_path, tokenizer_file):
+  family, auto_class, model = EXPORTS[case]
+  random_run(family, tmp_path / 'run', tokenizer_file, **model)
+  assert convert('--to-hf', tmp_path / 'hf', f'--workdir={tmp_path}/run') == 0
+  assert (tmp_path / 'hf' / 'tokenizer.model').exists()
+  reference = getattr(transformers, auto_class).from_pretrained(tmp_path / 'hf').eval()
+  assert type(reference).__name__ == hf.BY_FAMILY[family].architecture
+  ids = tokens()
+  assert np.abs(hf_logits(reference, ids) - jaxlm_logits(tmp_path / 'run', ids)).max() < TOLERANCE
+  # jaxlm -> HF -> jaxlm is the identity, bit for bit.
+  scan = f'--config.model.scan_layers={model.get("scan_layers", True)}'
+  assert convert('--from-hf', tmp_path / 'hf', f'--workdir={tmp_path}/again', scan) == 0
+  _, before = jaxlm_params(tmp_path / 'run')
+  _, after = jaxlm_params(tmp_path / 'again')
+  assert set(before) == set(after)
+  for name in before:
+    np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+def test_sharded_bfloat16_export(tmp_path, tokenizer_file):
+  """Above --max_shard_mb the export is sharded with an index, as transformers writes it;
+  bfloat16 tensors come back as the float32 values they round to."""
+  random_run('llama', tmp_path / 'run', tokenizer_file, num_kv_heads=2)
+  assert convert('--to-hf', tmp_path / 'hf', f'--workdir={tmp_path}/run', '--max_shard_mb=0.05',
+                 '--dtype=bfloat16') == 0
+  index = json.loads((tmp_path / 'hf' / 'model.safetensors.index.json').read_text())
+  files = sorted(set(index['weight_map'].values()))
+  assert len(files) > 2 and files[0] == f'model-00001-of-{len(files):05d}.safetensors'
+  assert sorted(p.name for p in (tmp_path / 'hf').glob('*.safetensors')) == files
+  assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['dtype'] == 'bfloat16'
+  reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+  assert next(reference.parameters()).dtype == torch.bfloat16
+  assert convert('--from-hf', tmp_path / 'hf', f'--workdir={tmp_path}/again') == 0
+  _, before = jaxlm_params(tmp_path / 'run')
+  _, after = jaxlm_params(tmp_path / 'again')
+  for name in before:
+    rounded = before[name].astype(jax.numpy.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(after[name], rounded, err_msg=name)
+
+
+def test_continue_pretraining_an_import(tmp_path, tokenizer_file, shared_data):
+  """An imported run trains in place from the imported parameters (fresh optimizer state),
+  then evaluates, generates and exports like any run."""
+  hf_model('llama-gqa').save_pretrained(tmp_path / 'hf')
+  run = tmp_path / 'run'
+  assert convert('--from-hf', tmp_path / 'hf', f'--workdir={run}',
+                 f'--config.data.tokenizer={tokenizer_file}', '--config.model.max_len=32',
+                 '--config.batch_size=8', f'--config.data.path={CORPUS}',
+                 f'--config.data.cache_dir={shared_data}/cache32', '--config.eval_batches=2',
+                 '--config.data.validation_fraction=0.1') == 0
+  assert cli.main(['train', f'--workdir={run}', '--config.train_steps=3',
+                   '--config.log_every_steps=3', '--config.optimizer.warmup_steps=1']) == 0
+  rows = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+  first_eval = next(r for r in rows if r['step'] == 0 and 'eval_loss' in r)
+  config = workdir_lib.read_config(run)
+  imported = evaluate.run(config, str(run), step=0)  # The converted checkpoint itself.
+  assert abs(imported['eval_loss'] - first_eval['eval_loss']) < 1e-5
+  assert sorted(checkpoint.Checkpointer.for_workdir(str(run), config).all_steps()) == [0, 3]
+  trained = evaluate.run(config, str(run))
+  assert trained['step'] == 3 and trained['eval_loss'] < imported['eval_loss']
+  out = generate.run(config, str(run), ['def main('], max_new_tokens=4)
+  assert len(out[0]['tokens']) == 4
+  assert convert('--to-hf', tmp_path / 'out', f'--workdir={run}', '--step=3') == 0
+  exported = load_file(tmp_path / 'out' / 'model.safetensors')
+  _, params = jaxlm_params(run, step=3)
+  np.testing.assert_array_equal(exported['model.norm.weight'], params["['final_norm']['scale']"])
+
+
+def write_hf(tmp_path, case='llama-gqa', **edits):
+  """A saved transformers checkpoint whose config.json is then edited."""
+  directory = tmp_path / 'hf'
+  hf_model(case).save_pretrained(directory)
+  config = json.loads((directory / 'config.json').read_text())
+  config.update(edits)
+  (directory / 'config.json').write_text(json.dumps(config))
+  return directory
+
+
+def convert_error(capsys, *args):
+  capsys.readouterr()  # Only what convert prints.
+  assert convert(*args) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  return err
+
+
+def test_import_errors(tmp_path, tokenizer_file, capsys):
+  tok = f'--config.data.tokenizer={tokenizer_file}'
+  directory = write_hf(tmp_path, model_type='mistral')
+  assert "model_type 'mistral' is not supported" in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  shutil.rmtree(directory)
+  directory = write_hf(tmp_path, rope_parameters={'rope_type': 'llama3', 'rope_theta': 5e5,
+                                                  'factor': 8.0})
+  assert "rope_type='llama3' is not supported" in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  shutil.rmtree(directory)
+  directory = write_hf(tmp_path)
+  assert 'has no tokenizer.model' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a')
+  assert 'contradicts' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok,
+      '--config.model.num_layers=3')
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'keep.txt').write_text('data')
+  assert 'exists and is not empty' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/full', tok)
+  assert (tmp_path / 'full' / 'keep.txt').read_text() == 'data'
+  assert 'exactly one of' in convert_error(capsys, f'--workdir={tmp_path}/a')
+  # A tensor missing, or of the wrong shape, names the tensor; nothing is left behind.
+  tensors = load_file(directory / 'model.safetensors')
+  del tensors['model.layers.1.mlp.up_proj.weight']
+  save_file(tensors, directory / 'model.safetensors', metadata={'format': 'pt'})
+  assert 'has no tensor model.layers.1.mlp.up_proj.weight' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  tensors['model.layers.1.mlp.up_proj.weight'] = np.zeros((95, 64), np.float32)
+  save_file(tensors, directory / 'model.safetensors', metadata={'format': 'pt'})
+  assert 'model.layers.1.mlp.up_proj.weight has shape (95, 64)' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  tensors['model.layers.1.mlp.up_proj.weight'] = np.zeros((96, 64), np.float32)
+  tensors['model.layers.2.mlp.up_proj.weight'] = np.zeros((96, 64), np.float32)
+  save_file(tensors, directory / 'model.safetensors', metadata={'format': 'pt'})
+  assert 'model.layers.2.mlp.up_proj.weight (and 0 more) has no place' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  assert not os.path.exists(tmp_path / 'a')
+  assert [p.name for p in tmp_path.iterdir() if 'converting' in p.name] == []
+
+
+def test_export_errors(tmp_path, tokenizer_file, capsys):
+  random_run('gpt2', tmp_path / 'rope', tokenizer_file, position='rope')
+  assert "model.position='rope' cannot be exported" in convert_error(
+      capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/rope')
+  random_run('bert', tmp_path / 'notypes', tokenizer_file)
+  assert 'model.type_vocab_size=0 cannot be exported' in convert_error(
+      capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/notypes')
+  assert 'takes no --config.* overrides' in convert_error(
+      capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/rope', '--config.seed=1')
+  random_run('llama', tmp_path / 'empty', tokenizer_file)
+  shutil.rmtree(tmp_path / 'empty' / 'checkpoints')
+  assert 'has no checkpoint' in convert_error(
+      capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/empty')
+  assert not os.path.exists(tmp_path / 'out')
