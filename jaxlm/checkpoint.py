@@ -44,7 +44,8 @@ class Checkpointer:
     keep_every = config.checkpoint.keep_every_steps if config else 0
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
-        read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=True)
+        read_only=read_only, enable_async_checkpointing=True,
+        cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(
         directory, options=options, item_names=('state', 'data', 'config'),
         item_handlers={'state': ocp.PyTreeCheckpointHandler(),

@@ -10,7 +10,7 @@ index above --max_shard_mb) and the sentencepiece tokenizer.model.
 
 No PyTorch: tensors go through safetensors. Host memory holds one copy of the parameters plus
 one tensor (import) or one shard (export). Both directions build in a temporary sibling
-directory renamed into place at the end, so an interrupted conversion leaves nothing behind.
+directory renamed into place at the end, so the target is never half-written.
 The tensor tables of each family are in hf.py.
 """
 
@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -78,8 +79,11 @@ class Reader:
     path = self.files[name]
     if path not in self._handles:
       self._handles[path] = self._open(path)
-    with jax.default_device(jax.devices('cpu')[0]):
-      return np.asarray(self._handles[path].get_tensor(name))
+    try:
+      with jax.default_device(jax.devices('cpu')[0]):
+        return np.asarray(self._handles[path].get_tensor(name))
+    except Exception as e:  # safetensors' own error types: a truncated file, a bad index.
+      raise ConfigError(f'{path}: tensor {name} cannot be read: {e}') from e
 
 
 class ShardWriter:
@@ -100,7 +104,10 @@ class ShardWriter:
   def _flush(self):
     from safetensors.numpy import save_file
     path = os.path.join(self.directory, f'shard-{len(self.shards)}.safetensors')
-    save_file(self.pending, path, metadata={'format': 'pt'})
+    try:
+      save_file(self.pending, path, metadata={'format': 'pt'})
+    except Exception as e:  # A full disk surfaces as safetensors' own error type.
+      raise OSError(f'{path}: {e}') from e
     self.shards.append(list(self.pending))
     self.pending, self.pending_bytes = {}, 0
 
@@ -185,7 +192,11 @@ def imported_config(layout, fields, overrides, where):
     config.objective = layout.objective
     for field, value in fields.items():
       current = config.model[field]
-      config.model[field] = type(current)(value) if current is not None else value
+      try:
+        config.model[field] = type(current)(value) if current is not None else value
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f'{where}: {layout.fields[field][0]}={value!r} is not valid for '
+                          f'model.{field}') from e
     config_lib.apply_overrides(config, extra)
     return config_lib.validate(config)
 
@@ -250,24 +261,33 @@ def _tokenizer(config, hf_dir):
 def _check_new_directory(path, flag):
   if not path:
     raise ConfigError(f'{flag}=DIR is required')
-  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+  try:
+    occupied = os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path))
+  except OSError as e:
+    raise ConfigError(f'{flag}={path} cannot be read: {e.strerror}') from e
+  if occupied:
     raise ConfigError(f'{flag}={path} exists and is not empty; conversion writes a new '
                       f'directory, so give another path')
 
 
 def _build_then_rename(path, write):
-  """Runs write(tmp) in a temporary sibling of `path`, then renames it to `path`."""
+  """Runs write(tmp) in a new temporary sibling of `path`, then renames it to `path` (which
+  must not exist or be an empty directory): readers never see a half-written directory. A
+  conversion killed outright leaves its `<path>.converting.*` sibling, to be deleted."""
   path = os.path.abspath(path)
-  tmp = f'{path}.converting.{os.getpid()}'
+  tmp = None
   try:
-    os.makedirs(tmp)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path),
+                           prefix=f'{os.path.basename(path)}.converting.')
     result = write(tmp)
     os.replace(tmp, path)  # Also replaces an empty directory at `path`.
     return result
   except OSError as e:
     raise ConfigError(f'cannot write {path}: {e.strerror or e}') from e
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp is not None and os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_json(path):

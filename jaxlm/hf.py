@@ -119,19 +119,20 @@ BERT = Layout(
     fields={'num_layers': ('num_hidden_layers', None), 'emb_dim': ('hidden_size', None),
             'num_heads': ('num_attention_heads', None), 'mlp_dim': ('intermediate_size', None),
             'vocab_size': ('vocab_size', None), 'max_len': ('max_position_embeddings', 512),
-            'type_vocab_size': ('type_vocab_size', 2), 'norm_eps': ('layer_norm_eps', 1e-12),
-            'tied_embeddings': ('tie_word_embeddings', True)},
-    requires={'hidden_act': (('gelu',), 'gelu'),
+            'type_vocab_size': ('type_vocab_size', 2), 'norm_eps': ('layer_norm_eps', 1e-12)},
+    # Untied BERT keeps a second output bias (decoder.bias) whose use varies by transformers
+    # version; published BERTs are tied, and jaxlm converts only those.
+    requires={'hidden_act': (('gelu',), 'gelu'), 'tie_word_embeddings': ((True,), True),
               'position_embedding_type': (('absolute',), 'absolute'),
               'is_decoder': ((False,), False)},
-    constants={'hidden_act': 'gelu', 'position_embedding_type': 'absolute', 'is_decoder': False},
+    constants={'hidden_act': 'gelu', 'position_embedding_type': 'absolute', 'is_decoder': False,
+               'tie_word_embeddings': True},
     top=(t('bert.embeddings.word_embeddings', 'token_embed', 'embed'),
          t('bert.embeddings.position_embeddings', 'position_embed', 'embed'),
          t('bert.embeddings.token_type_embeddings', 'type_embed', 'embed'),
          t('bert.embeddings.LayerNorm', 'embed_norm', 'norm'),
          t('cls.predictions.transform.dense', 'head_dense', 'linear'),
          t('cls.predictions.transform.LayerNorm', 'head_norm', 'norm'),
-         t('cls.predictions.decoder', 'unembed', 'linear'),
          t('cls.predictions.bias', 'output_bias', 'param')),
     layer_prefix='bert.encoder.layer.{i}.',
     layer=(t('attention.self.query', 'attention/query', 'linear'),
@@ -198,7 +199,7 @@ def hf_config(config, tokenizer=None):
   layout = exportable(config)
   m = config.model
   hf = {'architectures': [layout.architecture], 'model_type': layout.model_type,
-        'dtype': m.param_dtype, **layout.constants}
+        'dtype': m.param_dtype, 'torch_dtype': m.param_dtype, **layout.constants}
   for field, (key, _) in layout.fields.items():
     hf[key] = m[field]
   if layout is LLAMA:

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 
 import flax.linen as nn
@@ -89,11 +90,19 @@ def restore_for_inference(config, workdir, step=None, batch_size=1):
 def restore_params(s, workdir, step=None):
   """(the parameters of the workdir's checkpoint `step`, default the latest, in the shardings
   of `s`; that step)."""
-  checkpoints = checkpoint.Checkpointer.for_workdir(workdir, s.config)
+  directory = workdir_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
+  # Read-only: a run still training in `workdir` keeps its in-progress save.
+  checkpoints = checkpoint.Checkpointer(directory, read_only=True)
   try:
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
+    saved = checkpoints.all_steps()
+    if not saved:
       raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
+    if step is not None and step not in saved:
+      raise errors.ConfigError(f'--step={step}: --workdir={workdir} has checkpoints of steps '
+                               f'{", ".join(map(str, saved))}')
+    step = saved[-1] if step is None else step
     with s.active():
       params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
   finally:

@@ -241,6 +241,10 @@ def test_import_errors(tmp_path, tokenizer_file, capsys):
   assert "rope_type='llama3' is not supported" in convert_error(
       capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
   shutil.rmtree(directory)
+  directory = write_hf(tmp_path, 'bert', tie_word_embeddings=False)
+  assert 'tie_word_embeddings=False is not supported' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  shutil.rmtree(directory)
   directory = write_hf(tmp_path)
   assert 'has no tokenizer.model' in convert_error(
       capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a')
@@ -281,7 +285,13 @@ def test_export_errors(tmp_path, tokenizer_file, capsys):
       capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/notypes')
   assert 'takes no --config.* overrides' in convert_error(
       capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/rope', '--config.seed=1')
+  random_run('bert', tmp_path / 'untied', tokenizer_file, type_vocab_size=2,
+             tied_embeddings=False)
+  assert 'model.tied_embeddings=False cannot be exported' in convert_error(
+      capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/untied')
   random_run('llama', tmp_path / 'empty', tokenizer_file)
+  assert '--step=99: --workdir=' in convert_error(
+      capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/empty', '--step=99')
   shutil.rmtree(tmp_path / 'empty' / 'checkpoints')
   assert 'has no checkpoint' in convert_error(
       capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/empty')
