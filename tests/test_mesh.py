@@ -61,8 +61,10 @@ def test_cross_node_axes_need_as_many_processes():
 PARTITION = dict(model__num_heads=8, model__num_kv_heads=8, model__emb_dim=64,
                  model__family='llama', optimizer__warmup_steps=0, train_steps=3,
                  optimizer__learning_rate=3e-4)
+# The sequence-parallel mesh also checks the model's dots over [batch, length, ...] against
+# the [batch * length, ...] rows they use when the length is not sharded (layers.Dense).
 MESHES = [dict(data=8, fsdp=1), dict(fsdp=8), dict(fsdp=1, tensor=8),
-          dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)]
+          dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2), dict(fsdp=4, sequence=2)]
 
 
 def synthetic_batches(config, count=3):
