@@ -39,6 +39,7 @@ def _grain():
 class Checkpointer:
 
   def __init__(self, directory, config=None, read_only=False):
+    directory = os.path.abspath(directory)  # Orbax reads only absolute paths.
     self.directory = directory
     keep = config.checkpoint.keep if config else None
     keep_every = config.checkpoint.keep_every_steps if config else 0

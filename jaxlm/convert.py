@@ -8,8 +8,9 @@ from them with a fresh optimizer state; `generate`, `eval` and `init_from` read 
 `--to-hf=DIR --workdir=RUN [--step=N]` writes config.json, model.safetensors (shards and an
 index above --max_shard_mb) and the sentencepiece tokenizer.model.
 
-No PyTorch: tensors go through safetensors. Host memory holds one copy of the parameters plus
-one tensor (import) or one shard (export). Both directions build in a temporary sibling
+No PyTorch: tensors go through safetensors, one at a time, into one host copy of the
+parameters (import) or out of it into one shard at a time (export); Orbax's own save and
+restore add a transient copy. Both directions build in a temporary sibling
 directory renamed into place at the end, so the target is never half-written.
 The tensor tables of each family are in hf.py.
 """
@@ -58,7 +59,6 @@ class Reader:
           ('; it holds PyTorch pickles only: save it as safetensors first '
            '(model.save_pretrained(DIR, safe_serialization=True))'
            if os.path.exists(bin_file) else ''))
-    self._handles = {}
 
   def _open(self, path):
     from safetensors import safe_open
@@ -76,12 +76,12 @@ class Reader:
     return next((c for c in candidates if c in self.files), None)
 
   def get(self, name):
+    """One tensor, as a numpy array of its own (the file is opened for it alone, so that its
+    memory-mapped pages are let go at once rather than accumulating over the import)."""
     path = self.files[name]
-    if path not in self._handles:
-      self._handles[path] = self._open(path)
     try:
-      with jax.default_device(jax.devices('cpu')[0]):
-        return np.asarray(self._handles[path].get_tensor(name))
+      with jax.default_device(jax.devices('cpu')[0]), self._open(path) as f:
+        return np.array(f.get_tensor(name))
     except Exception as e:  # safetensors' own error types: a truncated file, a bad index.
       raise ConfigError(f'{path}: tensor {name} cannot be read: {e}') from e
 
@@ -164,6 +164,17 @@ def from_hf(hf_dir, workdir, overrides=()):
     raise ConfigError(f'{hf_dir}: tensor {unused[0]} (and {len(unused) - 1} more) has no place '
                       f'in a {layout.architecture} of its config.json; is the config from '
                       f'another model?')
+
+  # To (CPU) device arrays leaf by leaf, each numpy leaf freed as it goes: Orbax saves device
+  # arrays with one transient host copy, numpy ones with nearly two (measured: peak 2.0x vs
+  # 2.9x the parameters' bytes for a 774M-parameter model).
+  leaves, treedef = jax.tree.flatten(params)
+  del params, targets
+  cpu = jax.devices('cpu')[0]
+  for i in range(len(leaves)):
+    leaves[i] = jax.device_put(leaves[i], cpu)
+  params = jax.tree.unflatten(treedef, leaves)
+  del leaves
 
   def write(tmp):
     tokenizer.save(data.tokenizer_path(tmp))

@@ -82,8 +82,10 @@ def device_peak_flops(device=None):
 _MEASURED = {}
 
 
-def measured_matmul_flops(n=1024, repeats=8):
-  """Sustained FLOP/s of a large float32 matmul on the default device (cached per process)."""
+def measured_matmul_flops(n=1024, repeats=24):
+  """Sustained FLOP/s of a large float32 matmul on the default device (cached per process).
+  The best of many repeats: a shared machine's momentary slowdowns must not lower the peak
+  (which would inflate MFU)."""
   import jax
   import jax.numpy as jnp
   if n not in _MEASURED:

@@ -184,7 +184,7 @@ def test_sharded_bfloat16_export(tmp_path, tokenizer_file):
     np.testing.assert_array_equal(after[name], rounded, err_msg=name)
 
 
-def test_continue_pretraining_an_import(tmp_path, tokenizer_file, shared_data):
+def test_continue_pretraining_an_import(tmp_path, tokenizer_file, shared_data, monkeypatch):
   """An imported run trains in place from the imported parameters (fresh optimizer state),
   then evaluates, generates and exports like any run."""
   hf_model('llama-gqa').save_pretrained(tmp_path / 'hf')
@@ -206,7 +206,8 @@ def test_continue_pretraining_an_import(tmp_path, tokenizer_file, shared_data):
   assert trained['step'] == 3 and trained['eval_loss'] < imported['eval_loss']
   out = generate.run(config, str(run), ['def main('], max_new_tokens=4)
   assert len(out[0]['tokens']) == 4
-  assert convert('--to-hf', tmp_path / 'out', f'--workdir={run}', '--step=3') == 0
+  monkeypatch.chdir(tmp_path)  # Relative paths, as typed on a command line.
+  assert convert('--to-hf', 'out', '--workdir=run', '--step=3') == 0
   exported = load_file(tmp_path / 'out' / 'model.safetensors')
   _, params = jaxlm_params(run, step=3)
   np.testing.assert_array_equal(exported['model.norm.weight'], params["['final_norm']['scale']"])
