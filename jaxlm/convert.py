@@ -64,7 +64,7 @@ class Reader:
     from safetensors import safe_open
     try:
       return safe_open(path, framework='flax')
-    except (OSError, Exception) as e:  # safetensors raises its own error types.
+    except Exception as e:  # OSError, or safetensors' own error types.
       raise ConfigError(f'{path} cannot be read as safetensors: {e}') from e
 
   def find(self, name, layout):
@@ -187,11 +187,11 @@ def from_hf(hf_dir, workdir, overrides=()):
     workdir_lib.save_config(tmp, config)
 
   _build_then_rename(workdir, write)
-  counts = len(jax.tree.leaves(params)), sum(a.size for a in jax.tree.leaves(params))
-  log.info('imported %d tensors (%s parameters) of %s into %s', len(used), f'{counts[1]:,}',
+  parameters = sum(a.size for a in jax.tree.leaves(params))
+  log.info('imported %d tensors (%s parameters) of %s into %s', len(used), f'{parameters:,}',
            hf_dir, workdir)
   return {'workdir': workdir, 'family': layout.family, 'tensors': len(used),
-          'parameters': counts[1]}
+          'parameters': parameters}
 
 
 def imported_config(layout, fields, overrides, where):
@@ -206,8 +206,8 @@ def imported_config(layout, fields, overrides, where):
       try:
         config.model[field] = type(current)(value) if current is not None else value
       except (TypeError, ValueError) as e:
-        raise ConfigError(f'{where}: {layout.fields[field][0]}={value!r} is not valid for '
-                          f'model.{field}') from e
+        key = layout.fields.get(field, (field,))[0]
+        raise ConfigError(f'{where}: {key}={value!r} is not valid for model.{field}') from e
     config_lib.apply_overrides(config, extra)
     return config_lib.validate(config)
 

@@ -242,6 +242,10 @@ def test_import_errors(tmp_path, tokenizer_file, capsys):
   assert "rope_type='llama3' is not supported" in convert_error(
       capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
   shutil.rmtree(directory)
+  directory = write_hf(tmp_path, hidden_size='wide')
+  assert "hidden_size='wide' is not valid for model.emb_dim" in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  shutil.rmtree(directory)
   directory = write_hf(tmp_path, 'bert', tie_word_embeddings=False)
   assert 'tie_word_embeddings=False is not supported' in convert_error(
       capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
