@@ -79,11 +79,11 @@ class Reader:
     """One tensor, as a numpy array of its own (the file is opened for it alone, so that its
     memory-mapped pages are let go at once rather than accumulating over the import)."""
     path = self.files[name]
-    try:
-      with jax.default_device(jax.devices('cpu')[0]), self._open(path) as f:
+    with self._open(path) as f, jax.default_device(jax.devices('cpu')[0]):
+      try:
         return np.array(f.get_tensor(name))
-    except Exception as e:  # safetensors' own error types: a truncated file, a bad index.
-      raise ConfigError(f'{path}: tensor {name} cannot be read: {e}') from e
+      except Exception as e:  # safetensors' own error types: a truncated file, a bad index.
+        raise ConfigError(f'{path}: tensor {name} cannot be read: {e}') from e
 
 
 class ShardWriter:

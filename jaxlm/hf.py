@@ -57,6 +57,9 @@ class Layout:
   layer: tuple
   base_prefix: str  # The prefix that headless checkpoints (GPT2Model, BertModel) lack.
   ignored: tuple  # Buffers and unused heads that checkpoints may carry (name substrings).
+  # HF key -> the key it must equal, one jaxlm field standing for both (Llama's mlp_bias
+  # follows attention_bias: jaxlm has one use_bias for every dense layer).
+  twins: dict = dataclasses.field(default_factory=dict)
 
   def fixed(self):
     """jaxlm model fields this layout cannot represent otherwise: the family preset minus the
@@ -90,7 +93,8 @@ LLAMA = Layout(
            t('mlp.down_proj', 'mlp/wo', 'linear'),
            t('input_layernorm', 'attention_norm', 'norm'),
            t('post_attention_layernorm', 'mlp_norm', 'norm')),
-    base_prefix='model.', ignored=('rotary_emb.inv_freq', 'lm_head.weight'))
+    base_prefix='model.', ignored=('rotary_emb.inv_freq', 'lm_head.weight'),
+    twins={'mlp_bias': 'attention_bias'})
 
 GPT2 = Layout(
     family='gpt2', architecture='GPT2LMHeadModel', model_type='gpt2', objective='causal',
@@ -179,9 +183,9 @@ def model_fields(hf, where):
     if value not in allowed:
       raise ConfigError(f'{where}: {key}={value!r} is not supported for {layout.model_type} '
                         f'(jaxlm implements {", ".join(map(repr, allowed))})')
-  if layout is LLAMA and hf.get('mlp_bias', False) != hf.get('attention_bias', False):
-    raise ConfigError(f'{where}: attention_bias and mlp_bias differ; jaxlm has one use_bias '
-                      f'for every dense layer')
+  for key, twin in layout.twins.items():
+    if hf.get(key, False) != hf.get(twin, False):
+      raise ConfigError(f'{where}: {twin} and {key} differ; jaxlm has one model field for both')
   fields = dict(layout.fixed(), family=layout.family)
   for field, (key, absent) in layout.fields.items():
     value = hf.get(key)
@@ -202,8 +206,9 @@ def hf_config(config, tokenizer=None):
         'dtype': m.param_dtype, 'torch_dtype': m.param_dtype, **layout.constants}
   for field, (key, _) in layout.fields.items():
     hf[key] = m[field]
-  if layout is LLAMA:
-    hf['mlp_bias'] = m.use_bias
+  for key, twin in layout.twins.items():
+    hf[key] = hf[twin]
+  if 'rope_theta' in layout.fields:  # transformers 5 reads rope_parameters, earlier rope_theta.
     hf['rope_parameters'] = {'rope_type': 'default', 'rope_theta': m.rope_theta}
   if tokenizer is not None:
     for key, i in (('bos_token_id', tokenizer.bos_id), ('eos_token_id', tokenizer.eos_id),
@@ -225,13 +230,13 @@ def exportable(config):
     if m[field] != value:
       raise ConfigError(f'model.{field}={m[field]!r} cannot be exported: a Hugging Face '
                         f'{layout.architecture} has {field}={value!r}')
-  if m.head_dim * m.num_heads != m.emb_dim and layout is not LLAMA:
+  if m.head_dim * m.num_heads != m.emb_dim and 'head_dim' not in layout.fields:
     raise ConfigError(f'model.head_dim={m.head_dim} x num_heads={m.num_heads} != emb_dim='
                       f'{m.emb_dim}: {layout.architecture} has no separate head_dim')
   if 'type_vocab_size' in layout.fields and m.type_vocab_size < 1:
     raise ConfigError(f'model.type_vocab_size=0 cannot be exported: a Hugging Face '
                       f'{layout.architecture} has at least one token type')
-  if m.num_kv_heads != m.num_heads and layout is not LLAMA:
+  if m.num_kv_heads != m.num_heads and 'num_kv_heads' not in layout.fields:
     raise ConfigError(f'model.num_kv_heads={m.num_kv_heads}: {layout.architecture} has no '
                       f'grouped-query attention')
   return layout
