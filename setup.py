@@ -22,6 +22,7 @@ setup(
         'tensorflow-datasets>=4.9.9',
         'importlib_resources>=6',  # tensorflow-datasets needs it without TensorFlow.
         'sentencepiece>=0.2.0',
+        'tokenizers>=0.20',  # Hugging Face tokenizer.json files (GPT-2, BERT, Llama 3).
         'ml-collections>=1.1.0',
         'grain>=0.2.12',
         'tensorboardX>=2.6.2',

@@ -172,7 +172,8 @@ def validate(config):
   _check(config, 'optimizer.learning_rate', lambda v: v > 0, 'must be positive')
   _check(config, 'model.init_std', lambda v: v > 0, 'must be positive')
   _check(config, 'distributed.heartbeat_timeout_s', lambda v: v > 0, 'must be positive')
-  _check(config, 'model.rope_theta', lambda v: v > 0, 'must be positive')
+  for name in ('model.rope_theta', 'model.rope_scaling_factor', 'model.rope_original_max_len'):
+    _check(config, name, lambda v: v > 0, 'must be positive')
   for name in ('model.dropout_rate', 'optimizer.b1', 'optimizer.b2', 'masking.rate'):
     _check(config, name, lambda v: 0 <= v < 1, 'must be in [0, 1)')
   _check(config, 'optimizer.end_lr_fraction', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
@@ -196,6 +197,9 @@ def validate(config):
                       f'model.num_heads={m.num_heads}')
   if m.position == 'rope' and m.head_dim % 2:
     raise ConfigError(f'model.head_dim={m.head_dim} must be even for rotary positions')
+  if m.rope_type == 'llama3' and not 0 <= m.rope_low_freq_factor < m.rope_high_freq_factor:
+    raise ConfigError(f'model.rope_low_freq_factor={m.rope_low_freq_factor} must be >= 0 and '
+                      f'below model.rope_high_freq_factor={m.rope_high_freq_factor}')
   _check(config, 'loss_chunk', lambda v: v >= 0, 'must be >= 0')
   if config.loss_chunk and m.max_len % config.loss_chunk:
     raise ConfigError(f'loss_chunk={config.loss_chunk} must divide model.max_len={m.max_len}')

@@ -1,12 +1,13 @@
 """`jaxlm convert`: Hugging Face safetensors checkpoints <-> jaxlm runs, one tensor at a time.
 
 `--from-hf=DIR --workdir=OUT` reads DIR/config.json and DIR/model.safetensors (or a sharded
-model.safetensors.index.json) and writes a new run: config.json, tokenizer.model and
-checkpoints/0 holding the parameters alone. `jaxlm train --workdir=OUT` continues pretraining
-from them with a fresh optimizer state; `generate`, `eval` and `init_from` read them too.
+model.safetensors.index.json) and writes a new run: config.json, the tokenizer
+(tokenizer.model, or tokenizer.json with its tokenizer_config.json) and checkpoints/0 holding
+the parameters alone. `jaxlm train --workdir=OUT` continues pretraining from them with a fresh
+optimizer state; `generate`, `eval` and `init_from` read them too.
 
 `--to-hf=DIR --workdir=RUN [--step=N]` writes config.json, model.safetensors (shards and an
-index above --max_shard_mb) and the sentencepiece tokenizer.model.
+index above --max_shard_mb) and the run's tokenizer files.
 
 No PyTorch: tensors go through safetensors, one at a time, into one host copy of the
 parameters (import) or out of it into one shard at a time (export); Orbax's own save and
@@ -133,11 +134,12 @@ def from_hf(hf_dir, workdir, overrides=()):
   where = os.path.join(hf_dir, 'config.json')
   if not os.path.isdir(hf_dir):
     raise ConfigError(f'--from-hf={hf_dir!r} is not a directory')
-  layout, fields = hf.model_fields(_read_json(where), where)
+  hf_config = _read_json(where)
+  layout, fields = hf.model_fields(hf_config, where)
   config = imported_config(layout, fields, overrides, where)
   _check_new_directory(workdir, '--workdir')
-  tokenizer = _tokenizer(config, hf_dir)
-  config.data.tokenizer = ''  # The run keeps its own copy, <workdir>/tokenizer.model.
+  tokenizer = _tokenizer(config, hf_dir, hf_config)
+  config.data.tokenizer = ''  # The run keeps its own copy in the workdir.
   reader = Reader(hf_dir)
 
   s = train_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
@@ -177,7 +179,7 @@ def from_hf(hf_dir, workdir, overrides=()):
   del leaves
 
   def write(tmp):
-    tokenizer.save(data.tokenizer_path(tmp))
+    tokenizer.save(os.path.join(tmp, tokenizer.filename))
     checkpoints = checkpoint.Checkpointer.for_workdir(tmp, config)
     try:
       checkpoints.save_params(0, params, config)
@@ -244,28 +246,34 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
     hf_config['dtype'] = dtype.name
     _write_json(os.path.join(tmp, 'config.json'), hf_config)
     if tokenizer is not None:
-      shutil.copyfile(tokenizer_file, os.path.join(tmp, 'tokenizer.model'))
+      tokenizer.save(os.path.join(tmp, tokenizer.filename))
     return files
 
   files = _build_then_rename(out_dir, write)
   log.info('exported step %d of %s to %s (%d file%s)%s', step, workdir, out_dir, files,
-           's' if files > 1 else '', '' if tokenizer else '; the run has no tokenizer.model')
+           's' if files > 1 else '', '' if tokenizer else '; the run has no tokenizer')
   return {'out': out_dir, 'step': step, 'architecture': layout.architecture, 'files': files}
 
 
-def _tokenizer(config, hf_dir):
-  """The sentencepiece model: data.tokenizer if given, else the checkpoint's tokenizer.model."""
-  path = config.data.tokenizer or os.path.join(hf_dir, 'tokenizer.model')
-  if not os.path.exists(path):
-    raise ConfigError(f'{hf_dir} has no tokenizer.model and jaxlm reads sentencepiece '
-                      f'tokenizers only (not tokenizer.json); give one with '
-                      f'--config.data.tokenizer=FILE.model')
-  tokenizer = tokenizer_lib.load(path)
+def _tokenizer(config, hf_dir, hf_config):
+  """data.tokenizer if given, else the checkpoint's tokenizer.model (sentencepiece) or
+  tokenizer.json (Hugging Face tokenizers; special-token roles from its tokenizer_config.json,
+  else the config.json's token ids)."""
+  paths = [os.path.join(hf_dir, name) for name in tokenizer_lib.FILENAMES]
+  path = config.data.tokenizer or next((p for p in paths if os.path.exists(p)), None)
+  if path is None:
+    raise ConfigError(f'{hf_dir} has no {" or ".join(tokenizer_lib.FILENAMES)}; give the '
+                      f'tokenizer with --config.data.tokenizer=FILE')
+  ids = {role: hf_config.get(f'{role}_token_id') for role in ('bos', 'eos', 'pad')}
+  ids = {role: i[0] if isinstance(i, list) and i else i for role, i in ids.items()}
+  tokenizer = tokenizer_lib.load(path, ids)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'the tokenizer {path} has {tokenizer.vocab_size} pieces, more than the '
                       f'model\'s vocab_size={config.model.vocab_size}')
   if config.objective == 'masked':
     tokenizer.check_specials()
+  else:
+    tokenizer.check_causal()
   return tokenizer
 
 

@@ -70,7 +70,7 @@ def run(config, workdir, texts, top_k=5, step=None):
         fillers = []
         for token in best:
           filled = [int(token) if i == position else t for i, t in enumerate(ids)]
-          fillers.append({'token': tokenizer.sp.id_to_piece(int(token)).replace('\u2581', ' '),
+          fillers.append({'token': tokenizer.token_text(int(token)),
                           'probability': float(probs[position, token]),
                           'text': _show(tokenizer, filled)})
         results.append({'text': text, 'mask': n, 'fillers': fillers})
@@ -85,7 +85,7 @@ def _show(tokenizer, ids):
   def flush():
     nonlocal out
     if run:
-      space = ' ' if out and tokenizer.sp.id_to_piece(run[0]).startswith('\u2581') else ''
+      space = ' ' if out and tokenizer.word_start(run[0]) else ''
       out += space + tokenizer.decode(run)
     run.clear()
 

@@ -77,9 +77,15 @@ LLAMA = Layout(
             'num_kv_heads': ('num_key_value_heads', 0), 'head_dim': ('head_dim', 0),
             'mlp_dim': ('intermediate_size', None), 'vocab_size': ('vocab_size', None),
             'max_len': ('max_position_embeddings', 2048), 'norm_eps': ('rms_norm_eps', 1e-6),
-            'rope_theta': ('rope_theta', 10000.0), 'use_bias': ('attention_bias', False),
+            'rope_theta': ('rope_theta', 10000.0), 'rope_type': ('rope_type', 'default'),
+            'rope_scaling_factor': ('rope_factor', 8.0),
+            'rope_low_freq_factor': ('rope_low_freq_factor', 1.0),
+            'rope_high_freq_factor': ('rope_high_freq_factor', 4.0),
+            'rope_original_max_len': ('rope_original_max_position_embeddings', 8192),
+            'use_bias': ('attention_bias', False),
             'tied_embeddings': ('tie_word_embeddings', False)},
-    requires={'hidden_act': (('silu',), 'silu'), 'rope_type': (('default',), 'default'),
+    requires={'hidden_act': (('silu',), 'silu'),
+              'rope_type': (('default', 'llama3'), 'default'),
               'pretraining_tp': ((1,), 1)},
     constants={'hidden_act': 'silu', 'pretraining_tp': 1},
     top=(t('model.embed_tokens', 'token_embed', 'embed'), t('model.norm', 'final_norm', 'norm'),
@@ -155,14 +161,37 @@ BY_FAMILY = {layout.family: layout for layout in LAYOUTS.values()}
 
 # --- config.json <-> config.model -----------------------------------------------------------
 
+# RoPE settings as normalize() lifts them to the top level of a config.json dict -> their key
+# inside rope_parameters (transformers 5) or rope_scaling (earlier versions).
+ROPE_KEYS = {'rope_theta': 'rope_theta', 'rope_type': 'rope_type', 'rope_factor': 'factor',
+             'rope_low_freq_factor': 'low_freq_factor',
+             'rope_high_freq_factor': 'high_freq_factor',
+             'rope_original_max_position_embeddings': 'original_max_position_embeddings'}
+
+
 def normalize(hf):
-  """A config.json dict with RoPE settings in one place: transformers 5 writes
-  `rope_parameters`, earlier versions `rope_theta` and `rope_scaling`."""
+  """A config.json dict with its RoPE settings at the top level (see ROPE_KEYS)."""
   hf = dict(hf)
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  if 'rope_theta' in rope:
-    hf['rope_theta'] = rope['rope_theta']
+  for key, inner in ROPE_KEYS.items():
+    if inner in rope:
+      hf[key] = rope[inner]
   hf['rope_type'] = rope.get('rope_type', rope.get('type', 'default'))
+  return hf
+
+
+def _nest_rope(hf):
+  """The inverse of normalize for an exported config.json: rope_parameters for transformers 5,
+  rope_theta and (when scaled) rope_scaling for earlier versions."""
+  rope = {inner: hf.pop(key) for key, inner in ROPE_KEYS.items() if key in hf}
+  if not rope:
+    return hf
+  if rope['rope_type'] == 'default':
+    rope = {'rope_type': 'default', 'rope_theta': rope['rope_theta']}
+  else:
+    hf['rope_scaling'] = {k: v for k, v in rope.items() if k != 'rope_theta'}
+  hf['rope_theta'] = rope['rope_theta']
+  hf['rope_parameters'] = rope
   return hf
 
 
@@ -208,8 +237,7 @@ def hf_config(config, tokenizer=None):
     hf[key] = m[field]
   for key, twin in layout.twins.items():
     hf[key] = hf[twin]
-  if 'rope_theta' in layout.fields:  # transformers 5 reads rope_parameters, earlier rope_theta.
-    hf['rope_parameters'] = {'rope_type': 'default', 'rope_theta': m.rope_theta}
+  hf = _nest_rope(hf)
   if tokenizer is not None:
     for key, i in (('bos_token_id', tokenizer.bos_id), ('eos_token_id', tokenizer.eos_id),
                    ('pad_token_id', tokenizer.pad_id)):

@@ -65,10 +65,7 @@ class Masking:
     size = config.model.vocab_size
     special, word_start = np.ones(size, bool), np.zeros(size, bool)
     for i in range(tokenizer.vocab_size):
-      piece = tokenizer.sp.id_to_piece(i)
-      special[i] = (tokenizer.sp.is_control(i) or tokenizer.sp.is_unknown(i)
-                    or tokenizer.sp.is_unused(i))
-      word_start[i] = piece.startswith('\u2581') or piece in ('\n', '\t')
+      special[i], word_start[i] = tokenizer.is_special(i), tokenizer.word_start(i)
     return cls(config, special, word_start, tokenizer.special_id('[MASK]'))
 
   def __call__(self, batch, rng):

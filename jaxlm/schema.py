@@ -36,6 +36,7 @@ CHOICES = {
     'model.norm': ('layernorm', 'rmsnorm'),
     'model.norm_position': ('pre', 'post'),
     'model.position': ('learned', 'rope'),
+    'model.rope_type': ('default', 'llama3'),
     'model.mlp_activation': ('gelu', 'gelu_exact', 'silu', 'relu'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
@@ -85,6 +86,13 @@ def defaults(family='gpt2'):
   m.norm_position = None  # 'pre' (norm, then attention/MLP) or 'post' (BERT); None = family.
   m.position = None  # 'learned' absolute embeddings or 'rope'; None = family default.
   m.rope_theta = 10000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5).
+  # 'default' or 'llama3': Llama 3.1's long-context frequency scaling, set by the four fields
+  # below (the values here are Llama 3.1's); they are read only for 'llama3'.
+  m.rope_type = 'default'
+  m.rope_scaling_factor = 8.0  # Low frequencies turn this many times slower.
+  m.rope_low_freq_factor = 1.0  # Wavelengths above original_max_len / this are scaled fully.
+  m.rope_high_freq_factor = 4.0  # Wavelengths below original_max_len / this are not scaled.
+  m.rope_original_max_len = 8192  # The context length the model was first trained at.
   m.mlp_activation = None  # 'gelu' (tanh approximation), 'gelu_exact', 'silu', 'relu'; None = family.
   m.gated_mlp = None  # True for GLU-style MLPs (SwiGLU = silu + gated); None = family default.
   m.use_bias = None  # Biases in dense layers and LayerNorm; None = family default.
@@ -148,7 +156,9 @@ def defaults(family='gpt2'):
   # Several sources mixed by weight, replacing path/tfds_name: ((weight, source), ...), a
   # source being globs as in data.path or 'tfds:NAME[:SPLIT]'. () = no mixture.
   d.mixture = ()
-  d.tokenizer = ''  # A sentencepiece .model to use; '' = train one, cached in the workdir.
+  # A sentencepiece .model or Hugging Face tokenizer.json to use; '' = train a sentencepiece
+  # model, cached in the workdir.
+  d.tokenizer = ''
   d.tokenizer_type = 'bpe'  # Sentencepiece algorithm when training one: 'bpe' or 'unigram'.
   d.tokenizer_sample_bytes = 20_000_000  # Text sampled from the corpus to train it.
   d.validation_fraction = 0.02  # Share of documents held out (chosen by a hash of their name).

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import CORPUS
-from jaxlm import checkpoint, cli, evaluate, generate, hf
+from jaxlm import checkpoint, cli, evaluate, fill_mask, generate, hf
 from jaxlm import config as config_lib
 from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
@@ -37,6 +37,13 @@ CASES = {
         hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=2,
         head_dim=32, max_position_embeddings=64, tie_word_embeddings=True,
         attention_bias=True, mlp_bias=True, rms_norm_eps=1e-5)),
+    # Llama 3.1's frequency scaling, with a short original length so that every regime of its
+    # ramp (scaled, interpolated, unscaled) occurs among a head's 8 frequencies.
+    'llama-rope-scaling': ('LlamaConfig', 'LlamaForCausalLM', dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, rope_parameters=dict(
+            rope_type='llama3', rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=64))),
     'gpt2': ('GPT2Config', 'GPT2LMHeadModel', dict(
         n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96)),
     'bert': ('BertConfig', 'BertForMaskedLM', dict(
@@ -213,6 +220,41 @@ def test_continue_pretraining_an_import(tmp_path, tokenizer_file, shared_data, m
   np.testing.assert_array_equal(exported['model.norm.weight'], params["['final_norm']['scale']"])
 
 
+@pytest.mark.parametrize('case,kind', [('gpt2', 'bytelevel'), ('bert', 'wordpiece')])
+def test_tokenizer_json_in_and_out(case, kind, tmp_path, hf_tokenizers, shared_data):
+  """A checkpoint whose tokenizer is a tokenizer.json (GPT-2's byte-level BPE, BERT's
+  WordPiece) imports with it: jaxlm encodes as transformers does, trains, evaluates bits per
+  byte and samples with it, and the export hands it back with its special tokens' roles."""
+  hf_dir, run = tmp_path / 'hf', tmp_path / 'run'
+  hf_model(case).save_pretrained(hf_dir)
+  original = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_tokenizers[kind]))
+  original.save_pretrained(hf_dir)  # tokenizer.json + tokenizer_config.json, as published.
+  assert convert('--from-hf', hf_dir, f'--workdir={run}',
+                 '--config.batch_size=8', f'--config.data.path={CORPUS}',
+                 f'--config.data.cache_dir={tmp_path}/cache', '--config.eval_batches=2',
+                 '--config.data.validation_fraction=0.1') == 0
+  assert (run / 'tokenizer.json').exists() and not (run / 'tokenizer.model').exists()
+  texts = ['def main(argv):\n    return "héllo"', 'Return the value.']
+  config = workdir_lib.read_config(run)
+  tokenizer = train_lib.data.get_tokenizer(config, str(run))
+  assert tokenizer.encode(texts) == original(texts, add_special_tokens=False)['input_ids']
+  assert cli.main(['train', f'--workdir={run}', '--config.train_steps=2',
+                   '--config.log_every_steps=2', '--config.optimizer.warmup_steps=1']) == 0
+  result = evaluate.run(config, str(run))
+  assert result['step'] == 2 and result['eval_bits_per_byte'] > 0
+  if case == 'gpt2':
+    out = generate.run(config, str(run), texts, max_new_tokens=4)
+    assert [len(o['tokens']) for o in out] == [4, 4]
+  else:
+    out = fill_mask.run(config, str(run), ['return the [MASK].'], top_k=2)
+    assert len(out[0]['fillers']) == 2
+  assert convert('--to-hf', tmp_path / 'out', f'--workdir={run}') == 0
+  exported = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
+  assert exported(texts, add_special_tokens=False)['input_ids'] == tokenizer.encode(texts)
+  roles = {'gpt2': ('eos_token', '<|endoftext|>'), 'bert': ('mask_token', '[MASK]')}[case]
+  assert getattr(exported, roles[0]) == roles[1]
+
+
 def write_hf(tmp_path, case='llama-gqa', **edits):
   """A saved transformers checkpoint whose config.json is then edited."""
   directory = tmp_path / 'hf'
@@ -237,9 +279,9 @@ def test_import_errors(tmp_path, tokenizer_file, capsys):
   assert "model_type 'mistral' is not supported" in convert_error(
       capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
   shutil.rmtree(directory)
-  directory = write_hf(tmp_path, rope_parameters={'rope_type': 'llama3', 'rope_theta': 5e5,
+  directory = write_hf(tmp_path, rope_parameters={'rope_type': 'yarn', 'rope_theta': 5e5,
                                                   'factor': 8.0})
-  assert "rope_type='llama3' is not supported" in convert_error(
+  assert "rope_type='yarn' is not supported" in convert_error(
       capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
   shutil.rmtree(directory)
   directory = write_hf(tmp_path, hidden_size='wide')

@@ -24,6 +24,47 @@ def test_tokenizer_round_trips_code_and_has_the_special_tokens(shared_data):
   assert tok.vocab_size == 512
 
 
+def test_hugging_face_tokenizers(hf_tokenizers, tmp_path):
+  """tokenizer.json files: bytes per token exact for byte-level BPE (so bits per byte is),
+  special-token roles by name or from a tokenizer_config.json, and no special tokens added
+  by encode (jaxlm frames documents itself)."""
+  text = 'def f(x):\n\tif x:\n        return "héllo 🐍"  # ünïcode\n'
+  tok = tokenizer_lib.load(str(hf_tokenizers['bytelevel']))
+  ids = tok.encode([text])[0]
+  assert tok.decode(ids) == text
+  assert tok.token_bytes()[ids].sum() == len(text.encode('utf-8'))
+  assert tok.bos_id == tok.eos_id == tok.special_id('<|endoftext|>') and tok.pad_id == -1
+  assert tok.token_bytes()[tok.eos_id] == 0
+  with pytest.raises(ConfigError, match=r'has no \[PAD\] piece'):
+    tok.check_specials()
+
+  wordpiece = tokenizer_lib.load(str(hf_tokenizers['wordpiece']))
+  wordpiece.check_specials()
+  ids = wordpiece.encode(['Return the value'])[0]
+  assert ids[0] not in {wordpiece.special_id('[CLS]'), wordpiece.special_id('[SEP]')}
+  assert wordpiece.decode(ids) == 'return the value'  # Lowercased, as BERT uncased does.
+  assert [wordpiece.word_start(i) for i in ids].count(True) == 3
+  with pytest.raises(ConfigError, match='has no BOS/EOS tokens'):
+    wordpiece.check_causal()
+
+  # Roles from a tokenizer_config.json beside the file; save writes both files.
+  directory = tmp_path / 'roles'
+  directory.mkdir()
+  (directory / 'tokenizer.json').write_bytes(hf_tokenizers['wordpiece'].read_bytes())
+  (directory / 'tokenizer_config.json').write_text(json.dumps(
+      {'bos_token': '[CLS]', 'eos_token': {'content': '[SEP]'}}))
+  wordpiece = tokenizer_lib.load(str(directory / 'tokenizer.json'))
+  assert (wordpiece.bos_id, wordpiece.eos_id) == (wordpiece.special_id('[CLS]'),
+                                                  wordpiece.special_id('[SEP]'))
+  wordpiece.save(str(tmp_path / 'tokenizer.json'))
+  again = tokenizer_lib.load(str(tmp_path / 'tokenizer.json'))
+  assert (again.bos_id, again.eos_id, again.pad_id) == (wordpiece.bos_id, wordpiece.eos_id,
+                                                        wordpiece.pad_id)
+  (tmp_path / 'bad.json').write_text('{"model": 3}')
+  with pytest.raises(ConfigError, match="is not a Hugging Face tokenizer.json"):
+    tokenizer_lib.load(str(tmp_path / 'bad.json'))
+
+
 def test_corpus_split_is_deterministic_and_disjoint(config, workdir):
   corpus = data.prepare(config, str(workdir))
   names = [d.name for d in sources.iter_documents(config.data)]

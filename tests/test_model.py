@@ -92,8 +92,10 @@ def test_attention_matches_a_written_out_reference(kv_heads):
   p = jax.tree.map(lambda a: a[0], params['layers']['attention'])  # Layer 0 of the scan.
   positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
   out = jax.jit(lambda p: attention.apply({'params': p}, x, positions, None))(p)
-  q = layers.rope(jnp.einsum('btd,dnh->btnh', x, p['query']['kernel']), positions, 1e4)
-  k = layers.rope(jnp.einsum('btd,dnh->btnh', x, p['key']['kernel']), positions, 1e4)
+  half = config.model.head_dim // 2
+  freq = 1e4 ** (-np.arange(half) / half)
+  q = layers.rope(jnp.einsum('btd,dnh->btnh', x, p['query']['kernel']), positions, freq)
+  k = layers.rope(jnp.einsum('btd,dnh->btnh', x, p['key']['kernel']), positions, freq)
   v = jnp.einsum('btd,dnh->btnh', x, p['value']['kernel'])
   expected = jnp.einsum('btnh,nhd->btd', reference_attention(q, k, v), p['out']['kernel'])
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

@@ -28,11 +28,14 @@ class Corpus:
 
 
 def tokenizer_path(workdir):
-  return os.path.join(workdir, 'tokenizer.model')
+  """The run's tokenizer file (tokenizer.model, or an imported tokenizer.json); the first
+  name when there is none yet."""
+  paths = [os.path.join(workdir, name) for name in tokenizer_lib.FILENAMES]
+  return next((p for p in paths if os.path.isfile(p)), paths[0])
 
 
 def init_from_tokenizer(init_from):
-  """The tokenizer.model of the run that `init_from` (a workdir, its checkpoints/ directory or
+  """The tokenizer file of the run that `init_from` (a workdir, its checkpoints/ directory or
   one checkpoint) points into, or ''."""
   path = os.path.abspath(init_from.rstrip('/')) if init_from else ''
   for _ in range(3):
@@ -65,6 +68,8 @@ def get_tokenizer(config, workdir, sample=None):
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'tokenizer\'s {tokenizer.vocab_size} pieces ({tokenizer.path})')
+  if is_causal(config):
+    tokenizer.check_causal()
   if config.objective != 'causal':
     tokenizer.check_specials()
   return tokenizer
@@ -87,7 +92,7 @@ def _tokenizer_sample(config):
 def save_tokenizer(tokenizer, workdir):
   if not tokenizer.path:
     os.makedirs(workdir, exist_ok=True)
-    tokenizer.save(tokenizer_path(workdir))
+    tokenizer.save(os.path.join(workdir, tokenizer.filename))
 
 
 def frame(config, tokenizer):

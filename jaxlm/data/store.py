@@ -26,7 +26,7 @@ class TokenStream:
 
 
 def cache_key(source_fingerprint, tokenizer, config, frame):
-  h = hashlib.sha256(tokenizer.proto)
+  h = hashlib.sha256(tokenizer.data)
   h.update(json.dumps([source_fingerprint, config.data.validation_fraction,
                        config.data.max_documents, config.data.text_field, list(frame)]).encode())
   return h.hexdigest()[:16]

@@ -10,6 +10,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 NORMS = {'layernorm': nn.LayerNorm, 'rmsnorm': nn.RMSNorm}
@@ -89,10 +90,25 @@ def norm(cfg, name):
   return NORMS[cfg.norm](**kwargs)
 
 
-def rope(x, positions, theta):
+def rope_frequencies(cfg):
+  """The rotation frequency of each pair of a head's dimensions (float32 numpy, [H/2]).
+
+  rope_type='llama3' (Llama 3.1+) stretches a model trained at rope_original_max_len to longer
+  inputs: wavelengths longer than that length / rope_low_freq_factor turn rope_scaling_factor
+  times slower, those shorter than length / rope_high_freq_factor stay, and the band between
+  moves on a linear ramp. Computed in float64 once, at trace time.
+  """
+  half = cfg.head_dim // 2
+  freq = cfg.rope_theta ** (-np.arange(half) / half)
+  if cfg.rope_type == 'llama3':
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    ramp = np.clip((cfg.rope_original_max_len * freq / (2 * np.pi) - low) / (high - low), 0, 1)
+    freq = (1 - ramp) * freq / cfg.rope_scaling_factor + ramp * freq
+  return freq.astype(np.float32)
+
+
+def rope(x, positions, freq):
   """Rotary position embedding (half-split layout, as in Llama/GPT-NeoX) of x: [B, T, N, H]."""
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions[:, :, None, None].astype(jnp.float32) * freq  # [B, T, 1, H/2]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -134,7 +150,8 @@ class Attention(nn.Module):
     k = dense(cfg, (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), 'key')(x)
     v = dense(cfg, (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), 'value')(x)
     if cfg.position == 'rope':
-      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+      freq = rope_frequencies(cfg)
+      q, k = rope(q, positions, freq), rope(k, positions, freq)
     # Names that remat policies ('minimal', 'offload', see transformer.py) keep or offload.
     q = checkpoint_name(constrain(q, ('batch', 'length', 'heads', 'kv')), 'query_proj')
     k = checkpoint_name(constrain(k, ('batch', 'length', 'kv_heads', 'kv')), 'key_proj')
