@@ -197,9 +197,9 @@ def validate(config):
                       f'model.num_heads={m.num_heads}')
   if m.position == 'rope' and m.head_dim % 2:
     raise ConfigError(f'model.head_dim={m.head_dim} must be even for rotary positions')
-  if m.rope_type == 'llama3' and not 0 <= m.rope_low_freq_factor < m.rope_high_freq_factor:
-    raise ConfigError(f'model.rope_low_freq_factor={m.rope_low_freq_factor} must be >= 0 and '
-                      f'below model.rope_high_freq_factor={m.rope_high_freq_factor}')
+  if m.rope_type == 'llama3' and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+    raise ConfigError(f'model.rope_low_freq_factor={m.rope_low_freq_factor} must be positive '
+                      f'and below model.rope_high_freq_factor={m.rope_high_freq_factor}')
   _check(config, 'loss_chunk', lambda v: v >= 0, 'must be >= 0')
   if config.loss_chunk and m.max_len % config.loss_chunk:
     raise ConfigError(f'loss_chunk={config.loss_chunk} must divide model.max_len={m.max_len}')

@@ -208,6 +208,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
     raise ConfigError(f'--workdir={workdir} holds a {config.objective!r} model; generate needs '
                       f'a causal LM (objective=causal)')
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
+  tokenizer.check_causal()
   encoded = [[tokenizer.bos_id] + ids for ids in tokenizer.encode(prompts)]
   longest = max(len(ids) for ids in encoded)
   if config.model.position == 'learned' and longest + max_new_tokens > config.model.max_len:

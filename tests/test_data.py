@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import tokenizers
 
 from conftest import tiny_config
 from jaxlm import data
@@ -37,6 +38,14 @@ def test_hugging_face_tokenizers(hf_tokenizers, tmp_path):
   assert tok.token_bytes()[tok.eos_id] == 0
   with pytest.raises(ConfigError, match=r'has no \[PAD\] piece'):
     tok.check_specials()
+  # A checkpoint config.json's ids win over the usual names, for roles no config names.
+  assert tokenizer_lib.load(str(hf_tokenizers['bytelevel']), {'bos': 5, 'eos': 6}).eos_id == 6
+  # Truncation and padding saved in a file are ignored: documents are never cut or padded.
+  saved = tokenizers.Tokenizer.from_file(str(hf_tokenizers['bytelevel']))
+  saved.enable_truncation(4)
+  saved.enable_padding()
+  saved.save(str(tmp_path / 'truncating.json'))
+  assert tokenizer_lib.load(str(tmp_path / 'truncating.json')).encode([text]) == [ids]
 
   wordpiece = tokenizer_lib.load(str(hf_tokenizers['wordpiece']))
   wordpiece.check_specials()
@@ -52,7 +61,7 @@ def test_hugging_face_tokenizers(hf_tokenizers, tmp_path):
   directory.mkdir()
   (directory / 'tokenizer.json').write_bytes(hf_tokenizers['wordpiece'].read_bytes())
   (directory / 'tokenizer_config.json').write_text(json.dumps(
-      {'bos_token': '[CLS]', 'eos_token': {'content': '[SEP]'}}))
+      {'bos_token': '[CLS]', 'eos_token': {'content': '[SEP]'}, 'model_max_length': 512}))
   wordpiece = tokenizer_lib.load(str(directory / 'tokenizer.json'))
   assert (wordpiece.bos_id, wordpiece.eos_id) == (wordpiece.special_id('[CLS]'),
                                                   wordpiece.special_id('[SEP]'))
@@ -60,6 +69,10 @@ def test_hugging_face_tokenizers(hf_tokenizers, tmp_path):
   again = tokenizer_lib.load(str(tmp_path / 'tokenizer.json'))
   assert (again.bos_id, again.eos_id, again.pad_id) == (wordpiece.bos_id, wordpiece.eos_id,
                                                         wordpiece.pad_id)
+  assert again.config['model_max_length'] == 512  # The rest of the config is kept.
+  (directory / 'tokenizer_config.json').write_text('{"bos_token": ')
+  with pytest.raises(ConfigError, match='tokenizer_config.json cannot be read as JSON'):
+    tokenizer_lib.load(str(directory / 'tokenizer.json'))
   (tmp_path / 'bad.json').write_text('{"model": 3}')
   with pytest.raises(ConfigError, match="is not a Hugging Face tokenizer.json"):
     tokenizer_lib.load(str(tmp_path / 'bad.json'))

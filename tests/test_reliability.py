@@ -69,7 +69,7 @@ CASES = [
      'model.head_dim=15 must be even for rotary positions'),
     ('rope-ramp', ['--config.model.family=llama', '--config.model.rope_type=llama3',
                    '--config.model.rope_high_freq_factor=1.0'], {},
-     'model.rope_low_freq_factor=1.0 must be >= 0 and below model.rope_high_freq_factor=1.0'),
+     'model.rope_low_freq_factor=1.0 must be positive and below model.rope_high_freq_factor=1.0'),
     ('mesh-zero', ['--config.mesh.tensor=0'], {}, 'mesh.tensor=0 must be positive or -1'),
     ('mesh-rule-axis', ['--config.mesh.rules=(("batch", "dta"),)'], {},
      "mesh.rules entry ('batch', 'dta') must be (logical_name, mesh_axes)"),

@@ -134,9 +134,14 @@ class HuggingFace(Tokenizer):
                 'eos': ('<|end_of_text|>', '</s>', '[EOS]', '<|endoftext|>'),
                 'pad': ('[PAD]', '<pad>', '<|pad|>'), 'unk': ('[UNK]', '<unk>', '<|unk|>')}
 
-  def __init__(self, data, path='', roles=None):
-    self.path, self.data = path, data
+  def __init__(self, data, path='', config=None, ids=None):
+    """`config`: its tokenizer_config.json (dict), kept and written back on save; `ids`:
+    role -> id (a checkpoint config.json's) for roles that config does not name."""
+    self.path, self.data, self.config = path, data, dict(config or {})
     self.tok = tokenizers.Tokenizer.from_str(data.decode('utf-8'))
+    # Truncation or padding saved in the file would cut and pad every document.
+    self.tok.no_truncation()
+    self.tok.no_padding()
     spec = json.loads(data)
     model = spec.get('model') or {}
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -147,10 +152,16 @@ class HuggingFace(Tokenizer):
     self.byte_fallback = bool(model.get('byte_fallback'))
     wordpiece = model.get('type') == 'WordPiece'  # Its pieces after a word's first: '##'.
     self.continuing = model.get('continuing_subword_prefix', '##') if wordpiece else None
-    roles = roles or {}
+    ids = ids or {}
     for role, names in self.ROLE_NAMES.items():
-      name = roles.get(role) or next((n for n in names if self._id(n) >= 0), None)
-      setattr(self, f'{role}_id', self._id(name) if name else -1)
+      token = self.config.get(f'{role}_token')
+      token = token.get('content') if isinstance(token, dict) else token
+      i = self._id(token) if token else -1
+      if i < 0 and isinstance(ids.get(role), int) and 0 <= ids[role] < self.vocab_size:
+        i = ids[role]
+      if i < 0:
+        i = next((self._id(n) for n in names if self._id(n) >= 0), -1)
+      setattr(self, f'{role}_id', i)
     self.roles = {role: self.tok.id_to_token(getattr(self, f'{role}_id'))
                   for role in self.ROLE_NAMES if getattr(self, f'{role}_id') >= 0}
 
@@ -190,8 +201,8 @@ class HuggingFace(Tokenizer):
     return len(raw) if isinstance(raw, bytes) else len(raw.encode('utf-8'))
 
   def config_json(self):
-    """The tokenizer_config.json that names its special tokens' roles."""
-    return {'tokenizer_class': 'PreTrainedTokenizerFast',
+    """The tokenizer_config.json that names its special tokens' roles (over the one read)."""
+    return {'tokenizer_class': 'PreTrainedTokenizerFast', **self.config,
             **{f'{role}_token': token for role, token in self.roles.items()},
             **{f'{name}_token': f'[{name.upper()}]' for name in ('cls', 'sep', 'mask')
                if self._id(f'[{name.upper()}]') >= 0}}
@@ -208,40 +219,36 @@ CONFIG_FILE = 'tokenizer_config.json'
 FILENAMES = (SentencePiece.filename, HuggingFace.filename)
 
 
-def _role_names(directory):
-  """role -> special token, from the tokenizer_config.json in `directory` if there is one."""
+def _tokenizer_config(directory):
+  """The tokenizer_config.json in `directory` as a dict ({} if there is none)."""
   path = os.path.join(directory, CONFIG_FILE)
-  roles = {}
-  if os.path.isfile(path):
+  if not os.path.isfile(path):
+    return {}
+  try:
     with open(path, encoding='utf-8') as f:
       config = json.load(f)
-    for role in HuggingFace.ROLE_NAMES:
-      token = config.get(f'{role}_token')
-      token = token.get('content') if isinstance(token, dict) else token
-      if token:
-        roles[role] = token
-  return roles
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'{path} cannot be read as JSON ({e}); fix or remove it') from e
+  if not isinstance(config, dict):
+    raise ConfigError(f'{path} is not a JSON object; fix or remove it')
+  return config
 
 
 def load(path, ids=None):
   """The tokenizer in `path`: a sentencepiece model, or a Hugging Face tokenizer.json (whose
-  roles come from a tokenizer_config.json beside it, else `ids`: role -> id)."""
+  roles come from a tokenizer_config.json beside it, else `ids`: role -> id, else names)."""
   try:
     with open(path, 'rb') as f:
       data = f.read()
   except OSError as e:
     raise ConfigError(f'data.tokenizer={path!r} cannot be read: {e.strerror}') from e
   if path.endswith('.json'):
+    config = _tokenizer_config(os.path.dirname(path))
     try:
-      tokenizer = HuggingFace(data, path, _role_names(os.path.dirname(path)))
+      return HuggingFace(data, path, config, ids)
     except Exception as e:  # tokenizers raises plain Exceptions.
       raise ConfigError(f'data.tokenizer={path!r} is not a Hugging Face tokenizer.json '
                         f'({str(e).splitlines()[0] if str(e) else type(e).__name__})') from e
-    for role, i in (ids or {}).items():
-      if getattr(tokenizer, f'{role}_id') < 0 and i is not None and 0 <= i < tokenizer.vocab_size:
-        setattr(tokenizer, f'{role}_id', i)
-        tokenizer.roles[role] = tokenizer.tok.id_to_token(i)
-    return tokenizer
   try:
     return SentencePiece(data, path)
   except RuntimeError as e:
