@@ -267,13 +267,7 @@ def _tokenizer(config, hf_dir, hf_config):
   ids = {role: hf_config.get(f'{role}_token_id') for role in ('bos', 'eos', 'pad')}
   ids = {role: i[0] if isinstance(i, list) and i else i for role, i in ids.items()}
   tokenizer = tokenizer_lib.load(path, ids)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ConfigError(f'the tokenizer {path} has {tokenizer.vocab_size} pieces, more than the '
-                      f'model\'s vocab_size={config.model.vocab_size}')
-  if config.objective == 'masked':
-    tokenizer.check_specials()
-  else:
-    tokenizer.check_causal()
+  data.check_tokenizer(config, tokenizer)
   return tokenizer
 
 

@@ -65,6 +65,13 @@ def get_tokenizer(config, workdir, sample=None):
     tokenizer = tokenizer_lib.train(train_docs, config.model.vocab_size,
                                     config.data.tokenizer_type,
                                     config.data.tokenizer_sample_bytes, config.seed)
+  check_tokenizer(config, tokenizer)
+  return tokenizer
+
+
+def check_tokenizer(config, tokenizer):
+  """A clear error unless the tokenizer fits the model's vocabulary and has the special tokens
+  the objective frames documents with."""
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'tokenizer\'s {tokenizer.vocab_size} pieces ({tokenizer.path})')
@@ -72,7 +79,6 @@ def get_tokenizer(config, workdir, sample=None):
     tokenizer.check_causal()
   if config.objective != 'causal':
     tokenizer.check_specials()
-  return tokenizer
 
 
 def _tokenizer_sample(config):

@@ -162,8 +162,6 @@ class HuggingFace(Tokenizer):
       if i < 0:
         i = next((self._id(n) for n in names if self._id(n) >= 0), -1)
       setattr(self, f'{role}_id', i)
-    self.roles = {role: self.tok.id_to_token(getattr(self, f'{role}_id'))
-                  for role in self.ROLE_NAMES if getattr(self, f'{role}_id') >= 0}
 
   def _id(self, piece):
     i = self.tok.token_to_id(piece)
@@ -202,8 +200,9 @@ class HuggingFace(Tokenizer):
 
   def config_json(self):
     """The tokenizer_config.json that names its special tokens' roles (over the one read)."""
+    roles = {role: getattr(self, f'{role}_id') for role in self.ROLE_NAMES}
     return {'tokenizer_class': 'PreTrainedTokenizerFast', **self.config,
-            **{f'{role}_token': token for role, token in self.roles.items()},
+            **{f'{role}_token': self.tok.id_to_token(i) for role, i in roles.items() if i >= 0},
             **{f'{name}_token': f'[{name.upper()}]' for name in ('cls', 'sep', 'mask')
                if self._id(f'[{name.upper()}]') >= 0}}
 
