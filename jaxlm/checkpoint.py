@@ -18,6 +18,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -38,7 +39,10 @@ def _grain():
 
 class Checkpointer:
 
-  def __init__(self, directory, config=None, read_only=False):
+  def __init__(self, directory, config=None, read_only=False, compress=True):
+    """compress=False writes the arrays without zstd: tensorstore compresses every array of a
+    save at once in host memory (measured: a transient copy of all the bytes), which a
+    one-shot parameter import cannot afford and float weights barely shrink under."""
     directory = os.path.abspath(directory)  # Orbax reads only absolute paths.
     self.directory = directory
     keep = config.checkpoint.keep if config else None
@@ -49,15 +53,15 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(
         directory, options=options, item_names=('state', 'data', 'config'),
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(use_compression=compress),
                        'data': _grain().checkpoint.CheckpointHandler(),
                        'config': ocp.JsonCheckpointHandler()})
     self.last_save_blocking_s = 0.0
     self._saving = None  # The step of the newest started save.
 
   @classmethod
-  def for_workdir(cls, workdir, config):
-    return cls(workdir_lib.checkpoint_dir(workdir), config)
+  def for_workdir(cls, workdir, config, compress=True):
+    return cls(workdir_lib.checkpoint_dir(workdir), config, compress=compress)
 
   def all_steps(self):
     return sorted(self.manager.all_steps())
@@ -185,8 +189,48 @@ class Checkpointer:
         state=_restore_args({'params': target}, partial=True)))
     return restored['state']['params']
 
+  def read_params(self, step, abstract_params, batch_bytes=2 ** 26):
+    """The parameters saved at `step` as host numpy arrays, read about `batch_bytes` at a
+    time (exporting a model that fills the host's memory: a whole-tree restore holds
+    transient read buffers of a large part of its size, measured 0.5x)."""
+    self.check_params(step, abstract_params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    read = {}
+    for batch in _batches(flat, batch_bytes):
+      item = _nest(batch)
+      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={'params': item}, restore_args={'params': as_numpy}, partial_restore=True)))
+      read.update(jax.tree_util.tree_flatten_with_path(restored['state']['params'])[0])
+    return jax.tree.unflatten(treedef, [read[path] for path, _ in flat])
+
   def close(self):
     self.manager.close()
+
+
+def _batches(flat, max_bytes):
+  """Consecutive runs of (path, leaf) of at most `max_bytes` each (or one larger leaf)."""
+  batch, size = [], 0
+  for path, leaf in flat:
+    nbytes = leaf.size * leaf.dtype.itemsize
+    if batch and size + nbytes > max_bytes:
+      yield batch
+      batch, size = [], 0
+    batch.append((path, leaf))
+    size += nbytes
+  if batch:
+    yield batch
+
+
+def _nest(flat):
+  """The nested dicts holding the (path, leaf) pairs of `flat` (dict-key paths)."""
+  tree = {}
+  for path, leaf in flat:
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key.key, {})
+    node[path[-1].key] = leaf
+  return tree
 
 
 def _without_absent(params, saved, optional):

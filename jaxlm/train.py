@@ -87,9 +87,9 @@ def restore_for_inference(config, workdir, step=None, batch_size=1):
   return (s, *restore_params(s, workdir, step))
 
 
-def restore_params(s, workdir, step=None):
+def restore_params(s, workdir, step=None, host=False):
   """(the parameters of the workdir's checkpoint `step`, default the latest, in the shardings
-  of `s`; that step)."""
+  of `s` - or as host numpy arrays, read a batch of leaves at a time, if `host`; that step)."""
   directory = workdir_lib.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
@@ -103,8 +103,11 @@ def restore_params(s, workdir, step=None):
       raise errors.ConfigError(f'--step={step}: --workdir={workdir} has checkpoints of steps '
                                f'{", ".join(map(str, saved))}')
     step = saved[-1] if step is None else step
-    with s.active():
-      params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
+    if host:
+      params = checkpoints.read_params(step, s.abstract_state.params)
+    else:
+      with s.active():
+        params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
   finally:
     checkpoints.close()
   return params, step

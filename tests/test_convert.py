@@ -343,3 +343,74 @@ def test_export_errors(tmp_path, tokenizer_file, capsys):
   assert 'has no checkpoint' in convert_error(
       capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/empty')
   assert not os.path.exists(tmp_path / 'out')
+
+
+# Runs one conversion in a fresh process and reports its memory: the resident size once jax is
+# up and the high-water mark after the conversion.
+# (VmHWM, not ru_maxrss: the latter survives exec, so it would start at pytest's own size.)
+MEASURE = '''
+import json, sys
+import jax
+from jaxlm import cli
+def status(key):
+  line = next(l for l in open('/proc/self/status') if l.startswith(key + ':'))
+  return int(line.split()[1]) * 1024
+jax.devices()
+before = status('VmRSS')
+assert cli.main(sys.argv[1:]) == 0
+print(json.dumps({'before': before, 'peak': status('VmHWM')}))
+'''
+
+
+def test_conversion_holds_one_copy_of_the_parameters(tmp_path, tokenizer_file):
+  """Import and export hold one host copy of the parameters plus about a tensor: Orbax writes
+  the zero-copy device arrays uncompressed and reads in batches, and the safetensors files are
+  streamed (before these, both directions peaked at 2x the parameters' bytes). The fixed cost
+  of a conversion is measured on a tiny model and taken off."""
+  import subprocess
+  import sys
+
+  def peak_growth(name, n_embd, n_layer):
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=8, n_positions=128)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / name)
+    growth = []
+    for args in (['--from-hf', tmp_path / name, f'--workdir={tmp_path}/{name}.run',
+                  f'--config.data.tokenizer={tokenizer_file}'],
+                 ['--to-hf', tmp_path / f'{name}.back', f'--workdir={tmp_path}/{name}.run',
+                  '--max_shard_mb=40']):
+      out = subprocess.run([sys.executable, '-c', MEASURE, 'convert', *map(str, args)],
+                           capture_output=True, text=True, check=True).stdout
+      memory = json.loads(out.strip().splitlines()[-1])
+      growth.append(memory['peak'] - memory['before'])
+    return model, sum(p.numel() for p in model.parameters()) * 4, np.array(growth)
+
+  _, _, fixed = peak_growth('tiny', 64, 2)
+  model, nbytes, growth = peak_growth('mid', 512, 8)
+  assert nbytes > 90e6
+  ratio = (growth - fixed) / nbytes
+  assert (ratio < 1.6).all(), f'import, export peaks at {ratio} x the parameters'
+  reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'mid.back')
+  assert len(list((tmp_path / 'mid.back').glob('*.safetensors'))) == 3
+  for name, tensor in model.state_dict().items():
+    assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def test_read_params_in_batches(tmp_path, tokenizer_file):
+  """Checkpointer.read_params (export's reader) returns the saved parameters as numpy arrays
+  whatever the batch size, one leaf per read included."""
+  config = random_run('llama', tmp_path / 'run', tokenizer_file, num_kv_heads=2)
+  _, expected = jaxlm_params(tmp_path / 'run')
+  s = train_lib.inference_setup(config)
+  checkpoints = checkpoint.Checkpointer.for_workdir(str(tmp_path / 'run'), None)
+  try:
+    for batch_bytes in (1, 2 ** 14, 2 ** 30):
+      params = checkpoints.read_params(5, s.abstract_state.params, batch_bytes)
+      flat = jax.tree_util.tree_flatten_with_path(params)[0]
+      assert {jax.tree_util.keystr(p) for p, _ in flat} == set(expected)
+      for path, leaf in flat:
+        assert isinstance(leaf, np.ndarray)
+        np.testing.assert_array_equal(leaf, expected[jax.tree_util.keystr(path)])
+  finally:
+    checkpoints.close()
