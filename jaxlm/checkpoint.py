@@ -223,7 +223,8 @@ def _batches(flat, max_bytes):
 
 
 def _nest(flat):
-  """The nested dicts holding the (path, leaf) pairs of `flat` (dict-key paths)."""
+  """The nested dicts holding the (path, leaf) pairs of `flat`: parameter trees are dicts
+  all the way down, so every path is of dict keys."""
   tree = {}
   for path, leaf in flat:
     node = tree

@@ -11,8 +11,8 @@ index above --max_shard_mb) and the run's tokenizer files.
 
 No PyTorch: tensors go through safetensors, one at a time, into one host copy of the
 parameters (import) or out of it, streamed into the shard files (export). That copy is all the
-memory a conversion needs (measured: 1.15x the parameters' bytes for import, 1.25x for
-export): XLA adopts the import's aligned buffers as device arrays without a copy, Orbax
+memory a conversion needs (measured on GPT-2 355M and 774M: 1.1-1.2x the parameters' bytes
+for import, 1.2-1.25x for export; BENCHMARKS.md): XLA adopts the import's aligned buffers as device arrays without a copy, Orbax
 writes them uncompressed, and the export reads the checkpoint a batch of leaves at a time.
 Both directions build in a temporary sibling directory renamed into place at the end, so the
 target is never half-written.
@@ -99,7 +99,7 @@ class ShardWriter:
   safetensors' own writers serialise a whole dict of tensors held in memory; this one plans the
   files from the tensors' names and shapes first, so each file's header goes out before its
   tensors and only the tensor being written is held. The format: an 8-byte little-endian
-  header size, the JSON header (padded with spaces to 8 bytes), then the tensors back to back.
+  header size, the JSON header (space-padded to a multiple of 8 bytes), then the tensors back to back.
   """
 
   def __init__(self, directory, specs, dtype, max_bytes):
@@ -120,6 +120,8 @@ class ShardWriter:
     self.file, self.shard = None, -1
 
   def write(self, name, tensor):
+    if not self.pending:
+      raise ValueError(f'tensor {name} is one more than planned')
     k, planned = self.pending.pop()
     shape = self.shards[k][planned]
     if (name, tensor.shape, tensor.dtype) != (planned, shape, self.dtype):
@@ -158,6 +160,8 @@ class ShardWriter:
     """Completes the files and their index; returns how many files there are."""
     if self.pending:
       raise ValueError(f'{len(self.pending)} planned tensors were not written')
+    if self.shard < 0:
+      self._start(0)  # No tensors: a file with the header alone, as safetensors writes it.
     self._finish()
     if len(self.names) > 1:
       weight_map = {tensor: name for name, shard in zip(self.names, self.shards)
@@ -207,10 +211,10 @@ def from_hf(hf_dir, workdir, overrides=()):
                       f'in a {layout.architecture} of its config.json; is the config from '
                       f'another model?')
 
-  # Zero-copy CPU device arrays (the leaves are aligned as XLA requires), which Orbax then
-  # writes without a copy of its own (see compress=False below).
+  # Mapping the whole tree at once costs nothing only because device_put adopts the aligned
+  # leaves instead of copying them (a copy would hold two of every leaf until the last one);
+  # the leaves are never written again, since the device arrays share their memory.
   cpu = jax.devices('cpu')[0]
-  del targets
   params = jax.tree.map(lambda leaf: jax.device_put(leaf, cpu), params)
 
   def write(tmp):
@@ -278,7 +282,7 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
     specs = [(e.name, hf.hf_shape(e, [a.shape for a in leaves(e)])) for e in entries]
     with ShardWriter(tmp, specs, dtype, max_shard_mb * 2 ** 20) as writer:
       for entry in entries:
-        writer.write(entry.name, hf.to_hf(entry, leaves(entry)).astype(dtype))
+        writer.write(entry.name, hf.to_hf(entry, leaves(entry)).astype(dtype, copy=False))
       files = writer.close()
     hf_config = hf.hf_config(config, tokenizer)
     hf_config['dtype'] = dtype.name

@@ -379,7 +379,7 @@ def test_conversion_holds_one_copy_of_the_parameters(tmp_path, tokenizer_file):
     for args in (['--from-hf', tmp_path / name, f'--workdir={tmp_path}/{name}.run',
                   f'--config.data.tokenizer={tokenizer_file}'],
                  ['--to-hf', tmp_path / f'{name}.back', f'--workdir={tmp_path}/{name}.run',
-                  '--max_shard_mb=40']):
+                  '--max_shard_mb=250']):
       out = subprocess.run([sys.executable, '-c', MEASURE, 'convert', *map(str, args)],
                            capture_output=True, text=True, check=True).stdout
       memory = json.loads(out.strip().splitlines()[-1])
@@ -387,20 +387,24 @@ def test_conversion_holds_one_copy_of_the_parameters(tmp_path, tokenizer_file):
     return model, sum(p.numel() for p in model.parameters()) * 4, np.array(growth)
 
   _, _, fixed = peak_growth('tiny', 64, 2)
-  model, nbytes, growth = peak_growth('mid', 512, 8)
-  assert nbytes > 90e6
-  ratio = (growth - fixed) / nbytes
-  assert (ratio < 1.6).all(), f'import, export peaks at {ratio} x the parameters'
+  model, nbytes, growth = peak_growth('mid', 1024, 12)
+  assert nbytes > 500e6
+  imported, exported = (growth - fixed) / nbytes
+  # Measured 1.14-1.18 and 1.33; before the changes 2.1 and 1.6.
+  assert imported < 1.5, f'the import peaks at {imported:.2f}x the parameters'
+  assert exported < 1.45, f'the export peaks at {exported:.2f}x the parameters'
   reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'mid.back')
-  assert len(list((tmp_path / 'mid.back').glob('*.safetensors'))) == 3
+  assert len(list((tmp_path / 'mid.back').glob('*.safetensors'))) == 3  # Streamed shards.
   for name, tensor in model.state_dict().items():
     assert torch.equal(tensor, reloaded.state_dict()[name]), name
 
 
-def test_read_params_in_batches(tmp_path, tokenizer_file):
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_read_params_in_batches(tmp_path, tokenizer_file, dtype):
   """Checkpointer.read_params (export's reader) returns the saved parameters as numpy arrays
-  whatever the batch size, one leaf per read included."""
-  config = random_run('llama', tmp_path / 'run', tokenizer_file, num_kv_heads=2)
+  of their saved dtype whatever the batch size, one leaf per read included."""
+  config = random_run('llama', tmp_path / 'run', tokenizer_file, num_kv_heads=2,
+                      param_dtype=dtype)
   _, expected = jaxlm_params(tmp_path / 'run')
   s = train_lib.inference_setup(config)
   checkpoints = checkpoint.Checkpointer.for_workdir(str(tmp_path / 'run'), None)
@@ -410,7 +414,7 @@ def test_read_params_in_batches(tmp_path, tokenizer_file):
       flat = jax.tree_util.tree_flatten_with_path(params)[0]
       assert {jax.tree_util.keystr(p) for p, _ in flat} == set(expected)
       for path, leaf in flat:
-        assert isinstance(leaf, np.ndarray)
+        assert isinstance(leaf, np.ndarray) and leaf.dtype == jax.numpy.dtype(dtype)
         np.testing.assert_array_equal(leaf, expected[jax.tree_util.keystr(path)])
   finally:
     checkpoints.close()
