@@ -37,5 +37,5 @@ setup(
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
                  'transformers>=4.45', 'torch>=2.2'],
     },
-    entry_points={'console_scripts': ['jaxlm=jaxlm.cli:main']},
+    entry_points={'console_scripts': ['jaxlm=jaxlm.cli:console_main']},
 )

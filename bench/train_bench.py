@@ -11,14 +11,18 @@ import argparse
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
+from jaxlm import host_memory
 
-from jaxlm import cli, flops, objectives
-from jaxlm import config as config_lib
-from jaxlm import state as state_lib
-from jaxlm import train as train_lib
-from table import print_table  # bench/table.py: scripts run from bench/.
+host_memory.keep_host_memory()  # Before jax starts its threads, as the jaxlm command does.
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxlm import cli, flops, objectives  # noqa: E402
+from jaxlm import config as config_lib  # noqa: E402
+from jaxlm import state as state_lib  # noqa: E402
+from jaxlm import train as train_lib  # noqa: E402
+from table import print_table  # noqa: E402 - bench/table.py: scripts run from bench/.
 
 
 def bench(config, num_steps, warmup=2):

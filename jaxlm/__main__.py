@@ -1,5 +1,5 @@
 import sys
 
-from jaxlm.cli import main
+from jaxlm.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -308,3 +308,11 @@ def main(argv=None):
 def _is_chief():
   jax = sys.modules.get('jax')
   return jax is None or jax.process_index() == 0
+
+
+def console_main():
+  """The `jaxlm` command: `main` in a process of its own, whose host allocator it may tune
+  before jax starts (see host_memory)."""
+  from jaxlm import host_memory
+  host_memory.keep_host_memory()
+  return main()
