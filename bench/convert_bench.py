@@ -41,12 +41,14 @@ def hf_model(directory, n_embd, n_layer):
       p.numel() * p.element_size() for p in model.parameters())
 
 
-def run(*args):
+def measure(*args):
+  """({'before': bytes, 'peak': bytes}, seconds) of `jaxlm convert ARGS` in a fresh process
+  (also the memory test's measurement, tests/test_convert.py)."""
   start = time.perf_counter()
   out = subprocess.run([sys.executable, '-c', MEASURE, 'convert', *map(str, args)],
                        capture_output=True, text=True)
   if out.returncode:
-    sys.exit(out.stderr)
+    raise RuntimeError(f'jaxlm convert {" ".join(map(str, args))} failed:\n{out.stderr}')
   memory = json.loads(out.stdout.strip().splitlines()[-1])
   return memory, time.perf_counter() - start
 
@@ -69,7 +71,7 @@ def main():
       ('import', ['--from-hf', hf_dir, f'--workdir={run_dir}',
                   f'--config.data.tokenizer={tokenizer}']),
       ('export', ['--to-hf', back, f'--workdir={run_dir}', f'--max_shard_mb={args.max_shard_mb}'])):
-    memory, seconds = run(*argv)
+    memory, seconds = measure(*argv)
     growth = memory['peak'] - memory['before']
     rows.append({'direction': direction, 'params': f'{parameters / 1e6:.0f}M',
                  'params (GB)': nbytes / 1e9, 'process before (GB)': memory['before'] / 1e9,

@@ -12,8 +12,9 @@ index above --max_shard_mb) and the run's tokenizer files.
 No PyTorch: tensors go through safetensors, one at a time, into one host copy of the
 parameters (import) or out of it, streamed into the shard files (export). That copy is all the
 memory a conversion needs (measured on GPT-2 355M and 774M: 1.1-1.2x the parameters' bytes
-for import, 1.2-1.25x for export; BENCHMARKS.md): XLA adopts the import's aligned buffers as device arrays without a copy, Orbax
-writes them uncompressed, and the export reads the checkpoint a batch of leaves at a time.
+for import, 1.2-1.25x for export; BENCHMARKS.md): XLA adopts the import's aligned buffers as
+device arrays without a copy, Orbax writes them uncompressed, and the export reads the
+checkpoint a batch of leaves at a time.
 Both directions build in a temporary sibling directory renamed into place at the end, so the
 target is never half-written.
 The tensor tables of each family are in hf.py.
@@ -99,7 +100,8 @@ class ShardWriter:
   safetensors' own writers serialise a whole dict of tensors held in memory; this one plans the
   files from the tensors' names and shapes first, so each file's header goes out before its
   tensors and only the tensor being written is held. The format: an 8-byte little-endian
-  header size, the JSON header (space-padded to a multiple of 8 bytes), then the tensors back to back.
+  header size, the JSON header (space-padded to a multiple of 8 bytes), then the tensors back
+  to back.
   """
 
   def __init__(self, directory, specs, dtype, max_bytes):
@@ -107,7 +109,7 @@ class ShardWriter:
     self.directory, self.dtype = directory, np.dtype(dtype)
     self.shards, size = [{}], 0
     for name, shape in specs:
-      nbytes = int(np.prod(shape)) * self.dtype.itemsize
+      nbytes = self._nbytes(shape)
       if self.shards[-1] and size + nbytes > max_bytes:
         self.shards.append({})
         size = 0
@@ -136,7 +138,7 @@ class ShardWriter:
     self.shard = k
     header, offset = {'__metadata__': {'format': 'pt'}}, 0
     for name, shape in self.shards[k].items():
-      end = offset + int(np.prod(shape)) * self.dtype.itemsize
+      end = offset + self._nbytes(shape)
       header[name] = {'dtype': SAFETENSORS_DTYPES[self.dtype.name], 'shape': list(shape),
                       'data_offsets': [offset, end]}
       offset = end
@@ -144,6 +146,9 @@ class ShardWriter:
     text += b' ' * (-len(text) % 8)
     self.file = open(os.path.join(self.directory, self.names[k]), 'wb')
     self.file.write(len(text).to_bytes(8, 'little') + text)
+
+  def _nbytes(self, shape):
+    return int(np.prod(shape)) * self.dtype.itemsize
 
   def __enter__(self):
     return self
@@ -166,10 +171,9 @@ class ShardWriter:
     if len(self.names) > 1:
       weight_map = {tensor: name for name, shard in zip(self.names, self.shards)
                     for tensor in shard}
-      total = sum(int(np.prod(shape)) for shard in self.shards for shape in shard.values())
+      total = sum(self._nbytes(shape) for shard in self.shards for shape in shard.values())
       _write_json(os.path.join(self.directory, INDEX),
-                  {'metadata': {'total_size': total * self.dtype.itemsize},
-                   'weight_map': weight_map})
+                  {'metadata': {'total_size': total}, 'weight_map': weight_map})
     return len(self.names)
 
 

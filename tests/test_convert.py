@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CORPUS
+from conftest import CORPUS, ROOT
 from jaxlm import checkpoint, cli, evaluate, fill_mask, generate, hf
 from jaxlm import config as config_lib
 from jaxlm import train as train_lib
@@ -345,30 +345,14 @@ def test_export_errors(tmp_path, tokenizer_file, capsys):
   assert not os.path.exists(tmp_path / 'out')
 
 
-# Runs one conversion in a fresh process and reports its memory: the resident size once jax is
-# up and the high-water mark after the conversion.
-# (VmHWM, not ru_maxrss: the latter survives exec, so it would start at pytest's own size.)
-MEASURE = '''
-import json, sys
-import jax
-from jaxlm import cli
-def status(key):
-  line = next(l for l in open('/proc/self/status') if l.startswith(key + ':'))
-  return int(line.split()[1]) * 1024
-jax.devices()
-before = status('VmRSS')
-assert cli.main(sys.argv[1:]) == 0
-print(json.dumps({'before': before, 'peak': status('VmHWM')}))
-'''
-
-
-def test_conversion_holds_one_copy_of_the_parameters(tmp_path, tokenizer_file):
+def test_conversion_holds_one_copy_of_the_parameters(tmp_path, tokenizer_file, monkeypatch):
   """Import and export hold one host copy of the parameters plus about a tensor: Orbax writes
   the zero-copy device arrays uncompressed and reads in batches, and the safetensors files are
   streamed (before these, both directions peaked at 2x the parameters' bytes). The fixed cost
-  of a conversion is measured on a tiny model and taken off."""
-  import subprocess
-  import sys
+  of a conversion is measured on a tiny model and taken off, each conversion in a fresh
+  process as bench/convert_bench.py measures it."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'bench'))
+  from convert_bench import measure
 
   def peak_growth(name, n_embd, n_layer):
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=n_embd, n_layer=n_layer,
@@ -380,9 +364,7 @@ def test_conversion_holds_one_copy_of_the_parameters(tmp_path, tokenizer_file):
                   f'--config.data.tokenizer={tokenizer_file}'],
                  ['--to-hf', tmp_path / f'{name}.back', f'--workdir={tmp_path}/{name}.run',
                   '--max_shard_mb=250']):
-      out = subprocess.run([sys.executable, '-c', MEASURE, 'convert', *map(str, args)],
-                           capture_output=True, text=True, check=True).stdout
-      memory = json.loads(out.strip().splitlines()[-1])
+      memory, _ = measure(*args)
       growth.append(memory['peak'] - memory['before'])
     return model, sum(p.numel() for p in model.parameters()) * 4, np.array(growth)
 
