@@ -40,7 +40,7 @@ def consumers():
   for name in ('gpt2_124m', 'llama_1b'):
     config = config_lib.load(os.path.join(ROOT, 'configs', f'{name}.py'))
     rows.append((f'{name} on 1 H100 at 50% MFU', TARGET_MFU * H100_PEAK /
-                  flops.flops_per_token(config.model)))
+                  flops.of_run(config)))
   return rows
 
 

@@ -49,8 +49,8 @@ def bench(config, num_steps, warmup=2):
   m = config.model
   tokens_per_s = config.batch_size * m.max_len / step_s
   peak, peak_source = flops.device_peak_flops()
-  per_device = flops.flops_per_token(m) * tokens_per_s / s.mesh.size
-  per_device_halved = flops.flops_per_token(m, causal_halved=True) * tokens_per_s / s.mesh.size
+  per_device = flops.of_run(config) * tokens_per_s / s.mesh.size
+  per_device_halved = flops.of_run(config, causal_halved=True) * tokens_per_s / s.mesh.size
   return {
       'device': f'{s.mesh.size} x {jax.devices()[0].device_kind}',
       'params': flops.param_counts(m)['total'],

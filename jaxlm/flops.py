@@ -54,18 +54,31 @@ def param_counts(m):
   return {
       'total': total,
       'embedding': token_embed + position_embed + type_embed,
+      'layers': L * layer_matmul,  # The blocks' matmuls: every position runs them.
       'matmul': non_embedding + d * v,  # The output projection always multiplies.
       'non_embedding': non_embedding,
   }
 
 
-def flops_per_token(m, seq_len=None, causal_halved=False, embeddings=True):
+def flops_per_token(m, seq_len=None, causal_halved=False, embeddings=True, head_fraction=1):
   """Training (forward + backward) FLOPs per token: 6 N + 12 L H Q T (halved attention:
-  6 L H Q T; embeddings=False: N without the output projection)."""
+  6 L H Q T; embeddings=False: N without the output projection). `head_fraction`: the share
+  of positions the output head (BERT's transform and the projection) runs on; a masked LM
+  that gathers its predictions runs it on max_predictions of max_len (`of_run`)."""
   seq_len = m.max_len if seq_len is None else seq_len
   attention = 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
-  n = param_counts(m)['matmul' if embeddings else 'non_embedding']
+  counts = param_counts(m)
+  head = counts['matmul' if embeddings else 'non_embedding'] - counts['layers']
+  n = counts['layers'] + head * head_fraction
   return 6 * n + (attention // 2 if causal_halved else attention)
+
+
+def of_run(config, **kwargs):
+  """flops_per_token of a run's model and objective (see `head_fraction`)."""
+  from jaxlm import config as config_lib
+  predictions = config_lib.max_predictions(config)
+  fraction = 1 if predictions is None else predictions / config.model.max_len
+  return flops_per_token(config.model, head_fraction=fraction, **kwargs)
 
 
 def device_peak_flops(device=None):

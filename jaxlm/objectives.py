@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import config as config_lib
+
 
 def causal_targets(batch):
   """Next-token targets and weights for a packed batch of tokens [B, T].
@@ -47,7 +49,10 @@ class Masking:
   Each non-special token is chosen with probability `rate` (with `whole_word`, each word: a
   '▁'-initial piece and the pieces after it); a chosen token becomes [MASK] with probability
   `mask_fraction`, a random ordinary token with `random_fraction`, and stays itself otherwise.
-  Only chosen tokens are predicted.
+  Only chosen tokens are predicted. With a cap on predictions per row (config.max_predictions)
+  the chosen positions are gathered into 'predict_positions' [B, cap], and 'targets'/'weights'
+  are [B, cap]: the model runs its output head there alone. Choices beyond the cap are
+  dropped (the leftmost kept), so a row's inputs never hide a token that is not predicted.
   """
 
   def __init__(self, config, special, word_start, mask_id):
@@ -59,6 +64,7 @@ class Masking:
     self.word_start = np.asarray(word_start, bool)
     self.ordinary = np.flatnonzero(~self.special).astype(np.int32)
     self.mask_id = mask_id
+    self.max_predictions = config_lib.max_predictions(config)
 
   @classmethod
   def for_tokenizer(cls, config, tokenizer):
@@ -80,13 +86,23 @@ class Masking:
       first = jax.lax.cummax(jnp.where(starts, jnp.arange(tokens.shape[1]), 0), axis=1)
       u = jnp.take_along_axis(u, first, axis=1)
     chosen = (u < self.rate) & ~special
+    if self.max_predictions is not None:
+      chosen &= jnp.cumsum(chosen, axis=1) <= self.max_predictions
     kind = jax.random.uniform(kind_key, tokens.shape)
     random_tokens = jnp.asarray(self.ordinary)[
         jax.random.randint(random_key, tokens.shape, 0, len(self.ordinary))]
     inputs = jnp.where(chosen & (kind < self.mask_fraction), self.mask_id, tokens)
     inputs = jnp.where(chosen & (kind >= self.mask_fraction)
                        & (kind < self.mask_fraction + self.random_fraction), random_tokens, inputs)
-    return {**batch, 'tokens': inputs, 'targets': tokens, 'weights': chosen.astype(jnp.float32)}
+    if self.max_predictions is None:
+      return {**batch, 'tokens': inputs, 'targets': tokens, 'weights': chosen.astype(jnp.float32)}
+    # The chosen positions in order (a stable sort puts them first), then unchosen fillers
+    # that weigh nothing.
+    positions = jnp.argsort((~chosen).astype(jnp.int32), axis=1, stable=True)
+    positions = positions[:, :self.max_predictions].astype(jnp.int32)
+    take = lambda x: jnp.take_along_axis(x, positions, axis=1)
+    return {**batch, 'tokens': inputs, 'predict_positions': positions, 'targets': take(tokens),
+            'weights': take(chosen).astype(jnp.float32)}
 
 
 def build(config, tokenizer=None):

@@ -33,9 +33,9 @@ def run(config):
   report = {
       'devices': s.mesh.size,
       'parameters': counts['total'],
-      'flops_per_token': flops.flops_per_token(m),
-      'flops_per_token_causal_halved': flops.flops_per_token(m, causal_halved=True),
-      'flops_per_step': flops.flops_per_token(m) * tokens_per_step,
+      'flops_per_token': flops.of_run(config),
+      'flops_per_token_causal_halved': flops.of_run(config, causal_halved=True),
+      'flops_per_step': flops.of_run(config) * tokens_per_step,
       'xla_flops_per_step_per_device': float(cost.get('flops', 0.0)) if cost else None,
       'state_bytes_per_device': state_lib.bytes_per_device(s.abstract_state, s.shardings),
       'step_bytes_per_device': memory.get('total'),

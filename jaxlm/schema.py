@@ -175,6 +175,12 @@ def defaults(family='gpt2'):
   c.masking.mask_fraction = 0.8  # Of the chosen tokens, the share replaced by [MASK] ...
   c.masking.random_fraction = 0.1  # ... and by a random token; the rest stay unchanged.
   c.masking.whole_word = False  # Choose whole words (a word starts at a '▁' piece), not pieces.
+  # Positions per row that the output head and the loss run on (NVIDIA's BERT:
+  # max_predictions_per_seq): the chosen tokens are gathered first, so the vocabulary-wide
+  # head costs a fraction of every-position prediction. 0 = sized from the rate and length
+  # with headroom (config.max_predictions); -1 = every position (no gathering). A row that
+  # draws more than the cap keeps its leftmost chosen tokens; the rest stay unmasked inputs.
+  c.masking.max_predictions = 0
 
   c.finetune = ml_collections.ConfigDict()  # For objective='classify' (`jaxlm finetune`).
   c.finetune.train = ''  # Labeled .jsonl/.csv file(s) (glob), or 'tfds:NAME:SPLIT' (glue/sst2).

@@ -32,7 +32,9 @@ def accumulate_gradients(loss_fn, params, batch, num_micro, rng):
 
   def body(total, xs):
     index, micro = xs
-    micro = {k: layers.constrain(v, ('batch', 'length')[:v.ndim]) for k, v in micro.items()}
+    length = micro['tokens'].shape[1]  # Features along the sequence are sharded like it.
+    micro = {k: layers.constrain(v, ('batch', 'length' if v.shape[1:2] == (length,) else None)
+                                 [:v.ndim]) for k, v in micro.items()}
     grads, stats = grad_fn(params, micro, jax.random.fold_in(rng, index))
     return jax.tree.map(jnp.add, total, (grads, stats)), None
 
@@ -45,7 +47,8 @@ def accumulate_gradients(loss_fn, params, batch, num_micro, rng):
 
 def apply(model, params, batch, **kwargs):
   return model.apply({'params': params}, batch['tokens'], batch['positions'],
-                     batch['segment_ids'], batch.get('token_types'), **kwargs)
+                     batch['segment_ids'], batch.get('token_types'),
+                     predict_positions=batch.get('predict_positions'), **kwargs)
 
 
 def model_loss(model, params, batch, config, z_loss=0.0, **kwargs):
@@ -55,7 +58,9 @@ def model_loss(model, params, batch, config, z_loss=0.0, **kwargs):
     return objectives.loss(apply(model, params, batch, **kwargs), batch, z_loss)
   hidden = apply(model, params, batch, project=False, **kwargs)
   kernel, bias = model_lib.output_layer(params, config.model)
-  return objectives.chunked_loss(hidden, kernel, bias, batch, z_loss, config.loss_chunk)
+  positions = hidden.shape[1]  # max_len, or a masked LM's gathered predictions per row.
+  chunk = config.loss_chunk if positions % config.loss_chunk == 0 else positions
+  return objectives.chunked_loss(hidden, kernel, bias, batch, z_loss, chunk)
 
 
 # The key of evaluation's random choices (masks): fixed, so evaluations are comparable.

@@ -71,7 +71,7 @@ def plan(sweep):
   candidates = []
   for num_layers, emb_dim in sweep.sizes:
     config = _sized(base, num_layers, emb_dim, sweep)
-    per_token = flops.flops_per_token(config.model)
+    per_token = flops.of_run(config)
     for target in sweep.budgets or sweep.tokens:
       budget = float(target) if sweep.budgets else 0.0
       candidates.append((config, per_token, budget, budget or per_token * target))
@@ -215,8 +215,8 @@ def _write_result(r, run_dir, wall_s):
          'eval_loss': final['eval_loss'], 'eval_perplexity': final['eval_perplexity'],
          'wall_s': round(wall_s, 2),
          'params': flops.param_counts(r.config.model),
-         'flops_per_token': flops.flops_per_token(r.config.model),
-         'flops_per_token_halved': flops.flops_per_token(r.config.model, causal_halved=True),
+         'flops_per_token': flops.of_run(r.config),
+         'flops_per_token_halved': flops.of_run(r.config, causal_halved=True),
          'config': r.config.to_dict()}
   workdir_lib.atomic_write(result_path(run_dir), json.dumps(row, default=list) + '\n')
 

@@ -168,8 +168,8 @@ def log_summary(s, compiled):
   log.info('parameters: %s total, %s in matmuls, %s embeddings', f'{counts["total"]:,}',
            f'{counts["matmul"]:,}', f'{counts["embedding"]:,}')
   log.info('FLOPs per token: %.4g (6N + 12LHQT), %.4g causal-halved; %.4g per step',
-           flops.flops_per_token(m), flops.flops_per_token(m, causal_halved=True),
-           flops.flops_per_token(m) * s.config.batch_size * m.max_len)
+           flops.of_run(s.config), flops.of_run(s.config, causal_halved=True),
+           flops.of_run(s.config) * s.config.batch_size * m.max_len)
   log.info('%-36s %-18s %-34s %s', 'parameter', 'shape', 'logical axes', 'mesh axes')
   for name, shape, names, spec in state_lib.param_table(s.abstract, s.shardings):
     log.info('%-36s %-18s %-34s %s', name, shape, names, tuple(spec))
@@ -297,7 +297,7 @@ def _handle_nonfinite(config, count, step, save, checkpoints):
 def _loop(s, state, start, train_step, run_eval, batches, checkpoints, writer, preempted):
   config, m = s.config, s.config.model
   tokens_per_step = config.batch_size * m.max_len
-  flops_per_token = flops.flops_per_token(m)
+  flops_per_token = flops.of_run(s.config)
   peak, peak_source = flops.device_peak_flops()
   log.info('MFU is relative to %.4g TFLOP/s per device (%s)', peak / 1e12, peak_source)
   result = {}

@@ -33,6 +33,8 @@ def random_batch(seed=0, shape=(64, 128)):
 
 
 def masking(word_start=None, **masking_overrides):
+  """Masking at every position ([B, T] targets) unless max_predictions is given."""
+  masking_overrides = {'max_predictions': -1, **masking_overrides}
   config = masked_config(**{f'masking__{k}': v for k, v in masking_overrides.items()})
   starts = np.zeros(VOCAB, bool) if word_start is None else word_start
   return objectives.Masking(config, SPECIAL, starts, MASK_ID)
@@ -97,6 +99,63 @@ def test_the_loss_counts_masked_positions_only():
                                * unmasked, batch)
   assert stats['weight'] == batch['weights'].sum() > 0
   np.testing.assert_allclose(changed['loss_sum'], stats['loss_sum'], rtol=1e-6)
+
+
+def scatter(gathered, positions, length):
+  """[B, P] values at `positions` -> [B, length] (zero elsewhere; fillers weigh 0 anyway)."""
+  out = np.zeros((gathered.shape[0], length), gathered.dtype)
+  np.put_along_axis(out, np.asarray(positions), np.asarray(gathered), axis=1)
+  return out
+
+
+@pytest.mark.parametrize('cap', [64, 12])  # Above every row's chosen count; below most.
+def test_the_gathered_head_equals_predicting_every_position(cap):
+  """The head and loss run on the gathered positions only, yet give the all-positions
+  loss, accuracy and weight of the same masks; a cap below a row's draw keeps its leftmost
+  choices and leaves the rest unmasked inputs, and is never exceeded."""
+  config = masked_config(masking__max_predictions=cap, model__max_len=128)
+  batch = random_batch(shape=(8, 128))
+  key = jax.random.key(5)
+  gathered = objectives.Masking(config, SPECIAL, np.zeros(VOCAB, bool), MASK_ID)(batch, key)
+  every = masking()(batch, key)  # The same draw, uncapped, at every position.
+  chosen, weights = np.asarray(every['weights']) > 0, gathered['weights']
+  assert gathered['predict_positions'].shape == weights.shape == (8, cap)
+  counts = chosen.sum(1)
+  np.testing.assert_array_equal(np.asarray(weights).sum(1), np.minimum(counts, cap))
+  assert (counts > cap).any() == (cap == 12) and (counts < cap).any()
+  kept = scatter(np.asarray(weights), gathered['predict_positions'], 128) > 0
+  assert (kept <= chosen).all()  # Only chosen tokens are predicted ...
+  for row in range(8):  # ... the leftmost ones, and dropped choices are unmasked inputs.
+    np.testing.assert_array_equal(kept[row], chosen[row] & (np.cumsum(chosen[row]) <= cap))
+  inputs = np.asarray(gathered['tokens'])
+  np.testing.assert_array_equal(inputs[~kept], np.asarray(batch['tokens'])[~kept])
+  np.testing.assert_array_equal(inputs[kept], np.asarray(every['tokens'])[kept])
+
+  model = model_lib.build(config)
+  params = model.init(jax.random.key(0), *state_lib.init_inputs(config))['params']
+  args = (gathered['tokens'], gathered['positions'], gathered['segment_ids'])
+  head = model.apply({'params': params}, *args, predict_positions=gathered['predict_positions'])
+  assert head.shape == (8, cap, config.model.vocab_size)
+  _, ours = objectives.loss(head, gathered)
+  reference = {**gathered, 'targets': batch['tokens'], 'weights': jnp.asarray(kept, jnp.float32)}
+  _, theirs = objectives.loss(model.apply({'params': params}, *args), reference)
+  for name in ('loss_sum', 'correct', 'weight'):
+    np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, err_msg=name)
+
+
+def test_max_predictions_is_sized_from_the_rate_with_headroom():
+  from jaxlm import config as config_lib, flops
+  sized = lambda **o: config_lib.max_predictions(masked_config(**o))
+  assert sized(model__max_len=128) == 48 and sized(model__max_len=512) == 128
+  assert sized(model__max_len=128, masking__whole_word=True) > 48
+  assert sized(model__max_len=128, masking__max_predictions=20) == 20
+  assert sized(model__max_len=128, masking__max_predictions=-1) is None
+  assert config_lib.max_predictions(tiny_config(objective='causal')) is None
+  # The head's FLOPs follow: a 48-of-128 head costs 48/128 of every-position prediction.
+  c = masked_config(model__max_len=128)
+  m = c.model
+  head = flops.flops_per_token(m) - flops.flops_per_token(m, head_fraction=0)
+  assert flops.of_run(c) == pytest.approx(flops.flops_per_token(m) - head * (1 - 48 / 128))
 
 
 def encoder(config):

@@ -54,8 +54,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, token_types=None,
-               deterministic=True, project=True, decode=False):
-    """project=False stops before the output layer: the final states [B, T, embed], for a
+               deterministic=True, project=True, decode=False, predict_positions=None):
+    """predict_positions [B, P]: run the head at these positions only (a masked LM's chosen
+    tokens; objectives.Masking), giving [B, P, vocab].
+    project=False stops before the output layer: the final states [B, T, embed], for a
     loss that projects them itself (objectives.chunked_loss, with `output_layer`).
     decode=True reads and extends the key/value cache (layers.Attention; generate.py)."""
     cfg = self.cfg
@@ -78,6 +80,10 @@ class Transformer(nn.Module):
       x = layers.norm(cfg, 'final_norm')(x)
     if self.num_labels:
       return self.classify(x, segment_ids, deterministic)
+    length_axis = 'length'
+    if predict_positions is not None:
+      x = jnp.take_along_axis(x, predict_positions[..., None], axis=1)
+      length_axis = None  # P gathered positions need not divide a sequence-sharded axis.
     if cfg.head_transform:
       x = layers.ACTIVATIONS[cfg.mlp_activation](
           layers.dense(cfg, cfg.emb_dim, ('embed', None), 'head_dense')(x))
@@ -92,7 +98,7 @@ class Transformer(nn.Module):
       logits += self.param('output_bias', nn.with_logical_partitioning(
           nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,),
                            layers.dtype(cfg.param_dtype)).astype(logits.dtype)
-    return layers.constrain(logits, ('batch', 'length', 'vocab'))
+    return layers.constrain(logits, ('batch', length_axis, 'vocab'))
 
   def embedding(self, num, name, axis=None):
     cfg = self.cfg
