@@ -249,7 +249,8 @@ def exportable(config):
   """The layout of the config's family, after checking that it fits the model exactly."""
   m = config.model
   if m.family not in BY_FAMILY:
-    raise ConfigError(f'model.family={m.family!r} has no Hugging Face layout')
+    raise ConfigError(f'model.family={m.family!r} has no Hugging Face layout (families '
+                      f'with one: {", ".join(BY_FAMILY)})')
   layout = BY_FAMILY[m.family]
   if config.objective != layout.objective:
     raise ConfigError(f'objective={config.objective!r}: a Hugging Face {layout.architecture} '

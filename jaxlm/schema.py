@@ -27,6 +27,14 @@ FAMILIES = {
     'bert': dict(norm='layernorm', norm_position='post', position='learned',
                  mlp_activation='gelu_exact', gated_mlp=False, use_bias=True, tied_embeddings=True,
                  norm_eps=1e-12, head_transform=True, output_bias=True),
+    # A modern encoder (ModernBERT, NeoBERT): pre-norm blocks, rotary positions, a gated GELU
+    # MLP and no biases, keeping BERT's MLM transform and tied output. Train it with a higher
+    # masking.rate (0.3) than BERT's. No Hugging Face layout: transformers' ModernBERT
+    # alternates local and global attention, which this model does not.
+    'modernbert': dict(norm='layernorm', norm_position='pre', position='rope',
+                       mlp_activation='gelu', gated_mlp=True, use_bias=False,
+                       tied_embeddings=True, norm_eps=1e-5, head_transform=True,
+                       output_bias=False),
 }
 
 CHOICES = {

@@ -225,6 +225,29 @@ def test_masked_lm_trains_and_fill_mask_answers(tmp_path, shared_data, capsys):
   assert out[1].split(maxsplit=1)[1].count('import') == 1
 
 
+def test_a_modern_encoder_trains_fills_masks_and_refuses_hf_export(tmp_path, shared_data,
+                                                                   capsys):
+  """model.family='modernbert' (pre-norm, RoPE, gated GELU, no biases) trains as a masked LM,
+  answers fill-mask, and `convert --to-hf` refuses it in one line (no matching class)."""
+  import shutil
+  from jaxlm import train
+  shutil.copy(shared_data / 'tokenizer.model', tmp_path / 'tokenizer.model')
+  config = masked_config(model__family='modernbert', masking__rate=0.3, train_steps=40,
+                         log_every_steps=20, checkpoint__save_every_steps=40)
+  assert not config.model.use_bias and config.model.gated_mlp and config.model.position == 'rope'
+  result = train.train(config, str(tmp_path), one_device())
+  assert np.isfinite(result['eval_loss'])
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  losses = [r['loss'] for r in rows if 'loss' in r]
+  assert losses[-1] < losses[0]
+  assert cli.main(['fill-mask', f'--workdir={tmp_path}', '--text=import [MASK]',
+                   '--top_k=2']) == 0
+  assert 'import [MASK]' in capsys.readouterr().out
+  assert cli.main(['convert', f'--workdir={tmp_path}', f'--to-hf={tmp_path / "hf"}']) == 2
+  assert "model.family='modernbert' has no Hugging Face layout" in capsys.readouterr().err
+  assert not (tmp_path / 'hf').exists()
+
+
 def test_fill_mask_refuses_a_text_without_a_mask_and_a_causal_model(workdir, capsys):
   (workdir / 'config.json').write_text(
       json.dumps(tiny_config().to_dict(), default=list))

@@ -13,6 +13,7 @@ from jaxlm.model import layers
 FAMILIES = {
     'gpt2': dict(),
     'llama': dict(model__family='llama', model__num_kv_heads=2),
+    'modernbert': dict(model__family='modernbert'),  # Causal here: the stack's causality.
 }
 
 
