@@ -203,7 +203,7 @@ def _shared_tokenizer(base, workdir, chief, distributed):
   path = data.tokenizer_path(workdir)
   if chief and not paths.exists(path):
     data.save_tokenizer(data.get_tokenizer(base, workdir), workdir)
-  distributed.barrier('jaxlm: sweep tokenizer')
+  distributed.barrier('process 0 has trained the sweep\'s tokenizer')
   return paths.normalize(path)
 
 

@@ -20,6 +20,7 @@ from jaxlm import state as state_lib
 from jaxlm import workdir as workdir_lib
 
 log = logging.getLogger('jaxlm')
+DATA_PREPARED = 'process 0 has prepared the data (tokenizer, token cache)'
 
 
 @dataclasses.dataclass
@@ -224,17 +225,17 @@ def train(config, workdir, devices=None):
   if config.objective == 'classify':
     data.labeled.resolve_labels(config)  # The classifier's size, before the model is built.
   s = setup(config, devices)
-  workdir_lib.check(workdir, config)
+  distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
   source = init_source(s)
   process = (jax.process_index(), jax.process_count())
   chief = process[0] == 0
   # The chief trains the tokenizer and fills the token cache; the others then read them.
   if not chief:
-    distributed.barrier('jaxlm: data prepared')
+    distributed.barrier(DATA_PREPARED)
   corpus = data.prepare(config, workdir)
   if chief:
     workdir_lib.save_config(workdir, config)
-    distributed.barrier('jaxlm: data prepared')
+    distributed.barrier(DATA_PREPARED)
   prepare = objectives.build(config, corpus.tokenizer)
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
   eval_set = data.eval_batches(corpus.validation, config, *process)

@@ -40,19 +40,26 @@ atomic_write = paths.atomic_write  # Readers see the old file or the new one, ne
 
 
 def check(workdir, config):
-  """Refuses a workdir that is not a directory or holds a run of another model shape.
+  """Refuses a workdir that cannot be written or holds a run of another model shape.
 
-  Reads only: a run writes nothing until its config, mesh and data have all been checked.
+  Leaves nothing behind: a run writes nothing until its config, mesh and data have all been
+  checked. Writability is tried, not inferred (root passes os.access even on /proc).
   """
-  if not paths.is_remote(workdir):  # A bucket's permissions show only when written to.
+  if paths.is_remote(workdir):
+    probe = paths.join(workdir, f'.jaxlm-write-test.{os.getpid()}')
+  else:
     existing = paths.normalize(workdir)
     while not os.path.exists(existing):  # The nearest part of the path that exists...
       existing = os.path.dirname(existing)
     if not os.path.isdir(existing):  # ...must be a directory we may write in.
       raise ConfigError(f'--workdir={workdir!r} cannot be created: {existing} is not a '
                         f'directory')
-    if not os.access(existing, os.W_OK):
-      raise ConfigError(f'--workdir={workdir!r} is not writable ({existing})')
+    probe = os.path.join(existing, f'.jaxlm-write-test.{os.getpid()}')
+  try:
+    paths.atomic_write(probe, '')
+    paths.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'--workdir={workdir!r} is not writable: {_reason(e)}') from e
   previous = read_config(workdir)
   if previous is not None:
     for name in SHAPE_FIELDS:

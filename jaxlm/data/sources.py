@@ -104,9 +104,27 @@ def open_tfds(name, split, what):
   try:
     return tfds.data_source(name, split=split, download=False)
   except Exception as e:  # noqa: BLE001 - tfds raises many kinds; all mean "not readable here".
+    prepared = _prepared_format(tfds, name)
+    if prepared is not None and prepared not in tfds.core.FileFormat.with_random_access():
+      # `tfds build` writes TFRecord by default, which only TensorFlow reads, in order.
+      raise ConfigError(
+          f'{what}: it is prepared as {prepared.value}, which has no random access; rebuild '
+          f'it with `tfds build {name} --file_format=array_record`, or convert the prepared '
+          f'copy: `tfds convert_format --dataset_dir=DIR --out_file_format=array_record`'
+      ) from e
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f'{what}: {first}; prepare it where there is network '
-                      f'(tfds build {name}) and point TFDS_DATA_DIR at it') from e
+                      f'(tfds build {name} --file_format=array_record) and point '
+                      f'TFDS_DATA_DIR at it') from e
+
+
+def _prepared_format(tfds, name):
+  """The file format a TFDS dataset is prepared in here, or None if it is not prepared."""
+  try:
+    builder = tfds.builder(name)
+    return builder.info.file_format if builder.is_prepared() else None
+  except Exception:  # noqa: BLE001 - unknown or unreadable: the caller's message stands.
+    return None
 
 
 def _tfds_text(record, field):
