@@ -56,6 +56,8 @@ def cluster(env=None):
 def arguments(config, env=None):
   """Keyword arguments for jax.distributed.initialize, or None for a single-process run."""
   env = os.environ if env is None else env
+  if env.get('JAXLM_DISTRIBUTED') == 'off':  # This process runs alone (sweep --shard=host).
+    return None
   d = config.distributed
   timeouts = dict(heartbeat_timeout_seconds=d.heartbeat_timeout_s,
                   initialization_timeout=d.heartbeat_timeout_s)
@@ -135,6 +137,37 @@ def slurm_gpus(env=None):
                       f'task per node or one per GPU (--ntasks-per-node)')
   share = seen // tasks
   return list(range(local * share, (local + 1) * share)), where
+
+
+def host_shard(env=None):
+  """(index, count) of this process among the job's, for `jaxlm sweep --shard=host`: each
+  process of a SLURM job (or of launch/local.sh, or Open MPI) trains its own share of the runs
+  alone, on its own GPUs, instead of all of them training every run together."""
+  env = os.environ if env is None else env
+  for index, count in (('JAXLM_PROCESS_ID', 'JAXLM_NUM_PROCESSES'),
+                       ('SLURM_PROCID', 'SLURM_NTASKS'),
+                       ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE')):
+    if _int_env(env, index) is not None and _int_env(env, count):
+      return _int_env(env, index), _int_env(env, count)
+  if cluster(env) == 'tpu':
+    raise ConfigError('--shard=host: the hosts of a TPU slice share its chips; give each '
+                      'shard a slice of its own (launch/tpu_pod.sh per shard, --shard=i/n)')
+  raise ConfigError('--shard=host needs a job of several processes (SLURM, Open MPI or '
+                    'launch/local.sh); elsewhere give --shard=i/n')
+
+
+def run_alone(env=None):
+  """Keeps this process out of jax.distributed and, under SLURM, on the GPUs `slurm_gpus`
+  gives it (CUDA_VISIBLE_DEVICES narrowed before jax starts); returns host_shard(env)."""
+  env = os.environ if env is None else env
+  shard = host_shard(env)
+  gpus = slurm_gpus(env) if cluster(env) == 'slurm' else None
+  if gpus is not None:
+    visible = (_gpu_list(env.get('CUDA_VISIBLE_DEVICES')) or
+               [str(i) for i in range(max(gpus[0]) + 1)])
+    env['CUDA_VISIBLE_DEVICES'] = ','.join(visible[i] for i in gpus[0])
+  env['JAXLM_DISTRIBUTED'] = 'off'
+  return shard
 
 
 def initialize(config):

@@ -24,6 +24,7 @@ from jaxlm import config as config_lib
 from jaxlm import flops, paths
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, RunError
+from jaxlm.schema import MESH_AXES
 
 log = logging.getLogger('jaxlm')
 
@@ -173,7 +174,8 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
              r.config.batch_size, r.config.model.max_len, r.config.optimizer.learning_rate)
     start = time.perf_counter()
     try:
-      outcome = train.train(r.config, run_dir)
+      config, devices = fit_mesh(r.config, train.setup)
+      outcome = train.train(config, run_dir, devices)
     except RunError as e:  # One diverged run must not cost the others.
       log.error('sweep: %s failed: %s', r.name, e)
       summary['failed'].append(r.name)
@@ -193,6 +195,42 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
                    f'{", ".join(summary["failed"])} (see the log above); the others are in '
                    f'{runs_path(workdir)}')
   return summary
+
+
+def fit_mesh(config, setup):
+  """(config, devices) of a mesh the run's shapes divide over: the configured mesh over every
+  device if they do; else plain FSDP x data parallelism over every device, the largest FSDP
+  first; else the same over fewer devices, an equal number per process. A sweep's small models
+  rarely divide over a whole pod, and one that does not must not abort the others.
+  `setup(config, devices)` raises ConfigError for a mesh that does not fit (train.setup)."""
+  import jax
+  devices = jax.devices()
+  try:
+    setup(config, devices)
+    return config, devices
+  except ConfigError as e:
+    first = e
+  local = max(len([d for d in devices if d.process_index == p])
+              for p in range(jax.process_count()))
+  for per_process in (k for k in range(local, 0, -1) if local % k == 0):
+    subset = [d for d in devices if _local_index(d, devices) < per_process]
+    for fsdp in (f for f in range(len(subset), 0, -1) if len(subset) % f == 0):
+      candidate = copy.deepcopy(config)
+      for axis in MESH_AXES:
+        candidate.mesh[axis] = candidate.mesh[f'dcn_{axis}'] = 1
+      candidate.mesh.data, candidate.mesh.fsdp = len(subset) // fsdp, fsdp
+      try:
+        setup(candidate, subset)
+      except ConfigError:
+        continue
+      log.warning('sweep: %s; this run uses mesh data=%d x fsdp=%d over %d of the %d devices',
+                  first, len(subset) // fsdp, fsdp, len(subset), len(devices))
+      return candidate, subset
+  raise RunError(f'no mesh fits this run ({first})')
+
+
+def _local_index(device, devices):
+  return [d for d in devices if d.process_index == device.process_index].index(device)
 
 
 def _shared_tokenizer(base, workdir, chief, distributed):

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, tiny_config
 from jaxlm import distributed
 from jaxlm.config import ConfigError
-from test_multihost import env, free_port, write_config
+from test_multihost import bare_path, env, free_port, launcher, write_config  # noqa: F401
 
 
 def slurm(tasks_per_node, local_id, visible, on_node=8, nodes=2):
@@ -127,3 +127,56 @@ def test_an_unwritable_workdir_is_one_line_and_exit_2_before_any_data_work(tmp_p
   assert 'tokenizer' not in out.stderr and 'Traceback' not in out.stderr
   assert time.time() - start < 60
   assert not os.path.exists('/proc/x')
+
+
+def test_the_pod_run_outlives_the_ssh_session_and_can_be_found_again(bare_path):
+  """Before: the run was the SSH command itself (a dropped laptop connection killed every
+  worker), jax[tpu] was unpinned and Cloud TPU autocheckpoint never asked for."""
+  start = launcher('launch/tpu_pod.sh', '--name', 'lm', '--zone', 'z', '--accelerator',
+                   'v4-32', '--dry-run', '--', 'train', '--workdir=gs://b/r', path=bare_path)
+  assert start.returncode == 0, start.stderr
+  lines = start.stdout.splitlines()
+  assert lines[0].startswith('gcloud alpha compute tpus tpu-vm create lm ')
+  assert lines[0].rstrip().endswith('--autocheckpoint-enabled')
+  assert "jax\\[tpu\\]==0.10.2" in start.stdout
+  run = next(line for line in lines if 'jaxlm\\ train' in line)
+  assert 'setsid\\ nohup\\ python3' in run and '\\>\\ ~/jaxlm-logs/jaxlm.log' in run
+  assert '\\&\\ echo\\ \\$\\!\\ \\>\\ ~/jaxlm-logs/jaxlm.pid' in run  # Backgrounded.
+  v5p = launcher('launch/tpu_pod.sh', '--name', 'lm', '--zone', 'z', '--accelerator', 'v5p-8',
+                 '--jax-version', '0.9.0', '--dry-run', '--', 'train', path=bare_path)
+  assert 'autocheckpoint' not in v5p.stdout and "jax\\[tpu\\]==0.9.0" in v5p.stdout
+  for action, expected in (('--logs', 'tail\\ -n\\ 20\\ ~/jaxlm-logs/jaxlm.log'),
+                           ('--attach', '--worker=0 --command=tail\\ -n\\ 100\\ -F'),
+                           ('--stop', 'kill\\ -TERM\\ --\\ -\\$\\(cat\\ ~/jaxlm-logs/jaxlm.pid')):
+    out = launcher('launch/tpu_pod.sh', '--name', 'lm', '--zone', 'z', action, '--dry-run',
+                   path=bare_path)
+    assert out.returncode == 0 and expected in out.stdout, (action, out.stdout, out.stderr)
+
+
+def test_a_sweep_run_that_does_not_divide_the_mesh_gets_one_it_fits():
+  """Before: train.setup's ConfigError aborted the whole sweep at the first such run."""
+  import jax
+  from jaxlm import sweep, train
+  one_head = tiny_config(model__num_heads=1, mesh__fsdp=1, mesh__tensor=8)  # 1 head, 8 ways.
+  config, devices = sweep.fit_mesh(one_head, train.setup)
+  assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor, len(devices)) == (1, 8, 1, 8)
+  small_batch = tiny_config(batch_size=4, mesh__fsdp=1, mesh__data=-1)  # 4 rows, 8 devices.
+  config, devices = sweep.fit_mesh(small_batch, train.setup)
+  assert devices == jax.devices()[:4] and config.mesh.data * config.mesh.fsdp == 4
+  fits = tiny_config()
+  assert sweep.fit_mesh(fits, train.setup) == (fits, jax.devices())  # Left as configured.
+
+
+def test_sweep_shards_by_host_run_alone_on_their_own_gpus():
+  environ = slurm(8, 3, '0,1,2,3,4,5,6,7')  # Task 11 of 16, one per GPU, all GPUs visible.
+  assert distributed.run_alone(environ) == (11, 16)
+  assert environ['CUDA_VISIBLE_DEVICES'] == '3' and environ['JAXLM_DISTRIBUTED'] == 'off'
+  assert distributed.arguments(tiny_config(), environ) is None  # Not joining the others.
+  environ = slurm(1, 0, None)  # One task per node: it keeps the whole node.
+  assert distributed.run_alone(environ) == (1, 2)
+  assert environ['CUDA_VISIBLE_DEVICES'] == '0,1,2,3,4,5,6,7'
+  assert distributed.host_shard({'JAXLM_PROCESS_ID': '1', 'JAXLM_NUM_PROCESSES': '2'}) == (1, 2)
+  with pytest.raises(ConfigError, match='give each shard a slice of its own'):
+    distributed.host_shard({'TPU_WORKER_HOSTNAMES': 'a,b', 'TPU_WORKER_ID': '1'})
+  with pytest.raises(ConfigError, match='needs a job of several processes'):
+    distributed.host_shard({})
