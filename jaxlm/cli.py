@@ -133,7 +133,11 @@ def _sweep(args, overrides):
   _require_workdir(args)
   from jaxlm import sweep
   config = config_lib.load_sweep(args.config, overrides)
-  shard = sweep.parse_shard(args.shard)
+  if args.shard == 'host':  # Before jax starts: it sets the GPUs this process may use.
+    from jaxlm import distributed
+    shard = distributed.run_alone()
+  else:
+    shard = sweep.parse_shard(args.shard)
   runs = sweep.plan(config)  # Every run's config is checked before anything is trained.
   _join(config.base, args)
   return sweep.run(config, args.workdir, shard, runs)
@@ -225,7 +229,8 @@ def _parser():
                      help='export: tensor dtype (default: model.param_dtype)')
     if name == 'sweep':
       p.add_argument('--shard', default='0/1',
-                     help='i/n: run only every n-th run, starting from the i-th (0-based)')
+                     help='i/n: run only every n-th run, starting from the i-th (0-based); '
+                          'host: each process of the job runs its own share alone')
     if name == 'fit':
       p.add_argument('--budget', type=float, default=None,
                      help='print the compute-optimal N and D for this many training FLOPs')

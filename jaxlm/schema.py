@@ -204,6 +204,8 @@ def defaults(family='gpt2'):
   c.distributed.coordinator = ''  # host:port of process 0; '' = environment or cluster.
   c.distributed.num_processes = 0  # Processes in the run; 0 = environment or cluster.
   c.distributed.heartbeat_timeout_s = 300  # A process whose peer died exits after this long.
+  # The longest one process waits for the others at a step (the chief tokenizing the corpus).
+  c.distributed.barrier_timeout_s = 3600.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every_steps = 1000  # Save the train state this often (and at the end).

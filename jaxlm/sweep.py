@@ -15,17 +15,16 @@ from jaxlm/flops.py, the one place FLOPs are counted.
 
 import copy
 import dataclasses
-import glob
 import json
 import logging
 import math
-import os
 import time
 
 from jaxlm import config as config_lib
-from jaxlm import flops
+from jaxlm import flops, paths
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, RunError
+from jaxlm.schema import MESH_AXES
 
 log = logging.getLogger('jaxlm')
 
@@ -129,11 +128,11 @@ def _short(x):
 
 
 def result_path(run_dir):
-  return os.path.join(run_dir, 'result.json')
+  return paths.join(run_dir, 'result.json')
 
 
 def runs_path(workdir):
-  return os.path.join(workdir, 'runs.jsonl')
+  return paths.join(workdir, 'runs.jsonl')
 
 
 def parse_shard(text):
@@ -163,19 +162,20 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
   summary = {'runs': len(runs), 'this_shard': len(mine), 'trained': 0, 'skipped': 0,
              'failed': []}
   for i, r in enumerate(mine):
-    run_dir = os.path.join(workdir, 'runs', r.name)
-    if os.path.exists(result_path(run_dir)):
+    run_dir = paths.join(workdir, 'runs', r.name)
+    if paths.exists(result_path(run_dir)):
       summary['skipped'] += 1
       log.info('sweep: %s has finished; skipping it', r.name)
       continue
     r.config.data.tokenizer = tokenizer
-    r.config.data.cache_dir = r.config.data.cache_dir or os.path.join(workdir, 'data')
+    r.config.data.cache_dir = r.config.data.cache_dir or paths.join(workdir, 'data')
     log.info('sweep: run %d of %d: %s (N=%.3g, D=%.3g, C=%.3g, %d steps of %d x %d tokens, '
              'lr %.3g)', i + 1, len(mine), r.name, r.N, r.D, r.C, r.config.train_steps,
              r.config.batch_size, r.config.model.max_len, r.config.optimizer.learning_rate)
     start = time.perf_counter()
     try:
-      outcome = train.train(r.config, run_dir)
+      config, devices = fit_mesh(r.config, train.setup)
+      outcome = train.train(config, run_dir, devices)
     except RunError as e:  # One diverged run must not cost the others.
       log.error('sweep: %s failed: %s', r.name, e)
       summary['failed'].append(r.name)
@@ -197,16 +197,52 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
   return summary
 
 
+def fit_mesh(config, setup):
+  """(config, devices) of a mesh the run's shapes divide over: the configured mesh over every
+  device if they do; else plain FSDP x data parallelism over every device, the largest FSDP
+  first; else the same over fewer devices, an equal number per process. A sweep's small models
+  rarely divide over a whole pod, and one that does not must not abort the others.
+  `setup(config, devices)` raises ConfigError for a mesh that does not fit (train.setup)."""
+  import jax
+  devices = jax.devices()
+  try:
+    setup(config, devices)
+    return config, devices
+  except ConfigError as e:
+    first = e
+  local = max(len([d for d in devices if d.process_index == p])
+              for p in range(jax.process_count()))
+  for per_process in (k for k in range(local, 0, -1) if local % k == 0):
+    subset = [d for d in devices if _local_index(d, devices) < per_process]
+    for fsdp in (f for f in range(len(subset), 0, -1) if len(subset) % f == 0):
+      candidate = copy.deepcopy(config)
+      for axis in MESH_AXES:
+        candidate.mesh[axis] = candidate.mesh[f'dcn_{axis}'] = 1
+      candidate.mesh.data, candidate.mesh.fsdp = len(subset) // fsdp, fsdp
+      try:
+        setup(candidate, subset)
+      except ConfigError:
+        continue
+      log.warning('sweep: %s; this run uses mesh data=%d x fsdp=%d over %d of the %d devices',
+                  first, len(subset) // fsdp, fsdp, len(subset), len(devices))
+      return candidate, subset
+  raise RunError(f'no mesh fits this run ({first})')
+
+
+def _local_index(device, devices):
+  return [d for d in devices if d.process_index == device.process_index].index(device)
+
+
 def _shared_tokenizer(base, workdir, chief, distributed):
   """The path of the tokenizer every run uses: base.data.tokenizer, or one trained once here."""
   if base.data.tokenizer:
     return base.data.tokenizer
   from jaxlm import data
   path = data.tokenizer_path(workdir)
-  if chief and not os.path.exists(path):
+  if chief and not paths.exists(path):
     data.save_tokenizer(data.get_tokenizer(base, workdir), workdir)
-  distributed.barrier('jaxlm: sweep tokenizer')
-  return os.path.abspath(path)
+  distributed.barrier('process 0 has trained the sweep\'s tokenizer')
+  return paths.normalize(path)
 
 
 def _write_result(r, run_dir, wall_s):
@@ -224,7 +260,7 @@ def _write_result(r, run_dir, wall_s):
 def _final_eval(run_dir, train_steps):
   """The eval row at the last step in metrics.jsonl (a resumed run may have written it before
   being interrupted, so it is read back rather than taken from train()'s return value)."""
-  with open(workdir_lib.metrics_path(run_dir)) as f:
+  with paths.open(workdir_lib.metrics_path(run_dir)) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   for row in reversed(rows):
     if row['step'] == train_steps and 'eval_loss' in row:
@@ -236,9 +272,8 @@ def _final_eval(run_dir, train_steps):
 def collect(workdir):
   """Rebuilds runs.jsonl from every finished run's result.json; returns the rows."""
   rows = []
-  for path in sorted(glob.glob(os.path.join(workdir, 'runs', '*', 'result.json'))):
-    with open(path) as f:
-      rows.append(json.loads(f.read()))
+  for path in paths.glob(paths.join(workdir, 'runs', '*', 'result.json')):
+    rows.append(json.loads(paths.read_text(path)))
   rows.sort(key=lambda r: (r['budget'] or r['C'], r['N']))  # The order of plan().
   workdir_lib.atomic_write(runs_path(workdir), ''.join(json.dumps(r) + '\n' for r in rows))
   return rows
@@ -246,12 +281,12 @@ def collect(workdir):
 
 def read_runs(workdir):
   """The rows of DIR/runs.jsonl (rebuilt from the run directories if they are there)."""
-  if os.path.isdir(os.path.join(workdir, 'runs')):
+  if paths.isdir(paths.join(workdir, 'runs')):
     return collect(workdir)
   path = runs_path(workdir)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise ConfigError(f'{path} not found: run jaxlm sweep --workdir={workdir} first')
-  with open(path) as f:
+  with paths.open(path) as f:
     try:
       return [json.loads(line) for line in f if line.strip()]
     except ValueError as e:

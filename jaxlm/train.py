@@ -3,7 +3,6 @@
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 
 import flax.linen as nn
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import (checkpoint, data, distributed, errors, flops, metrics, objectives, optim,
-                   preemption, steps)
+                   paths, preemption, steps)
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
@@ -21,6 +20,7 @@ from jaxlm import state as state_lib
 from jaxlm import workdir as workdir_lib
 
 log = logging.getLogger('jaxlm')
+DATA_PREPARED = 'process 0 has prepared the data (tokenizer, token cache)'
 
 
 @dataclasses.dataclass
@@ -91,7 +91,7 @@ def restore_params(s, workdir, step=None, host=False):
   """(the parameters of the workdir's checkpoint `step`, default the latest, in the shardings
   of `s` - or as host numpy arrays, read a batch of leaves at a time, if `host`; that step)."""
   directory = workdir_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
   # Read-only: a run still training in `workdir` keeps its in-progress save.
   checkpoints = checkpoint.Checkpointer(directory, read_only=True)
@@ -225,17 +225,17 @@ def train(config, workdir, devices=None):
   if config.objective == 'classify':
     data.labeled.resolve_labels(config)  # The classifier's size, before the model is built.
   s = setup(config, devices)
-  workdir_lib.check(workdir, config)
+  distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
   source = init_source(s)
   process = (jax.process_index(), jax.process_count())
   chief = process[0] == 0
   # The chief trains the tokenizer and fills the token cache; the others then read them.
   if not chief:
-    distributed.barrier('jaxlm: data prepared')
+    distributed.barrier(DATA_PREPARED)
   corpus = data.prepare(config, workdir)
   if chief:
     workdir_lib.save_config(workdir, config)
-    distributed.barrier('jaxlm: data prepared')
+    distributed.barrier(DATA_PREPARED)
   prepare = objectives.build(config, corpus.tokenizer)
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
   eval_set = data.eval_batches(corpus.validation, config, *process)

@@ -12,6 +12,7 @@ import errno
 import os
 
 from jaxlm import config as config_lib
+from jaxlm import paths
 from jaxlm.config import ConfigError
 
 # Fields that fix the parameters' shapes or meaning: a run's checkpoints only fit these values.
@@ -24,40 +25,42 @@ SHAPE_FIELDS = ('objective', 'model.num_layers', 'model.emb_dim', 'model.num_hea
 
 
 def config_path(workdir):
-  return os.path.join(workdir, 'config.json')
+  return paths.join(workdir, 'config.json')
 
 
 def metrics_path(workdir):
-  return os.path.join(workdir, 'metrics.jsonl')
+  return paths.join(workdir, 'metrics.jsonl')
 
 
 def checkpoint_dir(workdir):
-  return os.path.join(workdir, 'checkpoints')
+  return paths.join(workdir, 'checkpoints')
 
 
-def atomic_write(path, text):
-  """Write-then-rename: readers see the old file or the new one, never half of one."""
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+atomic_write = paths.atomic_write  # Readers see the old file or the new one, never half.
 
 
 def check(workdir, config):
-  """Refuses a workdir that is not a directory or holds a run of another model shape.
+  """Refuses a workdir that cannot be written or holds a run of another model shape.
 
-  Reads only: a run writes nothing until its config, mesh and data have all been checked.
+  Leaves nothing behind: a run writes nothing until its config, mesh and data have all been
+  checked. Writability is tried, not inferred (root passes os.access even on /proc).
   """
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):  # The nearest part of the path that exists...
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):  # ...must be a directory we may write in.
-    raise ConfigError(f'--workdir={workdir!r} cannot be created: {existing} is not a directory')
-  if not os.access(existing, os.W_OK):
-    raise ConfigError(f'--workdir={workdir!r} is not writable ({existing})')
-  previous = read_config(workdir) if os.path.isdir(workdir) else None
+  if paths.is_remote(workdir):
+    probe = paths.join(workdir, f'.jaxlm-write-test.{os.getpid()}')
+  else:
+    existing = paths.normalize(workdir)
+    while not os.path.exists(existing):  # The nearest part of the path that exists...
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):  # ...must be a directory we may write in.
+      raise ConfigError(f'--workdir={workdir!r} cannot be created: {existing} is not a '
+                        f'directory')
+    probe = os.path.join(existing, f'.jaxlm-write-test.{os.getpid()}')
+  try:
+    paths.atomic_write(probe, '')
+    paths.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'--workdir={workdir!r} is not writable: {_reason(e)}') from e
+  previous = read_config(workdir)
   if previous is not None:
     for name in SHAPE_FIELDS:
       old, new = config_lib.get_field(previous, name), config_lib.get_field(config, name)
@@ -69,7 +72,7 @@ def check(workdir, config):
 def create(workdir):
   """Makes the workdir (and its parents) with a one-line error if that is impossible."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
   except OSError as e:
     raise ConfigError(f'--workdir={workdir!r} cannot be created: {_reason(e)}') from e
 
@@ -89,10 +92,9 @@ def _reason(e):
 def read_config(workdir):
   """The config.json of a workdir, or None if it has none."""
   path = config_path(workdir)
-  if not os.path.exists(path):
+  if not paths.isfile(path):
     return None
-  with open(path) as f:
-    text = f.read()
+  text = paths.read_text(path)
   try:
     return config_lib.from_json(text)
   except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors.

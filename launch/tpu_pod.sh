@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs jaxlm on every worker of a Cloud TPU VM pod slice: creates the slice (or uses one),
-# installs this checkout on every worker, runs the same `jaxlm` command on all of them
-# (jax.distributed finds its peers by itself), streams their logs, and deletes the slice when
-# asked. --dry-run prints every command instead of running it.
+# installs this checkout and a pinned jax[tpu] on every worker, and starts the same `jaxlm`
+# command on all of them (jax.distributed finds its peers by itself) detached from this SSH
+# session: a dropped connection does not stop the run. Each worker logs to ~/jaxlm-logs/jaxlm.log;
+# --logs and --attach read them, --stop ends the run (SIGTERM: a checkpoint, then exit).
+# --dry-run prints every command instead of running it.
 set -euo pipefail
 
 usage() {
@@ -22,7 +24,15 @@ options:
   --use-existing         do not create; the slice NAME exists already
   --mount BUCKET:DIR     mount a GCS bucket with gcsfuse at DIR on every worker (the workdir
                          must be on storage every worker sees, e.g. --workdir=DIR/runs/x)
-  --delete               delete the slice after the run (or alone, without JAXLM_ARGS)
+  --jax-version V        jax[tpu] version to install (default 0.10.2, the one jaxlm is tested
+                         with)
+  --no-autocheckpoint    do not ask Cloud TPU for a SIGTERM before maintenance (asked by
+                         default where offered: v2-v4 and v5e slices, via gcloud alpha)
+  --delete               wait for the run to end on every worker, then delete the slice (or
+                         alone, without JAXLM_ARGS)
+  --logs                 print the last lines of every worker's log, then exit
+  --attach               follow worker 0's log (the one process 0 writes), then exit
+  --stop                 send the run SIGTERM on every worker: it saves a checkpoint and exits
   --dry-run              print the commands, run nothing
   JAXLM_ARGS             e.g. train --config=configs/llama_7b.py --workdir=/mnt/jaxlm/runs/7b
 
@@ -34,7 +44,7 @@ USAGE
 die() { echo "launch/tpu_pod.sh: error: $*" >&2; echo "run launch/tpu_pod.sh --help for usage" >&2; exit 2; }
 
 name='' zone='' accelerator='' project='' version='' queued=0 spot=0 existing=0 mount=''
-delete=0 dry_run=0
+delete=0 dry_run=0 jax_version=0.10.2 autocheckpoint=1 action=''
 need() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 && $1 != -- ]]; do
   case $1 in
@@ -47,7 +57,10 @@ while [[ $# -gt 0 && $1 != -- ]]; do
     --queued) queued=1; shift ;;
     --spot) spot=1; shift ;;
     --use-existing) existing=1; shift ;;
+    --jax-version) need "$@"; jax_version=$2; shift 2 ;;
+    --no-autocheckpoint) autocheckpoint=0; shift ;;
     --delete) delete=1; shift ;;
+    --logs|--attach|--stop) action=${1#--}; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (put the jaxlm arguments after --)" ;;
@@ -57,7 +70,9 @@ done
 jaxlm_args=("$@")
 [[ -n $name ]] || die "--name is required"
 [[ -n $zone ]] || die "--zone is required"
-[[ ${#jaxlm_args[@]} -gt 0 || $delete == 1 ]] || die "nothing to do: give -- JAXLM_ARGS and/or --delete"
+[[ ${#jaxlm_args[@]} -gt 0 || $delete == 1 || -n $action ]] ||
+  die "nothing to do: give -- JAXLM_ARGS, --logs, --attach, --stop and/or --delete"
+[[ -z $action || ${#jaxlm_args[@]} -eq 0 ]] || die "--$action takes no JAXLM_ARGS"
 [[ -n $accelerator || $existing == 1 || ${#jaxlm_args[@]} -eq 0 ]] ||
   die "--accelerator is required to create a slice (or pass --use-existing)"
 [[ -z $mount || $mount == *:/* ]] || die "--mount takes BUCKET:/ABSOLUTE/DIR, got '$mount'"
@@ -78,21 +93,36 @@ run() {  # Prints the command; runs it unless --dry-run.
 [[ $dry_run == 1 ]] || command -v gcloud >/dev/null ||
   die "gcloud not found: install the Google Cloud SDK (or use --dry-run)"
 on_all_workers() { run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_flags[@]}" --worker=all --command="$1"; }
+logs='~/jaxlm-logs'  # On each worker: jaxlm.log and jaxlm.pid of the detached run.
+# Cloud TPU autocheckpoint (SIGTERM, then up to 5 minutes, before maintenance; jaxlm saves on
+# SIGTERM) is offered on v2-v4 and v5e slices, through gcloud alpha.
+alpha=() autocheckpoint_flag=()
+if [[ $autocheckpoint == 1 && $accelerator =~ ^(v2|v3|v4|v5litepod|v5e)- ]]; then
+  alpha=(alpha) autocheckpoint_flag=(--autocheckpoint-enabled)
+fi
+
+case $action in
+  logs) on_all_workers "hostname; tail -n 20 $logs/jaxlm.log"; exit 0 ;;
+  attach) run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_flags[@]}" --worker=0 \
+            --command="tail -n 100 -F $logs/jaxlm.log"; exit 0 ;;
+  stop) on_all_workers "kill -TERM -- -\$(cat $logs/jaxlm.pid)"; exit 0 ;;
+esac
 
 if [[ ${#jaxlm_args[@]} -gt 0 ]]; then
   if [[ $existing == 0 ]]; then
     spot_flag=(); [[ $spot == 1 ]] && spot_flag=(--spot)
     if [[ $queued == 1 ]]; then
-      run gcloud compute tpus queued-resources create "$name" --node-id="$name" \
-        --accelerator-type="$accelerator" --runtime-version="$version" "${gcloud_flags[@]}" "${spot_flag[@]}"
+      run gcloud "${alpha[@]}" compute tpus queued-resources create "$name" --node-id="$name" \
+        --accelerator-type="$accelerator" --runtime-version="$version" "${gcloud_flags[@]}" \
+        "${spot_flag[@]}" "${autocheckpoint_flag[@]}"
       echo "# waiting until the queued resource $name is ACTIVE"
       if [[ $dry_run == 0 ]]; then
         until [[ $(gcloud compute tpus queued-resources describe "$name" "${gcloud_flags[@]}" \
                    --format='value(state.state)') == ACTIVE ]]; do sleep 30; done
       fi
     else
-      run gcloud compute tpus tpu-vm create "$name" --accelerator-type="$accelerator" \
-        --version="$version" "${gcloud_flags[@]}" "${spot_flag[@]}"
+      run gcloud "${alpha[@]}" compute tpus tpu-vm create "$name" --accelerator-type="$accelerator" \
+        --version="$version" "${gcloud_flags[@]}" "${spot_flag[@]}" "${autocheckpoint_flag[@]}"
     fi
   fi
   # This checkout, as it is now (uncommitted changes included), on every worker.
@@ -100,17 +130,22 @@ if [[ ${#jaxlm_args[@]} -gt 0 ]]; then
   archive=/tmp/jaxlm-$name.tar.gz
   run tar -czf "$archive" -C "$source_dir" --exclude=.git --exclude=runs --exclude='*.egg-info' .
   run gcloud compute tpus tpu-vm scp "$archive" "$name:/tmp/jaxlm.tar.gz" "${gcloud_flags[@]}" --worker=all
-  on_all_workers "mkdir -p ~/jaxlm && tar -xzf /tmp/jaxlm.tar.gz -C ~/jaxlm && pip install -q -e ~/jaxlm 'jax[tpu]'"
+  on_all_workers "mkdir -p ~/jaxlm && tar -xzf /tmp/jaxlm.tar.gz -C ~/jaxlm && pip install -q -e ~/jaxlm 'jax[tpu]==$jax_version'"
   if [[ -n $mount ]]; then
     bucket=${mount%%:*} dir=${mount#*:}
     on_all_workers "sudo mkdir -p $dir && sudo chown \$USER $dir && (mountpoint -q $dir || gcsfuse --implicit-dirs $bucket $dir)"
   fi
   # Every worker runs the same command; JAXLM_DISTRIBUTED=auto joins them through the TPU
-  # metadata. gcloud streams every worker's output here (process 0 is the one that logs).
-  on_all_workers "cd ~/jaxlm && JAXLM_DISTRIBUTED=auto python3 -m jaxlm $(printf '%q ' "${jaxlm_args[@]}")"
+  # metadata. setsid + nohup: the run is in a session of its own, which the end of this SSH
+  # connection does not signal; its process group id is saved for --stop.
+  on_all_workers "mkdir -p $logs && cd ~/jaxlm && JAXLM_DISTRIBUTED=auto setsid nohup python3 -m jaxlm $(printf '%q ' "${jaxlm_args[@]}") > $logs/jaxlm.log 2>&1 < /dev/null & echo \$! > $logs/jaxlm.pid; echo \"\$(hostname): started, logging to $logs/jaxlm.log\""
+  echo "# the run goes on without this session: launch/tpu_pod.sh --name $name --zone $zone --logs | --attach | --stop"
 fi
 
 if [[ $delete == 1 ]]; then
+  if [[ ${#jaxlm_args[@]} -gt 0 ]]; then  # If this connection drops, the slice is kept.
+    on_all_workers "while kill -0 \$(cat $logs/jaxlm.pid) 2>/dev/null; do sleep 60; done"
+  fi
   if [[ $queued == 1 ]]; then
     run gcloud compute tpus queued-resources delete "$name" "${gcloud_flags[@]}" --force --quiet
   else

@@ -333,3 +333,23 @@ def test_training_runs_on_a_first_fit_packed_mixture(tmp_path, shared_data):
                        log_every_steps=2, data__mixture=((1, json_glob), (2, ','.join(others))))
   result = train.train(config, str(tmp_path), one_device())
   assert result['step'] == 4 and np.isfinite(result['loss']) and np.isfinite(result['eval_loss'])
+
+
+def test_a_tfds_dataset_prepared_as_tfrecord_says_how_to_rebuild_it(tmp_path, monkeypatch):
+  """`tfds build` writes TFRecord unless told otherwise; before, the error told the user to
+  run that same command again."""
+  import tensorflow_datasets as tfds
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(tmp_path))
+  builder = tfds.builder('lm1b', data_dir=str(tmp_path), file_format='tfrecord')
+  template = tfds.core.ShardedFileTemplate(  # What `tfds build lm1b` leaves, less the data.
+      data_dir=builder.data_dir, template='{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}',
+      dataset_name='lm1b', split='train', filetype_suffix='tfrecord')
+  builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+      name='train', shard_lengths=[2], num_bytes=10, filename_template=template)]))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  config = tiny_config(data__path='', data__tfds_name='lm1b')
+  with pytest.raises(ConfigError, match=r'prepared as tfrecord, which has no random access; '
+                                        r'rebuild it with `tfds build lm1b '
+                                        r'--file_format=array_record`'):
+    sources.tfds_source(config.data)

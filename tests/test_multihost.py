@@ -188,9 +188,9 @@ def test_tpu_launcher_dry_run_prints_every_command(bare_path):
   assert ('gcloud compute tpus queued-resources create lm --node-id=lm '
           '--accelerator-type=v5p-64 --runtime-version=v2-alpha-tpuv5 --zone=us-east5-a') in out
   assert 'gcloud compute tpus tpu-vm scp /tmp/jaxlm-lm.tar.gz lm:/tmp/jaxlm.tar.gz' in out
-  assert out.count('--worker=all') == 4  # Copy, install, mount, run: on every worker.
+  assert out.count('--worker=all') == 5  # Copy, install, mount, run, wait: on every worker.
   assert 'gcsfuse\\ --implicit-dirs\\ bkt\\ /mnt/jaxlm' in out
-  assert ('JAXLM_DISTRIBUTED=auto\\ python3\\ -m\\ jaxlm\\ train\\ '
+  assert ('JAXLM_DISTRIBUTED=auto\\ setsid\\ nohup\\ python3\\ -m\\ jaxlm\\ train\\ '
           '--config=configs/llama_7b.py\\ --workdir=/mnt/jaxlm/runs/7b') in out
   assert out.strip().endswith('gcloud compute tpus queued-resources delete lm '
                               '--zone=us-east5-a --force --quiet')

@@ -13,6 +13,7 @@ import json
 import os
 import sysconfig
 
+from jaxlm import paths
 from jaxlm.config import ConfigError
 
 JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
@@ -38,15 +39,14 @@ def list_files(path):
     return stdlib_files()
   files = set()
   for pattern in path.split(','):
-    pattern = os.path.expanduser(pattern.strip())
-    matches = glob.glob(pattern, recursive=True)
-    if os.path.isdir(pattern):
-      matches = glob.glob(os.path.join(pattern, '**', '*'), recursive=True)
-    files.update(m for m in matches if os.path.isfile(m))
+    pattern = pattern.strip()
+    matches = paths.glob(pattern)
+    if paths.isdir(pattern):
+      matches = paths.glob(pattern.rstrip('/') + '/**/*')
+    files.update(m for m in matches if paths.isfile(m))
   if not files:
     raise ConfigError(f'data.path={path!r} matches no files')
-  root = os.path.commonpath(sorted(files)) if len(files) > 1 else os.path.dirname(min(files))
-  return root, sorted(files)
+  return paths.common_dir(sorted(files)), sorted(files)
 
 
 def components(data_config):
@@ -75,8 +75,8 @@ def fingerprint(data_config):
     h.update(f'tfds\0{data_config.tfds_name}\0{data_config.tfds_split}\0{len(source)}'.encode())
     return h.hexdigest()[:16]
   for f in list_files(data_config.path)[1]:
-    st = os.stat(f)
-    h.update(f'{f}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    size, mtime = paths.signature(f)
+    h.update(f'{f}\0{size}\0{mtime}\n'.encode())
   return h.hexdigest()[:16]
 
 
@@ -87,7 +87,7 @@ def approximate_bytes(data_config):
     sample = [_tfds_text(source[i], data_config.text_field) or ''
               for i in range(min(len(source), 100))]
     return len(source) * sum(len(t) for t in sample) / max(1, len(sample))
-  return sum(os.path.getsize(f) for f in list_files(data_config.path)[1])
+  return sum(paths.size(f) for f in list_files(data_config.path)[1])
 
 
 def tfds_source(data_config):
@@ -104,9 +104,27 @@ def open_tfds(name, split, what):
   try:
     return tfds.data_source(name, split=split, download=False)
   except Exception as e:  # noqa: BLE001 - tfds raises many kinds; all mean "not readable here".
+    prepared = _prepared_format(tfds, name)
+    if prepared is not None and prepared not in tfds.core.FileFormat.with_random_access():
+      # `tfds build` writes TFRecord by default, which only TensorFlow reads, in order.
+      raise ConfigError(
+          f'{what}: it is prepared as {prepared.value}, which has no random access; rebuild '
+          f'it with `tfds build {name} --file_format=array_record`, or convert the prepared '
+          f'copy: `tfds convert_format --dataset_dir=DIR --out_file_format=array_record`'
+      ) from e
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f'{what}: {first}; prepare it where there is network '
-                      f'(tfds build {name}) and point TFDS_DATA_DIR at it') from e
+                      f'(tfds build {name} --file_format=array_record) and point '
+                      f'TFDS_DATA_DIR at it') from e
+
+
+def _prepared_format(tfds, name):
+  """The file format a TFDS dataset is prepared in here, or None if it is not prepared."""
+  try:
+    builder = tfds.builder(name)
+    return builder.info.file_format if builder.is_prepared() else None
+  except Exception:  # noqa: BLE001 - unknown or unreadable: the caller's message stands.
+    return None
 
 
 def _tfds_text(record, field):
@@ -144,14 +162,14 @@ def _all_documents(data_config, skipped):
     return
   root, files = list_files(data_config.path)
   for path in files:
-    name = os.path.relpath(path, root)
+    name = paths.relative(path, root)
     reader = (_jsonl_documents if path.endswith(JSONL_SUFFIXES) else
               _parquet_documents if path.endswith(PARQUET_SUFFIXES) else _text_document)
     yield from reader(path, name, data_config.text_field, skipped)
 
 
 def _text_document(path, name, _, skipped):
-  with open(path, 'rb') as f:
+  with paths.open(path, 'rb') as f:
     raw = f.read()
   try:
     text = raw.decode('utf-8')
@@ -167,7 +185,7 @@ def _text_document(path, name, _, skipped):
 def jsonl_records(path, skipped):
   """(line number, dict) for each JSON object line of a file; lines that are not UTF-8 JSON
   are counted in `skipped`, and other JSON values come as {}."""
-  with open(path, 'rb') as f:
+  with paths.open(path, 'rb') as f:
     for line_no, raw in enumerate(f, 1):
       if not raw.strip():
         continue
@@ -192,7 +210,7 @@ def _parquet_documents(path, name, field, skipped):
   """One document per row of the `field` column, read a batch of rows at a time."""
   import pyarrow.parquet as pq
   try:
-    table = pq.ParquetFile(path)
+    table = pq.ParquetFile(paths.open(path, 'rb') if paths.is_remote(path) else path)
   except Exception:  # noqa: BLE001 - pyarrow's errors for unreadable files vary.
     skipped['unreadable Parquet files'] += 1
     return

@@ -1,16 +1,18 @@
 """The tokenized corpus on disk: one flat token stream per split plus document start offsets.
 
 Tokenizing is the slow part of input, so it happens once per (source, tokenizer) fingerprint;
-later runs memory-map the arrays. Files are written under a temporary name and renamed, so an
-interrupted build never leaves a half-written cache behind.
+later runs memory-map the arrays (read them whole from an object store). Files are written
+atomically (paths.atomic_write), so an interrupted build never leaves a half-written cache.
 """
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 
 import numpy as np
+
+from jaxlm import paths
 
 SPLITS = ('train', 'validation')
 
@@ -33,18 +35,23 @@ def cache_key(source_fingerprint, tokenizer, config, frame):
 
 
 def _paths(cache_dir, key, split):
-  base = os.path.join(cache_dir, f'{split}-{key}')
+  base = paths.join(cache_dir, f'{split}-{key}')
   return f'{base}.tokens.npy', f'{base}.starts.npy'
 
 
 def load(cache_dir, key):
   """The cached streams for this key, memory-mapped, or None if any file is missing."""
-  paths = [p for split in SPLITS for p in _paths(cache_dir, key, split)]
-  if not all(os.path.exists(p) for p in paths):
+  files = [p for split in SPLITS for p in _paths(cache_dir, key, split)]
+  if not all(paths.exists(p) for p in files):
     return None
-  return {split: TokenStream(*(np.load(p, mmap_mode='r', allow_pickle=False)
-                               for p in _paths(cache_dir, key, split)))
+  return {split: TokenStream(*(_load(p) for p in _paths(cache_dir, key, split)))
           for split in SPLITS}
+
+
+def _load(path):
+  if paths.is_remote(path):
+    return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
+  return np.load(paths.normalize(path), mmap_mode='r', allow_pickle=False)
 
 
 def build(documents, tokenizer, is_validation, frame, chunk=256):
@@ -75,10 +82,9 @@ def build(documents, tokenizer, is_validation, frame, chunk=256):
 
 
 def save(streams, cache_dir, key):
-  """Writes each array under a temporary name and renames it into place."""
-  os.makedirs(cache_dir, exist_ok=True)
+  """Writes each array atomically."""
+  paths.makedirs(cache_dir)
   for split, stream in streams.items():
     for path, array in zip(_paths(cache_dir, key, split), (stream.tokens, stream.starts)):
-      tmp = f'{path}.tmp.{os.getpid()}.npy'
-      np.save(tmp, array, allow_pickle=False)
-      os.replace(tmp, path)
+      with paths.atomic_file(path) as f:
+        np.save(f, array, allow_pickle=False)

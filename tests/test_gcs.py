@@ -1,0 +1,144 @@
+"""gs:// end to end against a local GCS emulator (gcp-storage-emulator, in memory): train,
+SIGKILL, resume bit-exact, eval, generate and convert, every location in the bucket.
+
+The emulator serves the GCS JSON API on 127.0.0.1 (tests/gcs_emulator.py: with the generation
+header tensorstore needs); gcsfs and epath find it through STORAGE_EMULATOR_HOST, tensorstore
+(under Orbax) through TENSORSTORE_GCS_HTTP_URL.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CORPUS, ROOT, tiny_config
+from jaxlm import cli, paths
+from test_checkpoint import rows, shared, write_config
+
+BUCKET = 'jaxlm-test'
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  """The emulator's environment, also set in this process while the module's tests run."""
+  port = _free_port()
+  server = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'tests', 'gcs_emulator.py'), str(port), BUCKET],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 30
+  while True:
+    try:
+      socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+      break
+    except OSError:
+      assert server.poll() is None and time.time() < deadline, 'the GCS emulator did not start'
+      time.sleep(0.1)
+  url = f'http://127.0.0.1:{port}'
+  # gcsfs's experimental bucket-type probe needs real credentials (it warns on every call).
+  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+         'GOOGLE_CLOUD_PROJECT': 'test', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  with pytest.MonkeyPatch.context() as mp:
+    for key, value in env.items():
+      mp.setenv(key, value)
+    yield env
+  server.kill()
+  server.wait()
+
+
+def jaxlm(*args, env=None, **kwargs):
+  """`python -m jaxlm ARGS` on one CPU device (a Popen)."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **(env or {}))
+  return subprocess.Popen([sys.executable, '-m', 'jaxlm', *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finished(process, timeout=300):
+  out, err = process.communicate(timeout=timeout)
+  assert process.returncode == 0, err[-3000:]
+  return out, err
+
+
+def upload_corpus(root):
+  """The test corpus's files under `root`, keeping their paths below the stdlib directory."""
+  files = sorted(f for p in CORPUS.split(',') for f in paths.glob(p))
+  base = paths.common_dir(files)
+  for f in files:
+    with open(f, 'rb') as src:
+      paths.atomic_write(paths.join(root, paths.relative(f, base)), src.read())
+  return ','.join(f'{root}/{p[len(base) + 1:]}' for p in CORPUS.split(','))
+
+
+def committed_steps(checkpoints):
+  """Steps whose checkpoint Orbax finished writing (on GCS: its commit_success.txt)."""
+  if not paths.isdir(checkpoints):
+    return []
+  return sorted(int(n) for n in paths.listdir(checkpoints)
+                if n.isdigit() and paths.exists(paths.join(checkpoints, n, 'commit_success.txt')))
+
+
+def test_a_run_lives_entirely_in_a_bucket(tmp_path, shared_data, gcs, capsys):
+  bucket = f'gs://{BUCKET}'
+  tokenizer = f'{bucket}/tokenizer.model'
+  paths.atomic_write(tokenizer, (shared_data / 'tokenizer.model').read_bytes())
+  steps = 30
+  local = shared(shared_data, train_steps=steps, log_every_steps=1,
+                 checkpoint__save_every_steps=10, model__dropout_rate=0.1)
+  config = tiny_config(train_steps=steps, log_every_steps=1, checkpoint__save_every_steps=10,
+                       model__dropout_rate=0.1, data__path=upload_corpus(f'{bucket}/corpus'),
+                       data__tokenizer=tokenizer)
+  local_cfg, gs_cfg = write_config(tmp_path / 'local.py', local), write_config(
+      tmp_path / 'gs.py', config)
+  run = f'{bucket}/run'
+
+  victim = jaxlm('train', f'--config={gs_cfg}', f'--workdir={run}')
+  reference = jaxlm('train', f'--config={local_cfg}', f'--workdir={tmp_path / "reference"}')
+  deadline = time.time() + 240
+  while not committed_steps(f'{run}/checkpoints'):
+    assert victim.poll() is None, victim.communicate()[1][-3000:]
+    assert time.time() < deadline, 'no checkpoint committed in the bucket'
+    time.sleep(0.2)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  saved = committed_steps(f'{run}/checkpoints')
+  assert saved[-1] < steps
+  finished(reference)
+  _, err = finished(jaxlm('train', f'--workdir={run}'))  # Its config.json is in the bucket.
+  assert 'resumed from the checkpoint of step' in err
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))  # Nothing went to local disk.
+
+  expected = rows(tmp_path / 'reference')
+  with paths.open(f'{run}/metrics.jsonl') as f:
+    got = {}
+    for line in f:
+      row = json.loads(line)
+      got.setdefault(row['step'], {}).update(row)
+  for step in range(saved[-1] + 1, steps + 1):  # Bit for bit: the same floats in the JSON.
+    assert got[step]['loss'] == expected[step]['loss'], step
+  assert got[steps]['eval_loss'] == expected[steps]['eval_loss']
+  assert paths.glob(f'{run}/data/train-*.tokens.npy')  # The token cache is in the bucket.
+  assert paths.glob(f'{run}/tensorboard/*')
+
+  # The other commands in this process (a jax start each would double the test's time).
+  def command(*args):
+    assert cli.main(args) == 0
+    return capsys.readouterr().out
+
+  out = command('eval', f'--workdir={run}')
+  assert json.loads(out)['eval_loss'] == pytest.approx(expected[steps]['eval_loss'], rel=1e-5)
+  assert command('generate', f'--workdir={run}', '--prompt=def ', '--max_new_tokens=4').strip()
+  command('convert', f'--workdir={run}', f'--to-hf={bucket}/hf')
+  assert json.loads(paths.read_text(f'{bucket}/hf/config.json'))['n_layer'] == 2
+  command('convert', f'--from-hf={bucket}/hf', f'--workdir={bucket}/imported')
+  assert committed_steps(f'{bucket}/imported/checkpoints') == [0]
