@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxlm import workdir as workdir_lib
-from jaxlm.errors import ConfigError, RunError
+from jaxlm.errors import ConfigError, RunError, first_line
 
 log = logging.getLogger('jaxlm')
 
@@ -116,7 +116,7 @@ class Checkpointer:
 
   def _write_error(self, step, e):
     return CheckpointError(f'writing the checkpoint of step {step} under {self.directory} '
-                           f'failed ({type(e).__name__}: {_first_line(e)}); the earlier '
+                           f'failed ({type(e).__name__}: {first_line(e)}); the earlier '
                            f'checkpoints are intact')
 
   def restore_latest(self, abstract_state, shardings, data_iterator):
@@ -135,7 +135,7 @@ class Checkpointer:
       except Exception as e:  # Orbax/tensorstore raise many types for unreadable files.
         log.warning('checkpoint %d in %s is unreadable (%s: %s); setting it aside as '
                     '%d.unreadable and trying the previous one', step, self.directory,
-                    type(e).__name__, _first_line(e), step)
+                    type(e).__name__, first_line(e), step)
         self._set_aside(step)
     return None, 0
 
@@ -247,11 +247,6 @@ def _restore_args(target, partial=False):
   """Restore exactly the leaves of `target`, each laid out by its sharding."""
   shardings = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
   return ocp.args.PyTreeRestore(item=target, restore_args=shardings, partial_restore=partial)
-
-
-def _first_line(e):
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def check_shapes(saved, target, where):

@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from jaxlm.errors import ConfigError  # noqa: F401 (re-exported: config errors live here)
+from jaxlm.errors import ConfigError, first_line  # noqa: F401 (ConfigError re-exported)
 # Config files import `defaults` from here, the public place for it.
 from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults, sweep_defaults  # noqa: F401
 
@@ -53,7 +53,7 @@ def _load_file(path, schema=defaults):
   try:
     config = module.get_config()
   except AttributeError as e:  # A locked ConfigDict names the unknown field here.
-    raise ConfigError(f'config file {path}: {_first_line(e)}') from e
+    raise ConfigError(f'config file {path}: {first_line(e)}') from e
   except Exception as e:
     raise ConfigError(f'config file {path}: get_config() failed: {type(e).__name__}: {e}') from e
   if not isinstance(config, ml_collections.ConfigDict):
@@ -68,10 +68,6 @@ def _load_file(path, schema=defaults):
   if unknown:
     raise ConfigError(f'config file {path}: unknown field {unknown[0]!r}')
   return check_types(config, schema(), f'config file {path}: field')
-
-
-def _first_line(e):
-  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _flat_keys(config, prefix=''):
@@ -123,7 +119,7 @@ def set_field(config, name, value, kind=None, where='config field'):
   try:
     node[leaf] = value
   except (TypeError, ValueError) as e:
-    raise ConfigError(f'{where} {name}: cannot set {value!r}: {_first_line(e)}') from e
+    raise ConfigError(f'{where} {name}: cannot set {value!r}: {first_line(e)}') from e
 
 
 _UNSET_ALLOWED = {f'model.{key}' for key in FAMILIES['gpt2']} | {

@@ -16,7 +16,7 @@ How the processes find each other, first match wins:
 
 import os
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 
 def _int_env(env, name):

@@ -187,9 +187,7 @@ def _plot(workdir, columns, groups, law, isoflop, per_token):
 def _save(fig, workdir, name):
   from matplotlib import pyplot as plt
   path = os.path.join(workdir, name)
-  tmp = f'{path}.tmp.{os.getpid()}.png'
   fig.tight_layout()
-  fig.savefig(tmp, dpi=110)
+  workdir_lib.atomic_write(path, lambda f: fig.savefig(f, dpi=110, format='png'))
   plt.close(fig)
-  os.replace(tmp, path)
   return path

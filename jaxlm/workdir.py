@@ -8,11 +8,10 @@
 <workdir>/data/           the tokenized corpus cache (unless data.cache_dir is set)
 """
 
-import errno
 import os
 
 from jaxlm import config as config_lib
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError, RunError, io_reason
 
 # Fields that fix the parameters' shapes or meaning: a run's checkpoints only fit these values.
 SHAPE_FIELDS = ('objective', 'model.num_layers', 'model.emb_dim', 'model.num_heads',
@@ -35,14 +34,24 @@ def checkpoint_dir(workdir):
   return os.path.join(workdir, 'checkpoints')
 
 
-def atomic_write(path, text):
-  """Write-then-rename: readers see the old file or the new one, never half of one."""
+def atomic_write(path, content):
+  """Write-then-rename, fsynced: readers see the old file or the new one, never half of one,
+  and a failed write (a full disk) leaves no temporary file behind. `content` is text, bytes,
+  or a function that writes to the open binary file (np.save, a figure's savefig)."""
   tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      if callable(content):
+        content(f)
+      else:
+        f.write(content.encode() if isinstance(content, str) else content)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def check(workdir, config):
@@ -71,19 +80,15 @@ def create(workdir):
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise ConfigError(f'--workdir={workdir!r} cannot be created: {_reason(e)}') from e
+    raise ConfigError(f'--workdir={workdir!r} cannot be created: {io_reason(e)}') from e
 
 
 def save_config(workdir, config):
   create(workdir)
   try:
     atomic_write(config_path(workdir), config_lib.to_json(config))
-  except OSError as e:
-    raise ConfigError(f'cannot write {config_path(workdir)}: {_reason(e)}') from e
-
-
-def _reason(e):
-  return 'the disk is full' if e.errno == errno.ENOSPC else e.strerror or str(e)
+  except OSError as e:  # The environment (a full disk), not the input: exit status 1.
+    raise RunError(f'cannot write {config_path(workdir)}: {io_reason(e)}') from e
 
 
 def read_config(workdir):

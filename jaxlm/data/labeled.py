@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.data import sources
 
 log = logging.getLogger('jaxlm')

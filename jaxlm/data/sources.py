@@ -7,13 +7,14 @@ validation split is decided by hashing it.
 
 import collections
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import json
 import os
 import sysconfig
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError, first_line
 
 JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
 PARQUET_SUFFIXES = ('.parquet', '.pq')
@@ -36,17 +37,44 @@ def list_files(path):
   """(root, sorted files) for a comma-separated list of globs; '' means the standard library."""
   if not path:
     return stdlib_files()
-  files = set()
+  files, seen = set(), set()
   for pattern in path.split(','):
     pattern = os.path.expanduser(pattern.strip())
-    matches = glob.glob(pattern, recursive=True)
     if os.path.isdir(pattern):
-      matches = glob.glob(os.path.join(pattern, '**', '*'), recursive=True)
-    files.update(m for m in matches if os.path.isfile(m))
+      pattern = os.path.join(pattern, '**', '*')
+    for match in sorted(_glob(pattern), key=lambda m: (m.count(os.sep), m)):
+      real = os.path.realpath(match)
+      if os.path.isfile(match) and real not in seen:  # One name per file: a file reached
+        seen.add(real)  # through two links must not land in both train and validation.
+        files.add(match)
   if not files:
     raise ConfigError(f'data.path={path!r} matches no files')
   root = os.path.commonpath(sorted(files)) if len(files) > 1 else os.path.dirname(min(files))
   return root, sorted(files)
+
+
+def _glob(pattern):
+  """glob.glob, except that '**' walks each real directory once: glob follows symbolic links
+  into directories, so a link loop would list the same files under ever longer names (or,
+  with two loops, practically forever)."""
+  if '**' not in pattern:
+    return glob.glob(pattern)
+  prefix = pattern.split('**', 1)[0]
+  patterns = (pattern, pattern.replace('**' + os.sep, ''))  # '**/' also matches no folder.
+  out = []
+  for base in glob.glob(prefix) if glob.has_magic(prefix) else [prefix]:
+    visited = set()
+    for folder, subfolders, names in os.walk(base or '.', followlinks=True):
+      real = os.path.realpath(folder)
+      if real in visited:
+        subfolders[:] = []
+        continue
+      visited.add(real)
+      for name in names:
+        full = os.path.join(folder, name)
+        if any(fnmatch.fnmatch(full, p) for p in patterns):
+          out.append(full)
+  return out
 
 
 def components(data_config):
@@ -104,8 +132,7 @@ def open_tfds(name, split, what):
   try:
     return tfds.data_source(name, split=split, download=False)
   except Exception as e:  # noqa: BLE001 - tfds raises many kinds; all mean "not readable here".
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f'{what}: {first}; prepare it where there is network '
+    raise ConfigError(f'{what}: {first_line(e)}; prepare it where there is network '
                       f'(tfds build {name}) and point TFDS_DATA_DIR at it') from e
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from jaxlm.config import ConfigError
+from jaxlm import workdir as workdir_lib
+from jaxlm.errors import ConfigError, first_line
 
 PAD, UNK, BOS, EOS = '[PAD]', '[UNK]', '[BOS]', '[EOS]'
 CONTROL = ('[CLS]', '[SEP]', '[MASK]')
@@ -76,15 +77,8 @@ class Tokenizer:
 
   def save(self, path):
     """Writes the file atomically (a temporary file renamed into place)."""
-    _write_atomic(path, self.data)
+    workdir_lib.atomic_write(path, self.data)
     self.path = path
-
-
-def _write_atomic(path, data):
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 class SentencePiece(Tokenizer):
@@ -209,7 +203,7 @@ class HuggingFace(Tokenizer):
   def save(self, path):
     """tokenizer.json and, beside it, tokenizer_config.json (each written atomically)."""
     config = json.dumps(self.config_json(), indent=2).encode('utf-8')
-    _write_atomic(os.path.join(os.path.dirname(path), CONFIG_FILE), config)
+    workdir_lib.atomic_write(os.path.join(os.path.dirname(path), CONFIG_FILE), config)
     super().save(path)
 
 
@@ -247,7 +241,7 @@ def load(path, ids=None):
       return HuggingFace(data, path, config, ids)
     except Exception as e:  # tokenizers raises plain Exceptions.
       raise ConfigError(f'data.tokenizer={path!r} is not a Hugging Face tokenizer.json '
-                        f'({str(e).splitlines()[0] if str(e) else type(e).__name__})') from e
+                        f'({first_line(e)})') from e
   try:
     return SentencePiece(data, path)
   except RuntimeError as e:
