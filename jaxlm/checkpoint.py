@@ -14,7 +14,6 @@ A checkpoint that cannot be read (half-written by a crash, corrupted on disk) is
 """
 
 import logging
-import os
 import time
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxlm import paths
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, RunError, first_line
 
@@ -43,7 +43,9 @@ class Checkpointer:
     """compress=False writes the arrays without zstd: tensorstore compresses every array of a
     save at once in host memory (measured: a transient copy of all the bytes), which a
     one-shot parameter import cannot afford and float weights barely shrink under."""
-    directory = os.path.abspath(directory)  # Orbax reads only absolute paths.
+    # Orbax reads only absolute paths; a gs:// URL goes to it as is, so that it uses its own
+    # commit protocol for object stores (a marker file, not a directory rename).
+    directory = paths.normalize(directory)
     self.directory = directory
     keep = config.checkpoint.keep if config else None
     keep_every = config.checkpoint.keep_every_steps if config else 0
@@ -142,9 +144,9 @@ class Checkpointer:
   def _restore_data(self, step, data_iterator):
     """The iterator's saved position; recomputed from the step when the process count changed
     (batches are a pure function of (seed, step), so both give the same batches)."""
-    saved = os.path.join(self.directory, str(step), 'data',
-                         f'process_{jax.process_index()}-of-{jax.process_count()}.json')
-    if os.path.exists(saved):
+    saved = paths.join(self.directory, str(step), 'data',
+                       f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+    if paths.exists(saved):
       self.manager.restore(step, args=ocp.args.Composite(
           data=_grain().checkpoint.CheckpointRestore(data_iterator)))
     else:
@@ -155,8 +157,8 @@ class Checkpointer:
 
   def _set_aside(self, step):
     if jax.process_index() == 0:
-      path = os.path.join(self.directory, str(step))
-      os.replace(path, f'{path}.unreadable.{int(time.time())}')
+      path = paths.join(self.directory, str(step))
+      paths.rename(path, f'{path}.unreadable.{int(time.time())}')
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'jaxlm checkpoint {step} set aside')
     self.manager.reload()
@@ -265,12 +267,12 @@ def check_shapes(saved, target, where):
 
 def find(path):
   """(Checkpointer, step) for `init_from`: a workdir, its checkpoints/ dir, or one step's dir."""
-  path = os.path.abspath(path.rstrip('/'))
+  path = paths.normalize(path)
   candidates = [(workdir_lib.checkpoint_dir(path), None), (path, None)]
-  if os.path.basename(path).isdigit():
-    candidates.append((os.path.dirname(path), int(os.path.basename(path))))
+  if paths.name(path).isdigit():
+    candidates.append((paths.parent(path), int(paths.name(path))))
   for directory, step in candidates:
-    if os.path.isdir(directory):
+    if paths.isdir(directory):
       checkpointer = Checkpointer(directory, read_only=True)
       steps = checkpointer.all_steps()
       if steps and (step is None or step in steps):

@@ -38,7 +38,7 @@ def load_sweep(path, overrides=()):
 
 
 def _load_file(path, schema=defaults):
-  if not os.path.isfile(path):
+  if not os.path.isfile(path):  # A Python file imported from local disk.
     raise ConfigError(f'config file {path!r} not found; pass --config=configs/<name>.py')
   spec = importlib.util.spec_from_file_location('_jaxlm_config_file', path)
   module = importlib.util.module_from_spec(spec)

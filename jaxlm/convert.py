@@ -16,7 +16,9 @@ for import, 1.2-1.25x for export; BENCHMARKS.md): XLA adopts the import's aligne
 device arrays without a copy, Orbax writes them uncompressed, and the export reads the
 checkpoint a batch of leaves at a time.
 Both directions build in a temporary sibling directory renamed into place at the end, so the
-target is never half-written.
+target is never half-written. An object store (gs://) has no directory rename: there the files
+are written in place, config.json last, so a directory with a config.json is complete; a
+gs:// --from-hf is first copied to a local temporary directory (safetensors reads local files).
 The tensor tables of each family are in hf.py.
 """
 
@@ -29,7 +31,7 @@ import tempfile
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, hf
+from jaxlm import checkpoint, hf, paths
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import train as train_lib
@@ -51,21 +53,21 @@ class Reader:
 
   def __init__(self, directory):
     self.directory = directory
-    index, single = os.path.join(directory, INDEX), os.path.join(directory, SINGLE)
-    if os.path.exists(index):
+    index, single = paths.join(directory, INDEX), paths.join(directory, SINGLE)
+    if paths.exists(index):
       weight_map = _read_json(index).get('weight_map')
       if not isinstance(weight_map, dict):
         raise ConfigError(f'{index} has no weight_map')
-      self.files = {name: os.path.join(directory, f) for name, f in weight_map.items()}
-    elif os.path.exists(single):
+      self.files = {name: paths.join(directory, f) for name, f in weight_map.items()}
+    elif paths.exists(single):
       self.files = {name: single for name in self._open(single).keys()}
     else:
-      bin_file = os.path.join(directory, 'pytorch_model.bin')
+      bin_file = paths.join(directory, 'pytorch_model.bin')
       raise ConfigError(
           f'{directory} has no {SINGLE} or {INDEX}' +
           ('; it holds PyTorch pickles only: save it as safetensors first '
            '(model.save_pretrained(DIR, safe_serialization=True))'
-           if os.path.exists(bin_file) else ''))
+           if paths.exists(bin_file) else ''))
 
   def _open(self, path):
     from safetensors import safe_open
@@ -144,7 +146,7 @@ class ShardWriter:
       offset = end
     text = json.dumps(header, separators=(',', ':')).encode()
     text += b' ' * (-len(text) % 8)
-    self.file = open(os.path.join(self.directory, self.names[k]), 'wb')
+    self.file = paths.open(paths.join(self.directory, self.names[k]), 'wb')
     self.file.write(len(text).to_bytes(8, 'little') + text)
 
   def _nbytes(self, shape):
@@ -172,23 +174,29 @@ class ShardWriter:
       weight_map = {tensor: name for name, shard in zip(self.names, self.shards)
                     for tensor in shard}
       total = sum(self._nbytes(shape) for shard in self.shards for shape in shard.values())
-      _write_json(os.path.join(self.directory, INDEX),
+      _write_json(paths.join(self.directory, INDEX),
                   {'metadata': {'total_size': total}, 'weight_map': weight_map})
     return len(self.names)
 
 
 def from_hf(hf_dir, workdir, overrides=()):
   """Imports a Hugging Face checkpoint directory as a new jaxlm run in `workdir`."""
-  where = os.path.join(hf_dir, 'config.json')
-  if not os.path.isdir(hf_dir):
+  if not paths.isdir(hf_dir):
     raise ConfigError(f'--from-hf={hf_dir!r} is not a directory')
+  with paths.local_dir(hf_dir) as local:
+    return _from_hf(hf_dir, local, workdir, overrides)
+
+
+def _from_hf(hf_dir, local, workdir, overrides):
+  """from_hf with the checkpoint's files in the local directory `local`."""
+  where = paths.join(hf_dir, 'config.json')
   hf_config = _read_json(where)
   layout, fields = hf.model_fields(hf_config, where)
   config = imported_config(layout, fields, overrides, where)
   _check_new_directory(workdir, '--workdir')
   tokenizer = _tokenizer(config, hf_dir, hf_config)
   config.data.tokenizer = ''  # The run keeps its own copy in the workdir.
-  reader = Reader(hf_dir)
+  reader = Reader(local)
 
   s = train_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
   m = config.model
@@ -222,7 +230,7 @@ def from_hf(hf_dir, workdir, overrides=()):
   params = jax.tree.map(lambda leaf: jax.device_put(leaf, cpu), params)
 
   def write(tmp):
-    tokenizer.save(os.path.join(tmp, tokenizer.filename))
+    tokenizer.save(paths.join(tmp, tokenizer.filename))
     checkpoints = checkpoint.Checkpointer.for_workdir(tmp, config, compress=False)
     try:
       checkpoints.save_params(0, params, config)
@@ -272,7 +280,7 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   layout = hf.exportable(config)
   _check_new_directory(out_dir, '--to-hf')
   tokenizer_file = config.data.tokenizer or data.tokenizer_path(workdir)
-  tokenizer = tokenizer_lib.load(tokenizer_file) if os.path.exists(tokenizer_file) else None
+  tokenizer = tokenizer_lib.load(tokenizer_file) if paths.exists(tokenizer_file) else None
   s = train_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
   params, step = train_lib.restore_params(s, workdir, step, host=True)
   m = config.model
@@ -288,11 +296,11 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
       for entry in entries:
         writer.write(entry.name, hf.to_hf(entry, leaves(entry)).astype(dtype, copy=False))
       files = writer.close()
+    if tokenizer is not None:
+      tokenizer.save(paths.join(tmp, tokenizer.filename))
     hf_config = hf.hf_config(config, tokenizer)
     hf_config['dtype'] = dtype.name
-    _write_json(os.path.join(tmp, 'config.json'), hf_config)
-    if tokenizer is not None:
-      tokenizer.save(os.path.join(tmp, tokenizer.filename))
+    _write_json(paths.join(tmp, 'config.json'), hf_config)  # Last: the directory is complete.
     return files
 
   files = _build_then_rename(out_dir, write)
@@ -305,8 +313,8 @@ def _tokenizer(config, hf_dir, hf_config):
   """data.tokenizer if given, else the checkpoint's tokenizer.model (sentencepiece) or
   tokenizer.json (Hugging Face tokenizers; special-token roles from its tokenizer_config.json,
   else the config.json's token ids)."""
-  paths = [os.path.join(hf_dir, name) for name in tokenizer_lib.FILENAMES]
-  path = config.data.tokenizer or next((p for p in paths if os.path.exists(p)), None)
+  files = [paths.join(hf_dir, name) for name in tokenizer_lib.FILENAMES]
+  path = config.data.tokenizer or next((f for f in files if paths.exists(f)), None)
   if path is None:
     raise ConfigError(f'{hf_dir} has no {" or ".join(tokenizer_lib.FILENAMES)}; give the '
                       f'tokenizer with --config.data.tokenizer=FILE')
@@ -331,7 +339,7 @@ def _check_new_directory(path, flag):
   if not path:
     raise ConfigError(f'{flag}=DIR is required')
   try:
-    occupied = os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path))
+    occupied = paths.exists(path) and (not paths.isdir(path) or paths.listdir(path))
   except OSError as e:
     raise ConfigError(f'{flag}={path} cannot be read: {e.strerror}') from e
   if occupied:
@@ -342,8 +350,11 @@ def _check_new_directory(path, flag):
 def _build_then_rename(path, write):
   """Runs write(tmp) in a new temporary sibling of `path`, then renames it to `path` (which
   must not exist or be an empty directory): readers never see a half-written directory. A
-  conversion killed outright leaves its `<path>.converting.*` sibling, to be deleted."""
-  path = os.path.abspath(path)
+  conversion killed outright leaves its `<path>.converting.*` sibling, to be deleted. On an
+  object store, write(path) writes in place (config.json last)."""
+  if paths.is_remote(path):
+    return write(paths.normalize(path))
+  path = paths.normalize(path)
   tmp = None
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -361,7 +372,7 @@ def _build_then_rename(path, write):
 
 def _read_json(path):
   try:
-    with open(path) as f:
+    with paths.open(path) as f:
       return json.load(f)
   except OSError as e:
     raise ConfigError(f'{path} cannot be read: {e.strerror}') from e
@@ -370,5 +381,5 @@ def _read_json(path):
 
 
 def _write_json(path, value):
-  with open(path, 'w') as f:
+  with paths.open(path, 'w') as f:
     json.dump(value, f, indent=2, sort_keys=True)

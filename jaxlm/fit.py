@@ -10,13 +10,11 @@ DIR/residuals.png          log residuals of the law against N and D
 
 import json
 import logging
-import os
 
 import numpy as np
 
-from jaxlm import laws
+from jaxlm import laws, paths
 from jaxlm import sweep as sweep_lib
-from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError
 
 log = logging.getLogger('jaxlm')
@@ -47,7 +45,7 @@ def run(workdir, budget=None, samples=200, seed=0):
   }
   if budget:
     result['budget'] = _optimum(law, result['isoflop'], budget, per_token)
-  workdir_lib.atomic_write(os.path.join(workdir, 'fit.json'), json.dumps(result, indent=2) + '\n')
+  paths.atomic_write(paths.join(workdir, 'fit.json'), json.dumps(result, indent=2) + '\n')
   result['plots'] = _plot(workdir, (N, D, C, loss), groups, law, result['isoflop'], per_token)
   _report(result)
   return {k: result[k] for k in ('runs', 'E', 'A', 'B', 'alpha', 'beta', 'intervals')} | (
@@ -186,8 +184,9 @@ def _plot(workdir, columns, groups, law, isoflop, per_token):
 
 def _save(fig, workdir, name):
   from matplotlib import pyplot as plt
-  path = os.path.join(workdir, name)
+  path = paths.join(workdir, name)
   fig.tight_layout()
-  workdir_lib.atomic_write(path, lambda f: fig.savefig(f, dpi=110, format='png'))
+  with paths.atomic_file(path) as f:
+    fig.savefig(f, dpi=110, format='png')
   plt.close(fig)
   return path

@@ -5,9 +5,11 @@ import logging
 import math
 import os
 import sys
+import time
 
 import tqdm
 
+from jaxlm import paths
 from jaxlm import workdir as workdir_lib
 
 log = logging.getLogger('jaxlm')
@@ -23,35 +25,74 @@ def _repair_tail(path):
       f.truncate(data.rfind(b'\n') + 1)
 
 
+class _LocalRows:
+  """Appends rows to a local file, each fsynced: on a FUSE mount (gcsfuse) or a disk, a row
+  written before a hard kill is still there after it."""
+
+  def __init__(self, path):
+    _repair_tail(path)
+    self.file = open(path, 'a')
+
+  def append(self, line):
+    self.file.write(line)  # One write per whole line.
+    self.file.flush()
+    os.fsync(self.file.fileno())
+
+  def close(self):
+    self.file.close()
+
+
+class _RemoteRows:
+  """An object cannot be appended to: the whole file is rewritten (one atomic object write)
+  at most every `flush_secs` and at close, so a hard kill loses at most that much."""
+
+  def __init__(self, path, flush_secs):
+    self.path, self.flush_secs = path, flush_secs
+    text = paths.read_text(path) if paths.isfile(path) else ''
+    self.text = text[:text.rfind('\n') + 1]
+    self.written = time.monotonic()
+
+  def append(self, line):
+    self.text += line
+    if time.monotonic() - self.written >= self.flush_secs:
+      self.flush()
+
+  def flush(self):
+    paths.atomic_write(self.path, self.text)
+    self.written = time.monotonic()
+
+  def close(self):
+    self.flush()
+
+
 class Writer:
   """Appends one JSON object per row to metrics.jsonl and mirrors scalars to TensorBoard.
 
   Only the chief process (index 0) writes; on the others every method is a no-op.
   """
 
-  def __init__(self, workdir, enabled=True):
+  def __init__(self, workdir, enabled=True, flush_secs=30):
     self.enabled = enabled
     if not enabled:
       return
     path = workdir_lib.metrics_path(workdir)
-    _repair_tail(path)
-    self.file = open(path, 'a')
+    self.rows = (_RemoteRows(path, flush_secs) if paths.is_remote(path) else
+                 _LocalRows(path))
     from tensorboardX import SummaryWriter  # Heavy import, chief only.
-    self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+    self.tensorboard = SummaryWriter(paths.join(workdir, 'tensorboard'), flush_secs=flush_secs)
 
   def write(self, step, row):
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _plain(v) for k, v in row.items()}}
-    self.file.write(json.dumps(row) + '\n')  # One write per whole line.
-    self.file.flush()
+    self.rows.append(json.dumps(row) + '\n')
     for key, value in row.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
         self.tensorboard.add_scalar(key, value, step)
 
   def close(self):
     if self.enabled:
-      self.file.close()
+      self.rows.close()
       self.tensorboard.close()
 
 

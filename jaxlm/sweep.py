@@ -15,15 +15,13 @@ from jaxlm/flops.py, the one place FLOPs are counted.
 
 import copy
 import dataclasses
-import glob
 import json
 import logging
 import math
-import os
 import time
 
 from jaxlm import config as config_lib
-from jaxlm import flops
+from jaxlm import flops, paths
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, RunError
 
@@ -129,11 +127,11 @@ def _short(x):
 
 
 def result_path(run_dir):
-  return os.path.join(run_dir, 'result.json')
+  return paths.join(run_dir, 'result.json')
 
 
 def runs_path(workdir):
-  return os.path.join(workdir, 'runs.jsonl')
+  return paths.join(workdir, 'runs.jsonl')
 
 
 def parse_shard(text):
@@ -163,13 +161,13 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
   summary = {'runs': len(runs), 'this_shard': len(mine), 'trained': 0, 'skipped': 0,
              'failed': []}
   for i, r in enumerate(mine):
-    run_dir = os.path.join(workdir, 'runs', r.name)
-    if os.path.exists(result_path(run_dir)):
+    run_dir = paths.join(workdir, 'runs', r.name)
+    if paths.exists(result_path(run_dir)):
       summary['skipped'] += 1
       log.info('sweep: %s has finished; skipping it', r.name)
       continue
     r.config.data.tokenizer = tokenizer
-    r.config.data.cache_dir = r.config.data.cache_dir or os.path.join(workdir, 'data')
+    r.config.data.cache_dir = r.config.data.cache_dir or paths.join(workdir, 'data')
     log.info('sweep: run %d of %d: %s (N=%.3g, D=%.3g, C=%.3g, %d steps of %d x %d tokens, '
              'lr %.3g)', i + 1, len(mine), r.name, r.N, r.D, r.C, r.config.train_steps,
              r.config.batch_size, r.config.model.max_len, r.config.optimizer.learning_rate)
@@ -203,10 +201,10 @@ def _shared_tokenizer(base, workdir, chief, distributed):
     return base.data.tokenizer
   from jaxlm import data
   path = data.tokenizer_path(workdir)
-  if chief and not os.path.exists(path):
+  if chief and not paths.exists(path):
     data.save_tokenizer(data.get_tokenizer(base, workdir), workdir)
   distributed.barrier('jaxlm: sweep tokenizer')
-  return os.path.abspath(path)
+  return paths.normalize(path)
 
 
 def _write_result(r, run_dir, wall_s):
@@ -224,7 +222,7 @@ def _write_result(r, run_dir, wall_s):
 def _final_eval(run_dir, train_steps):
   """The eval row at the last step in metrics.jsonl (a resumed run may have written it before
   being interrupted, so it is read back rather than taken from train()'s return value)."""
-  with open(workdir_lib.metrics_path(run_dir)) as f:
+  with paths.open(workdir_lib.metrics_path(run_dir)) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   for row in reversed(rows):
     if row['step'] == train_steps and 'eval_loss' in row:
@@ -243,10 +241,9 @@ def collect(workdir):
 
 def _result_rows(workdir):
   rows = []
-  for path in sorted(glob.glob(os.path.join(workdir, 'runs', '*', 'result.json'))):
+  for path in sorted(paths.glob(paths.join(workdir, 'runs', '*', 'result.json'))):
     try:
-      with open(path) as f:
-        rows.append(check_row(json.loads(f.read()), path))
+      rows.append(check_row(json.loads(paths.read_text(path)), path))
     except ValueError as e:
       raise ConfigError(f'{path} is not valid JSON: {e}') from e
   rows.sort(key=lambda r: (r['budget'] or r['C'], r['N']))  # The order of plan().
@@ -256,14 +253,14 @@ def _result_rows(workdir):
 def read_runs(workdir):
   """The rows of the finished runs, each checked: from the run directories' result.json when
   they are there (the freshest), else from DIR/runs.jsonl. Reads only."""
-  if os.path.isdir(os.path.join(workdir, 'runs')):
+  if paths.isdir(paths.join(workdir, 'runs')):
     return _result_rows(workdir)
   path = runs_path(workdir)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise ConfigError(f'{path} not found: run jaxlm sweep --workdir={workdir} first')
   rows = []
   try:
-    with open(path, encoding='utf-8') as f:
+    with paths.open(path, encoding='utf-8') as f:
       for number, line in enumerate(f, 1):
         if line.strip():
           try:

@@ -3,7 +3,6 @@
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 
 import flax.linen as nn
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import (checkpoint, data, distributed, errors, flops, metrics, objectives, optim,
-                   preemption, steps)
+                   paths, preemption, steps)
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
@@ -91,7 +90,7 @@ def restore_params(s, workdir, step=None, host=False):
   """(the parameters of the workdir's checkpoint `step`, default the latest, in the shardings
   of `s` - or as host numpy arrays, read a batch of leaves at a time, if `host`; that step)."""
   directory = workdir_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
   # Read-only: a run still training in `workdir` keeps its in-progress save.
   checkpoints = checkpoint.Checkpointer(directory, read_only=True)

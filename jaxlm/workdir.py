@@ -11,6 +11,7 @@
 import os
 
 from jaxlm import config as config_lib
+from jaxlm import paths
 from jaxlm.errors import ConfigError, RunError, io_reason
 
 # Fields that fix the parameters' shapes or meaning: a run's checkpoints only fit these values.
@@ -23,35 +24,18 @@ SHAPE_FIELDS = ('objective', 'model.num_layers', 'model.emb_dim', 'model.num_hea
 
 
 def config_path(workdir):
-  return os.path.join(workdir, 'config.json')
+  return paths.join(workdir, 'config.json')
 
 
 def metrics_path(workdir):
-  return os.path.join(workdir, 'metrics.jsonl')
+  return paths.join(workdir, 'metrics.jsonl')
 
 
 def checkpoint_dir(workdir):
-  return os.path.join(workdir, 'checkpoints')
+  return paths.join(workdir, 'checkpoints')
 
 
-def atomic_write(path, content):
-  """Write-then-rename, fsynced: readers see the old file or the new one, never half of one,
-  and a failed write (a full disk) leaves no temporary file behind. `content` is text, bytes,
-  or a function that writes to the open binary file (np.save, a figure's savefig)."""
-  tmp = f'{path}.tmp.{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      if callable(content):
-        content(f)
-      else:
-        f.write(content.encode() if isinstance(content, str) else content)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+atomic_write = paths.atomic_write  # Readers see the old file or the new one, never half.
 
 
 def check(workdir, config):
@@ -59,14 +43,16 @@ def check(workdir, config):
 
   Reads only: a run writes nothing until its config, mesh and data have all been checked.
   """
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):  # The nearest part of the path that exists...
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):  # ...must be a directory we may write in.
-    raise ConfigError(f'--workdir={workdir!r} cannot be created: {existing} is not a directory')
-  if not os.access(existing, os.W_OK):
-    raise ConfigError(f'--workdir={workdir!r} is not writable ({existing})')
-  previous = read_config(workdir) if os.path.isdir(workdir) else None
+  if not paths.is_remote(workdir):  # A bucket's permissions show only when written to.
+    existing = paths.normalize(workdir)
+    while not os.path.exists(existing):  # The nearest part of the path that exists...
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):  # ...must be a directory we may write in.
+      raise ConfigError(f'--workdir={workdir!r} cannot be created: {existing} is not a '
+                        f'directory')
+    if not os.access(existing, os.W_OK):
+      raise ConfigError(f'--workdir={workdir!r} is not writable ({existing})')
+  previous = read_config(workdir)
   if previous is not None:
     for name in SHAPE_FIELDS:
       old, new = config_lib.get_field(previous, name), config_lib.get_field(config, name)
@@ -78,7 +64,7 @@ def check(workdir, config):
 def create(workdir):
   """Makes the workdir (and its parents) with a one-line error if that is impossible."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
   except OSError as e:
     raise ConfigError(f'--workdir={workdir!r} cannot be created: {io_reason(e)}') from e
 
@@ -94,10 +80,9 @@ def save_config(workdir, config):
 def read_config(workdir):
   """The config.json of a workdir, or None if it has none."""
   path = config_path(workdir)
-  if not os.path.exists(path):
+  if not paths.isfile(path):
     return None
-  with open(path) as f:
-    text = f.read()
+  text = paths.read_text(path)
   try:
     return config_lib.from_json(text)
   except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors.

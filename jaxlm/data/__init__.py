@@ -8,11 +8,11 @@ replaying anything, and every process takes its own contiguous rows of each glob
 import dataclasses
 import logging
 import math
-import os
 
 import grain
 import numpy as np
 
+from jaxlm import paths
 from jaxlm.config import is_causal
 from jaxlm.errors import ConfigError
 from jaxlm.data import labeled, packing, sources, store
@@ -31,18 +31,18 @@ class Corpus:
 def tokenizer_path(workdir):
   """The run's tokenizer file (tokenizer.model, or an imported tokenizer.json); the first
   name when there is none yet."""
-  paths = [os.path.join(workdir, name) for name in tokenizer_lib.FILENAMES]
-  return next((p for p in paths if os.path.isfile(p)), paths[0])
+  files = [paths.join(workdir, name) for name in tokenizer_lib.FILENAMES]
+  return next((f for f in files if paths.isfile(f)), files[0])
 
 
 def init_from_tokenizer(init_from):
   """The tokenizer file of the run that `init_from` (a workdir, its checkpoints/ directory or
   one checkpoint) points into, or ''."""
-  path = os.path.abspath(init_from.rstrip('/')) if init_from else ''
+  path = paths.normalize(init_from) if init_from else ''
   for _ in range(3):
-    if path and os.path.isfile(tokenizer_path(path)):
+    if path and paths.isfile(tokenizer_path(path)):
       return tokenizer_path(path)
-    path = os.path.dirname(path)
+    path = paths.parent(path) if path else ''
   return ''
 
 
@@ -52,7 +52,7 @@ def get_tokenizer(config, workdir, sample=None):
   and not yet saved: `tokenizer.path` is '' until it is."""
   if config.data.tokenizer:
     tokenizer = tokenizer_lib.load(config.data.tokenizer)
-  elif os.path.exists(tokenizer_path(workdir)):
+  elif paths.exists(tokenizer_path(workdir)):
     tokenizer = tokenizer_lib.load(tokenizer_path(workdir))
   elif init_from_tokenizer(config.init_from):
     tokenizer = tokenizer_lib.load(init_from_tokenizer(config.init_from))
@@ -98,8 +98,8 @@ def _tokenizer_sample(config):
 
 def save_tokenizer(tokenizer, workdir):
   if not tokenizer.path:
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer.save(os.path.join(workdir, tokenizer.filename))
+    paths.makedirs(workdir)
+    tokenizer.save(paths.join(workdir, tokenizer.filename))
 
 
 def frame(config, tokenizer):
@@ -135,7 +135,7 @@ def _rows(config, source, tokenizer, workdir):
   what = source.tfds_name or source.path or 'the Python standard library'
   ids = frame(config, tokenizer)
   key = store.cache_key(sources.fingerprint(source), tokenizer, config, ids)
-  cache_dir = config.data.cache_dir or os.path.join(workdir, 'data')
+  cache_dir = config.data.cache_dir or paths.join(workdir, 'data')
   streams = store.load(cache_dir, key)
   built = streams is None
   if built:

@@ -5,12 +5,11 @@ model.max_len and padded; segment 0 marks the padding so attention and pooling i
 """
 
 import csv
-import glob
 import logging
-import os
 
 import numpy as np
 
+from jaxlm import paths
 from jaxlm.errors import ConfigError
 from jaxlm.data import sources
 
@@ -22,7 +21,7 @@ def read(spec, field_name, fc, skipped):
   if spec.startswith('tfds:'):
     records = _tfds_records(spec, field_name)
   else:
-    files = sorted(f for f in glob.glob(os.path.expanduser(spec)) if os.path.isfile(f))
+    files = [f for f in paths.glob(spec) if paths.isfile(f)]
     if not files:
       raise ConfigError(f'{field_name}={spec!r} matches no files; give .jsonl or .csv files')
     records = (r for f in files for r in _file_records(f, field_name, skipped))
@@ -52,7 +51,7 @@ def _label_name(label):
 def _file_records(path, field_name, skipped):
   if path.endswith('.csv'):
     try:
-      with open(path, newline='', encoding='utf-8') as f:
+      with paths.open(path, newline='', encoding='utf-8') as f:
         yield from csv.DictReader(f)
     except UnicodeDecodeError:
       raise ConfigError(f'{field_name}: {path} is not UTF-8 text') from None

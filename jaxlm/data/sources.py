@@ -14,6 +14,7 @@ import json
 import os
 import sysconfig
 
+from jaxlm import paths
 from jaxlm.errors import ConfigError, first_line
 
 JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
@@ -39,18 +40,18 @@ def list_files(path):
     return stdlib_files()
   files, seen = set(), set()
   for pattern in path.split(','):
-    pattern = os.path.expanduser(pattern.strip())
-    if os.path.isdir(pattern):
-      pattern = os.path.join(pattern, '**', '*')
-    for match in sorted(_glob(pattern), key=lambda m: (m.count(os.sep), m)):
-      real = os.path.realpath(match)
-      if os.path.isfile(match) and real not in seen:  # One name per file: a file reached
+    pattern = pattern.strip()
+    if paths.isdir(pattern):
+      pattern = pattern.rstrip('/') + '/**/*'
+    matches = paths.glob(pattern) if paths.is_remote(pattern) else _glob(paths.normalize(pattern))
+    for match in sorted(matches, key=lambda m: (m.count('/'), m)):
+      real = match if paths.is_remote(match) else os.path.realpath(match)
+      if paths.isfile(match) and real not in seen:  # One name per file: a file reached
         seen.add(real)  # through two links must not land in both train and validation.
         files.add(match)
   if not files:
     raise ConfigError(f'data.path={path!r} matches no files')
-  root = os.path.commonpath(sorted(files)) if len(files) > 1 else os.path.dirname(min(files))
-  return root, sorted(files)
+  return paths.common_dir(sorted(files)), sorted(files)
 
 
 def _glob(pattern):
@@ -103,8 +104,8 @@ def fingerprint(data_config):
     h.update(f'tfds\0{data_config.tfds_name}\0{data_config.tfds_split}\0{len(source)}'.encode())
     return h.hexdigest()[:16]
   for f in list_files(data_config.path)[1]:
-    st = os.stat(f)
-    h.update(f'{f}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    size, mtime = paths.signature(f)
+    h.update(f'{f}\0{size}\0{mtime}\n'.encode())
   return h.hexdigest()[:16]
 
 
@@ -115,7 +116,7 @@ def approximate_bytes(data_config):
     sample = [_tfds_text(source[i], data_config.text_field) or ''
               for i in range(min(len(source), 100))]
     return len(source) * sum(len(t) for t in sample) / max(1, len(sample))
-  return sum(os.path.getsize(f) for f in list_files(data_config.path)[1])
+  return sum(paths.size(f) for f in list_files(data_config.path)[1])
 
 
 def tfds_source(data_config):
@@ -171,14 +172,14 @@ def _all_documents(data_config, skipped):
     return
   root, files = list_files(data_config.path)
   for path in files:
-    name = os.path.relpath(path, root)
+    name = paths.relative(path, root)
     reader = (_jsonl_documents if path.endswith(JSONL_SUFFIXES) else
               _parquet_documents if path.endswith(PARQUET_SUFFIXES) else _text_document)
     yield from reader(path, name, data_config.text_field, skipped)
 
 
 def _text_document(path, name, _, skipped):
-  with open(path, 'rb') as f:
+  with paths.open(path, 'rb') as f:
     raw = f.read()
   try:
     text = raw.decode('utf-8')
@@ -194,7 +195,7 @@ def _text_document(path, name, _, skipped):
 def jsonl_records(path, skipped):
   """(line number, dict) for each JSON object line of a file; lines that are not UTF-8 JSON
   are counted in `skipped`, and other JSON values come as {}."""
-  with open(path, 'rb') as f:
+  with paths.open(path, 'rb') as f:
     for line_no, raw in enumerate(f, 1):
       if not raw.strip():
         continue
@@ -219,7 +220,7 @@ def _parquet_documents(path, name, field, skipped):
   """One document per row of the `field` column, read a batch of rows at a time."""
   import pyarrow.parquet as pq
   try:
-    table = pq.ParquetFile(path)
+    table = pq.ParquetFile(paths.open(path, 'rb') if paths.is_remote(path) else path)
   except Exception:  # noqa: BLE001 - pyarrow's errors for unreadable files vary.
     skipped['unreadable Parquet files'] += 1
     return

@@ -1,18 +1,18 @@
 """The tokenized corpus on disk: one flat token stream per split plus document start offsets.
 
 Tokenizing is the slow part of input, so it happens once per (source, tokenizer) fingerprint;
-later runs memory-map the arrays. Files are written under a temporary name and renamed, so an
-interrupted build never leaves a half-written cache behind.
+later runs memory-map the arrays (read them whole from an object store). Files are written
+atomically (paths.atomic_write), so an interrupted build never leaves a half-written cache.
 """
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 
 import numpy as np
 
-from jaxlm import workdir as workdir_lib
+from jaxlm import paths
 from jaxlm.errors import ConfigError, first_line
 
 SPLITS = ('train', 'validation')
@@ -36,7 +36,7 @@ def cache_key(source_fingerprint, tokenizer, config, frame):
 
 
 def _paths(cache_dir, key, split):
-  base = os.path.join(cache_dir, f'{split}-{key}')
+  base = paths.join(cache_dir, f'{split}-{key}')
   return f'{base}.tokens.npy', f'{base}.starts.npy'
 
 
@@ -44,15 +44,15 @@ def load(cache_dir, key):
   """The cached streams for this key, memory-mapped, or None if any file is missing. A file
   that is not a consistent token cache is a one-line error naming it (it is never rebuilt
   over silently: the cache may be shared with other runs)."""
-  paths = [p for split in SPLITS for p in _paths(cache_dir, key, split)]
-  if not all(os.path.exists(p) for p in paths):
+  files = [p for split in SPLITS for p in _paths(cache_dir, key, split)]
+  if not all(paths.exists(p) for p in files):
     return None
   streams = {}
   for split in SPLITS:
     arrays = []
     for path in _paths(cache_dir, key, split):
       try:
-        arrays.append(np.load(path, mmap_mode='r', allow_pickle=False))
+        arrays.append(_load(path))
       except (ValueError, OSError, EOFError) as e:
         raise ConfigError(f'token cache file {path} cannot be read ({first_line(e)}); delete it '
                           f'and the corpus is tokenized again') from e
@@ -70,6 +70,12 @@ def _consistent(stream):
   return (tokens.ndim == 1 and starts.ndim == 1 and len(starts) >= 1
           and tokens.dtype in (np.uint16, np.uint32) and starts.dtype == np.int64
           and starts[0] == 0 and starts[-1] == len(tokens) and bool(np.all(np.diff(starts) >= 0)))
+
+
+def _load(path):
+  if paths.is_remote(path):
+    return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
+  return np.load(paths.normalize(path), mmap_mode='r', allow_pickle=False)
 
 
 def build(documents, tokenizer, is_validation, frame, chunk=256):
@@ -100,8 +106,9 @@ def build(documents, tokenizer, is_validation, frame, chunk=256):
 
 
 def save(streams, cache_dir, key):
-  """Writes each array under a temporary name and renames it into place."""
-  os.makedirs(cache_dir, exist_ok=True)
+  """Writes each array atomically."""
+  paths.makedirs(cache_dir)
   for split, stream in streams.items():
     for path, array in zip(_paths(cache_dir, key, split), (stream.tokens, stream.starts)):
-      workdir_lib.atomic_write(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
+      with paths.atomic_file(path) as f:
+        np.save(f, array, allow_pickle=False)

@@ -14,7 +14,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from jaxlm import workdir as workdir_lib
+from jaxlm import paths
 from jaxlm.errors import ConfigError, first_line
 
 PAD, UNK, BOS, EOS = '[PAD]', '[UNK]', '[BOS]', '[EOS]'
@@ -77,7 +77,7 @@ class Tokenizer:
 
   def save(self, path):
     """Writes the file atomically (a temporary file renamed into place)."""
-    workdir_lib.atomic_write(path, self.data)
+    paths.atomic_write(path, self.data)
     self.path = path
 
 
@@ -203,7 +203,7 @@ class HuggingFace(Tokenizer):
   def save(self, path):
     """tokenizer.json and, beside it, tokenizer_config.json (each written atomically)."""
     config = json.dumps(self.config_json(), indent=2).encode('utf-8')
-    workdir_lib.atomic_write(os.path.join(os.path.dirname(path), CONFIG_FILE), config)
+    paths.atomic_write(paths.join(paths.parent(path), CONFIG_FILE), config)
     super().save(path)
 
 
@@ -214,11 +214,11 @@ FILENAMES = (SentencePiece.filename, HuggingFace.filename)
 
 def _tokenizer_config(directory):
   """The tokenizer_config.json in `directory` as a dict ({} if there is none)."""
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(directory, CONFIG_FILE)
+  if not paths.isfile(path):
     return {}
   try:
-    with open(path, encoding='utf-8') as f:
+    with paths.open(path, encoding='utf-8') as f:
       config = json.load(f)
   except (OSError, ValueError) as e:
     raise ConfigError(f'{path} cannot be read as JSON ({e}); fix or remove it') from e
@@ -231,12 +231,11 @@ def load(path, ids=None):
   """The tokenizer in `path`: a sentencepiece model, or a Hugging Face tokenizer.json (whose
   roles come from a tokenizer_config.json beside it, else `ids`: role -> id, else names)."""
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = paths.read_bytes(path)
   except OSError as e:
     raise ConfigError(f'data.tokenizer={path!r} cannot be read: {e.strerror}') from e
   if path.endswith('.json'):
-    config = _tokenizer_config(os.path.dirname(path))
+    config = _tokenizer_config(paths.parent(path))
     try:
       return HuggingFace(data, path, config, ids)
     except Exception as e:  # tokenizers raises plain Exceptions.

@@ -1,0 +1,234 @@
+"""Every location a user gives jaxlm: a local path or an object-store URL (gs://, s3://...).
+
+One layer over `etils.epath` (fsspec/gcsfs underneath for gs://), so that the workdir,
+checkpoints, metrics, tokenizer, token cache, data globs, init_from and convert's directories
+all work on a bucket as on a disk. `os.path` must never see a URL: `os.path.abspath('gs://b/r')`
+is '<cwd>/gs:/b/r', a local directory on each host.
+
+Local paths are made absolute (Orbax reads only absolute paths) and user-expanded; URLs are
+kept as given. Atomic writes: locally a temporary file, fsynced, renamed into place; on an
+object store a single object write is already atomic (readers see the old object or the new).
+"""
+
+import builtins
+import contextlib
+import glob as glob_lib
+import io
+import os
+import shutil
+import tempfile
+
+import fsspec.config
+from etils import epath
+
+_WILDCARDS = '*?['
+# Other writers share the bucket (tensorstore under Orbax, the other hosts): a directory
+# listing cached by gcsfs would hide their files from this process for good.
+fsspec.config.conf.setdefault('gcs', {}).setdefault('use_listings_cache', False)
+
+
+def is_remote(location):
+  """Whether `location` is a URL (gs://bucket/...), not a local path."""
+  return '://' in str(location)
+
+
+def normalize(location):
+  """A local path made absolute (and ~ expanded), a URL without its trailing '/'."""
+  location = str(location)
+  if is_remote(location):
+    scheme, rest = location.split('://', 1)
+    return f'{scheme}://{rest.rstrip("/")}'
+  return os.path.abspath(os.path.expanduser(location))
+
+
+def path(location):
+  """An epath.Path for `location` (normalized)."""
+  return epath.Path(normalize(location))
+
+
+def join(location, *parts):
+  return str(path(location).joinpath(*parts))
+
+
+def name(location):
+  return path(location).name
+
+
+def parent(location):
+  return str(path(location).parent)
+
+
+def exists(location):
+  return path(location).exists()
+
+
+def isdir(location):
+  return path(location).is_dir()
+
+
+def isfile(location):
+  p = path(location)
+  return p.exists() and not p.is_dir()
+
+
+def size(location):
+  return path(location).stat().length
+
+
+def signature(location):
+  """(size, modification time) of a file: what changes when it is rewritten."""
+  if not is_remote(location):
+    st = os.stat(normalize(location))
+    return st.st_size, st.st_mtime_ns
+  st = path(location).stat()
+  return st.length, st.mtime
+
+
+def common_dir(files):
+  """The deepest directory holding every one of `files` (locations of files)."""
+  if not is_remote(files[0]):
+    return os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+  return '/'.join(os.path.commonprefix([f.split('/')[:-1] for f in files]))
+
+
+def relative(location, root):
+  """`location` relative to the directory `root` above it."""
+  if not is_remote(location):
+    return os.path.relpath(location, root)
+  return location[len(root):].lstrip('/')
+
+
+def listdir(location):
+  return sorted(p.name for p in path(location).iterdir())
+
+
+def makedirs(location):
+  """Creates a directory and its parents (on an object store, directories are implicit)."""
+  if not is_remote(location):
+    os.makedirs(normalize(location), exist_ok=True)
+
+
+def open(location, mode='r', encoding=None, newline=None):  # noqa: A001 - this layer's open.
+  if not is_remote(location):
+    return builtins.open(normalize(location), mode, encoding=encoding, newline=newline)
+  binary = path(location).open(mode if 'b' in mode else mode + 'b')
+  if 'b' in mode:
+    return binary
+  return io.TextIOWrapper(binary, encoding=encoding or 'utf-8', newline=newline)
+
+
+def read_bytes(location):
+  with open(location, 'rb') as f:
+    return f.read()
+
+
+def read_text(location):
+  return read_bytes(location).decode('utf-8')
+
+
+def glob(pattern):
+  """Sorted locations matching a glob (`**` matches any depth), files and directories."""
+  if not is_remote(pattern):
+    return sorted(glob_lib.glob(os.path.expanduser(pattern.strip()), recursive=True))
+  pattern = normalize(pattern)
+  scheme, rest = pattern.split('://', 1)
+  parts = rest.split('/')
+  fixed = next((i for i, p in enumerate(parts) if any(c in p for c in _WILDCARDS)), len(parts))
+  base = path(f'{scheme}://{"/".join(parts[:max(fixed, 1)])}')
+  if fixed == len(parts):
+    return [str(base)] if base.exists() else []
+  return sorted(str(p) for p in base.glob('/'.join(parts[fixed:])))
+
+
+def atomic_write(location, data):
+  """Writes `data` (str or bytes) so that readers see the old file or the new one, never
+  part of one; locally it is also on disk (fsynced) when this returns."""
+  with atomic_file(location) as f:
+    f.write(data.encode('utf-8') if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_file(location):
+  """A binary file to write that appears at `location` whole, when the block ends without
+  an error. Locally: a temporary file, fsynced, renamed into place. On an object store the
+  object is uploaded at close, in one atomic write."""
+  if is_remote(location):
+    f = path(location).open('wb')
+    try:
+      yield f
+    except BaseException:
+      getattr(f, 'discard', lambda: None)()  # fsspec: cancel an upload under way...
+      f.closed = True  # ...and upload nothing at close.
+      raise
+    f.close()
+    return
+  location = normalize(location)
+  tmp = f'{location}.tmp.{os.getpid()}'
+  try:
+    with builtins.open(tmp, 'wb') as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, location)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  fsync_dir(os.path.dirname(location))
+
+
+def fsync_dir(directory):
+  """Makes a rename in a local directory durable (a no-op where directories cannot be
+  opened)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def rename(src, dst):
+  """Moves a file or directory (on an object store: a copy of every object, then a delete)."""
+  if not is_remote(src):
+    os.replace(normalize(src), normalize(dst))
+  else:
+    path(src).rename(path(dst))
+
+
+def rmtree(location):
+  if is_remote(location):
+    path(location).rmtree()
+  else:
+    shutil.rmtree(normalize(location), ignore_errors=True)
+
+
+def remove(location):
+  path(location).unlink()
+
+
+@contextlib.contextmanager
+def local_dir(location):
+  """A local directory with the files of `location` (itself if local; a temporary copy of a
+  remote one, for readers that need a real file: safetensors, sentencepiece)."""
+  if not is_remote(location):
+    yield normalize(location)
+    return
+  with tempfile.TemporaryDirectory(prefix='jaxlm-') as tmp:
+    for p in path(location).iterdir():
+      if not p.is_dir():
+        (epath.Path(tmp) / p.name).write_bytes(p.read_bytes())
+    yield tmp
+
+
+def upload_dir(local, location):
+  """Copies the files of a local directory into `location` (flat, as convert writes them)."""
+  makedirs(location)
+  for entry in sorted(os.listdir(local)):
+    source = os.path.join(local, entry)
+    if os.path.isfile(source):
+      with builtins.open(source, 'rb') as f, open(join(location, entry), 'wb') as out:
+        shutil.copyfileobj(f, out, 1 << 24)
