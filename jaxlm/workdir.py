@@ -82,8 +82,7 @@ def read_config(workdir):
   path = config_path(workdir)
   if not paths.isfile(path):
     return None
-  text = paths.read_text(path)
   try:
-    return config_lib.from_json(text)
+    return config_lib.from_json(paths.read_text(path))
   except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors.
     raise ConfigError(f'{path} is not a valid jaxlm config: {e}') from e
