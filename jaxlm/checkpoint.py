@@ -9,8 +9,11 @@ are written in the background. Orbax writes each checkpoint to a temporary direc
 renames it when complete, and deletes old checkpoints only after a newer one is complete.
 Restoring takes its shardings from the *current* mesh, so a run moves between meshes freely.
 
-A checkpoint that cannot be read (half-written by a crash, corrupted on disk) is renamed to
-`<step>.unreadable` - kept, never deleted - and the previous one is used.
+Each complete checkpoint gets a checksum manifest, and keep-N deletes old checkpoints only
+after a newer one is complete and checksummed (jaxlm/resume.py). A checkpoint that is provably
+unusable (incomplete, not matching its checksums, holding non-finite values) is renamed to
+`<step>.unreadable.<time>` - kept, never deleted - and the previous one is used; one that
+fails to read for another reason stops the run with nothing renamed.
 """
 
 import logging
@@ -22,8 +25,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxlm import paths
+from jaxlm import resume
 from jaxlm import workdir as workdir_lib
-from jaxlm.errors import ConfigError, RunError
+from jaxlm.errors import ConfigError, RunError, first_line
 
 log = logging.getLogger('jaxlm')
 
@@ -47,10 +51,12 @@ class Checkpointer:
     # commit protocol for object stores (a marker file, not a directory rename).
     directory = paths.normalize(directory)
     self.directory = directory
-    keep = config.checkpoint.keep if config else None
-    keep_every = config.checkpoint.keep_every_steps if config else 0
+    # keep-N is applied here (see _complete), not by Orbax: Orbax deletes old checkpoints as
+    # soon as a new one is written, before it could be checksummed.
+    self.keep = config.checkpoint.keep if config else None
+    self.keep_every = config.checkpoint.keep_every_steps if config else 0
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
+        max_to_keep=None, create=not read_only,
         read_only=read_only, enable_async_checkpointing=True,
         cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(
@@ -60,6 +66,10 @@ class Checkpointer:
                        'config': ocp.JsonCheckpointHandler()})
     self.last_save_blocking_s = 0.0
     self._saving = None  # The step of the newest started save.
+    self._pending = None  # A started save not yet checksummed.
+    # Called once with the step of the first save of this session that is complete and
+    # checksummed (train: the moment a changed config.json may replace the old one).
+    self.on_saved = None
 
   @classmethod
   def for_workdir(cls, workdir, config, compress=True):
@@ -80,6 +90,9 @@ class Checkpointer:
       raise self._write_error(self._saving, e) from e
     self._saving = step
     try:
+      self.manager.wait_until_finished()  # What manager.save would wait for anyway.
+      self._complete()
+      self._pending = step
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(state),
           data=_grain().checkpoint.CheckpointSave(data_iterator),
@@ -97,7 +110,7 @@ class Checkpointer:
           config=ocp.args.JsonSave(config.to_dict())))
     except Exception as e:
       raise self._write_error(step, e) from e
-    self._saving = step
+    self._saving = self._pending = step
 
   def parameters_only_step(self):
     """The latest step if its checkpoint holds parameters alone (see save_params), else None."""
@@ -113,32 +126,62 @@ class Checkpointer:
     """Blocks until every started save is complete."""
     try:
       self.manager.wait_until_finished()
+      self._complete()
     except Exception as e:
       raise self._write_error(self._saving, e) from e
 
+  def _complete(self):
+    """After a save has finished: its checksum manifest, then keep-N (never deleting a
+    checkpoint before a newer one is complete and checksummed), then `on_saved`."""
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    if jax.process_index() == 0:
+      resume.write_manifest(paths.join(self.directory, str(step)))
+    if self.keep:
+      self.manager.reload()
+      old = [s for s in self.all_steps() if s < step]
+      keep_every = self.keep_every
+      for s in old[:max(0, len(old) - (self.keep - 1))]:
+        if not (keep_every and s % keep_every == 0):
+          self.manager.delete(s)
+    if self.on_saved is not None:
+      callback, self.on_saved = self.on_saved, None
+      callback(step)
+
   def _write_error(self, step, e):
     return CheckpointError(f'writing the checkpoint of step {step} under {self.directory} '
-                           f'failed ({type(e).__name__}: {_first_line(e)}); the earlier '
+                           f'failed ({type(e).__name__}: {first_line(e)}); the earlier '
                            f'checkpoints are intact')
 
   def restore_latest(self, abstract_state, shardings, data_iterator):
-    """(state, step) from the newest readable checkpoint, or (None, 0) if there is none.
+    """(state, step) from the newest good checkpoint, or (None, 0) if there is none.
 
-    The data iterator is moved to the saved position. Unreadable checkpoints are set aside.
+    The data iterator is moved to the saved position. A checkpoint that is provably unusable
+    (incomplete, not matching its checksums, non-finite values) is set aside and the one
+    before it used; any other failure to read one stops the run and renames nothing.
     """
     for step in reversed(self.all_steps()):
       if step == self.parameters_only_step():
         return None, 0  # Parameters to start from (see train.initial_state), not a state.
+      step_dir = paths.join(self.directory, str(step))
+      verdict = resume.agreed(lambda: resume.verify(step_dir))
+      if verdict not in ('ok', 'unverified'):
+        self._set_aside(step, verdict)
+        continue
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=_restore_args(_target(abstract_state, shardings))))
-        self._restore_data(step, data_iterator)
-        return restored['state'], step
       except Exception as e:  # Orbax/tensorstore raise many types for unreadable files.
-        log.warning('checkpoint %d in %s is unreadable (%s: %s); setting it aside as '
-                    '%d.unreadable and trying the previous one', step, self.directory,
-                    type(e).__name__, _first_line(e), step)
-        self._set_aside(step)
+        raise RunError(f'checkpoint {step} in {self.directory} cannot be read '
+                       f'({type(e).__name__}: {first_line(e)}); nothing was renamed or '
+                       f'deleted: move it out of the way to resume from the one before') from e
+      bad = resume.agreed(lambda: resume.nonfinite_leaf(restored['state']) or '')
+      if bad:
+        self._set_aside(step, f'non-finite values in {bad}')
+        continue
+      self._restore_data(step, data_iterator)
+      return restored['state'], step
     return None, 0
 
   def _restore_data(self, step, data_iterator):
@@ -155,7 +198,9 @@ class Checkpointer:
     if position != step:
       raise ValueError(f'data position {position} does not match the step {step}')
 
-  def _set_aside(self, step):
+  def _set_aside(self, step, reason):
+    log.warning('checkpoint %d in %s is unusable (%s); setting it aside as %d.unreadable.* '
+                'and trying the previous one', step, self.directory, reason, step)
     if jax.process_index() == 0:
       path = paths.join(self.directory, str(step))
       paths.rename(path, f'{path}.unreadable.{int(time.time())}')
@@ -249,11 +294,6 @@ def _restore_args(target, partial=False):
   """Restore exactly the leaves of `target`, each laid out by its sharding."""
   shardings = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
   return ocp.args.PyTreeRestore(item=target, restore_args=shardings, partial_restore=partial)
-
-
-def _first_line(e):
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def check_shapes(saved, target, where):

@@ -13,7 +13,7 @@ import traceback
 import warnings
 
 from jaxlm import config as config_lib
-from jaxlm.errors import ConfigError, RunError
+from jaxlm.errors import ConfigError, RunError, io_reason
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +85,9 @@ def _fill_mask(args, overrides):
   if args.top_k < 1:
     raise ConfigError(f'--top_k={args.top_k} must be at least 1')
   config = _config(args, overrides)
+  if args.top_k > config.model.vocab_size:
+    raise ConfigError(f'--top_k={args.top_k} is above the vocabulary '
+                      f'(model.vocab_size={config.model.vocab_size})')
   from jaxlm import fill_mask
   fill_mask.print_results(fill_mask.run(config, args.workdir, args.text, args.top_k, args.step),
                           sys.stdout)
@@ -100,10 +103,15 @@ def _generate(args, overrides):
     raise ConfigError('--temperature and --top_k must be >= 0 and --top_p in (0, 1]')
   if args.num_beams < 1 or args.length_penalty < 0:
     raise ConfigError('--num_beams must be at least 1 and --length_penalty >= 0')
+  if not 0 <= args.seed < 2**32:
+    raise ConfigError(f'--seed={args.seed} must be in [0, 2**32)')
   if args.num_beams > 1 and (args.temperature or args.top_k or args.top_p < 1):
     raise ConfigError('--num_beams searches for the likeliest text; it cannot be combined with '
                       'sampling (--temperature, --top_k, --top_p)')
   config = _config(args, overrides)
+  if args.top_k > config.model.vocab_size:
+    raise ConfigError(f'--top_k={args.top_k} is above the vocabulary '
+                      f'(model.vocab_size={config.model.vocab_size})')
   from jaxlm import generate
   for r in generate.run(config, args.workdir, args.prompt, args.max_new_tokens,
                         args.temperature, args.top_k, args.top_p, args.seed, args.step,
@@ -114,6 +122,8 @@ def _generate(args, overrides):
 
 def _plan(args, overrides):
   config = _config(args, overrides)
+  if args.devices < 0:
+    raise ConfigError(f'--devices={args.devices} must be a positive number of devices')
   if args.devices:
     import os  # Must be set before jax is imported: N simulated CPU devices.
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -301,6 +311,12 @@ def main(argv=None):
   except KeyboardInterrupt:
     print('jaxlm: interrupted', file=sys.stderr)
     return 130
+  except OSError as e:  # A full disk or a lost mount: the environment, not the input.
+    if verbose:
+      traceback.print_exc()
+    print(f'jaxlm: error: I/O failure: {io_reason(e)}; the run\'s saved checkpoints are kept '
+          f'(--verbose shows the traceback)', file=sys.stderr)
+    return 1
   except Exception:  # A bug or an environment failure, not the user's input.
     traceback.print_exc()
     print('jaxlm: internal error (traceback above); please report it', file=sys.stderr)

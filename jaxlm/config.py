@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from jaxlm.errors import ConfigError  # noqa: F401 (re-exported: config errors live here)
+from jaxlm.errors import ConfigError, first_line  # noqa: F401 (ConfigError re-exported)
 # Config files import `defaults` from here, the public place for it.
 from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults, sweep_defaults  # noqa: F401
 
@@ -53,7 +53,7 @@ def _load_file(path, schema=defaults):
   try:
     config = module.get_config()
   except AttributeError as e:  # A locked ConfigDict names the unknown field here.
-    raise ConfigError(f'config file {path}: {_first_line(e)}') from e
+    raise ConfigError(f'config file {path}: {first_line(e)}') from e
   except Exception as e:
     raise ConfigError(f'config file {path}: get_config() failed: {type(e).__name__}: {e}') from e
   if not isinstance(config, ml_collections.ConfigDict):
@@ -67,11 +67,7 @@ def _load_file(path, schema=defaults):
   unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(schema())))
   if unknown:
     raise ConfigError(f'config file {path}: unknown field {unknown[0]!r}')
-  return config
-
-
-def _first_line(e):
-  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return check_types(config, schema(), f'config file {path}: field')
 
 
 def _flat_keys(config, prefix=''):
@@ -92,53 +88,112 @@ def parse_override(arg):
 
 
 def apply_overrides(config, overrides):
-  """Sets each (dotted name, text) pair. Text is parsed as a Python literal, never evaluated."""
+  """Sets each (dotted name, text) pair. Text is parsed as a Python literal, never evaluated,
+  and must be exactly of the field's type (see `coerce`)."""
   known = list(_flat_keys(config))
   for name, text in overrides:
     if name not in known:
       hint = difflib.get_close_matches(name, known, n=1)
       raise ConfigError(f'unknown config field {name!r}' +
                         (f'; did you mean {hint[0]!r}?' if hint else ''))
-    *parents, leaf = name.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    value = _parse_value(name, text, node[leaf])
+    set_field(config, name, _parse_value(name, text, field_type(config, name)))
+
+
+def field_type(config, name):
+  """The declared type of a field: its default's, or a placeholder's (jaxlm/schema.py)."""
+  *parents, leaf = name.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  kind = node.get_type(leaf)
+  return tuple if kind is list else kind
+
+
+def set_field(config, name, value, kind=None, where='config field'):
+  """Sets a dotted field to `value`, coerced exactly to its type (or `kind`)."""
+  *parents, leaf = name.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  value = coerce(name, value, kind or field_type(config, name), where)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'{where} {name}: cannot set {value!r}: {first_line(e)}') from e
+
+
+_UNSET_ALLOWED = {f'model.{key}' for key in FAMILIES['gpt2']} | {
+    f'base.model.{key}' for key in FAMILIES['gpt2']}
+# 64-bit signed integers: what jax, numpy and JSON readers elsewhere hold without wrapping.
+_INT_RANGE = (-2**63, 2**63 - 1)
+
+
+def coerce(name, value, kind, where='config field'):
+  """`value` as a field of type `kind`, exactly, or a one-line ConfigError naming the field.
+
+  No truthy strings ('false' is not a bool), no rounding (1.5 is not an int), no bool as a
+  number, no non-finite float, no integer beyond 64 bits. None stays None only for a
+  family field (jaxlm/schema.py's placeholders), which validation fills in."""
+  if value is None and name in _UNSET_ALLOWED:
+    return None
+  if kind is bool:
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f'{where} {name} must be true or false, got {value!r}')
+  if kind is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f'{where} {name} expects an integer, got {value!r}')
+    if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+      raise ConfigError(f'{where} {name}={value} does not fit in 64 bits')
+    return value
+  if kind is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f'{where} {name} expects a number, got {value!r}')
     try:
-      node[leaf] = value
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f'config field {name}: cannot set {text!r}: {_first_line(e)}') from e
+      value = float(value)
+    except OverflowError:
+      value = float('inf')
+    if not math.isfinite(value):
+      raise ConfigError(f'{where} {name}={value!r} must be a finite number')
+    return value
+  if kind is str:
+    if not isinstance(value, str):
+      raise ConfigError(f'{where} {name} expects a string, got {value!r}')
+    return value
+  if kind is tuple:
+    if not isinstance(value, (tuple, list)):
+      raise ConfigError(f'{where} {name} expects a tuple, got {value!r}')
+    return _tuplify(value)
+  return value
 
 
-def _parse_value(name, text, current):
-  kind = {bool: 'true or false', int: 'an integer', float: 'a number', tuple: 'a tuple',
-          list: 'a tuple'}.get(type(current))
-  if isinstance(current, bool):
+def _parse_value(name, text, kind):
+  """Command-line text -> a value of `kind`: true/false for a bool, a Python literal (never
+  evaluated) for numbers and tuples, the text itself (or a quoted literal) for a string."""
+  if kind is bool:
     lowered = text.strip().lower()
-    if lowered in ('true', '1', 'yes'):
-      return True
-    if lowered in ('false', '0', 'no'):
-      return False
+    if lowered in ('true', 'false'):
+      return lowered == 'true'
     raise ConfigError(f'config field {name} must be true or false, got {text!r}')
-  if isinstance(current, str):
+  if kind is str:
     try:  # Allow quoted strings; anything else is taken verbatim.
       value = ast.literal_eval(text)
       return value if isinstance(value, str) else text
     except (ValueError, SyntaxError, MemoryError, RecursionError):
       return text
   try:
-    value = ast.literal_eval(text.strip())
+    return ast.literal_eval(text.strip())
   except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-    if current is None:
-      return text  # An untyped (None) field takes a bare word as a string.
-    raise ConfigError(f'config field {name} expects {kind}, got {text!r}') from None
-  ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        tuple: lambda v: isinstance(v, (tuple, list)),
-        list: lambda v: isinstance(v, (tuple, list))}.get(type(current), lambda v: True)
-  if not ok(value):
-    raise ConfigError(f'config field {name} expects {kind}, got {text!r}')
-  return float(value) if isinstance(current, float) else value
+    described = {int: 'an integer', float: 'a number', tuple: 'a tuple'}.get(kind, 'a value')
+    raise ConfigError(f'config field {name} expects {described}, got {text!r}') from None
+
+
+def check_types(config, schema, where='config field'):
+  """Coerces every field of `config` to the type `schema` declares for it (config files may
+  assign anything; a locked ConfigDict would even turn an int field into a bool)."""
+  for name in _flat_keys(config):
+    set_field(config, name, get_field(config, name), field_type(schema, name), where)
+  return config
 
 
 def validate(config):
@@ -171,6 +226,8 @@ def validate(config):
                'checkpoint.keep_every_steps', 'distributed.num_processes'):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check(config, 'optimizer.learning_rate', lambda v: v > 0, 'must be positive')
+  # jax.random.key and sentencepiece keep 32 bits of a seed: a larger one would collide.
+  _check(config, 'seed', lambda v: 0 <= v < 2**32, 'must be in [0, 2**32)')
   _check(config, 'model.init_std', lambda v: v > 0, 'must be positive')
   _check(config, 'distributed.heartbeat_timeout_s', lambda v: v > 0, 'must be positive')
   for name in ('model.rope_theta', 'model.rope_scaling_factor', 'model.rope_original_max_len'):
@@ -288,8 +345,9 @@ def to_json(config):
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-def from_json(text):
-  """Rebuilds a config written by `to_json` (a workdir's config.json), checked against the schema."""
+def from_json(text, where='config.json'):
+  """Rebuilds a config written by `to_json` (a workdir's config.json), checked against the
+  schema: every value exactly of its field's type."""
   config = defaults()
   flat = {}
 
@@ -299,18 +357,15 @@ def from_json(text):
         walk(v, f'{prefix}{k}.')
       else:
         flat[prefix + k] = v
-  walk(json.loads(text))
+  data = json.loads(text)
+  if not isinstance(data, dict):
+    raise ConfigError(f'{where} must hold a JSON object, not a {type(data).__name__}')
+  walk(data)
   known = set(_flat_keys(config))
   for name, value in flat.items():
     if name not in known:
-      raise ConfigError(f'config.json has unknown field {name!r}; written by another version?')
-    *parents, leaf = name.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    if isinstance(node[leaf], tuple) and isinstance(value, list):
-      value = _tuplify(value)
-    node[leaf] = value
+      raise ConfigError(f'{where} has unknown field {name!r}; written by another version?')
+    set_field(config, name, value, where=f'{where}: field')
   return validate(config)
 
 

@@ -255,12 +255,12 @@ def imported_config(layout, fields, overrides, where):
     config = config_lib.defaults(layout.family)
     config.objective = layout.objective
     for field, value in fields.items():
-      current = config.model[field]
-      try:
-        config.model[field] = type(current)(value) if current is not None else value
-      except (TypeError, ValueError) as e:
+      try:  # Exactly of the field's type: "false" is not a bool, 2.5 not an int.
+        config_lib.set_field(config, f'model.{field}', value)
+      except ConfigError as e:
         key = layout.fields.get(field, (field,))[0]
-        raise ConfigError(f'{where}: {key}={value!r} is not valid for model.{field}') from e
+        raise ConfigError(f'{where}: {key}={value!r} is not valid for model.{field} '
+                          f'({e})') from e
     config_lib.apply_overrides(config, extra)
     return config_lib.validate(config)
 

@@ -26,8 +26,7 @@ import logging
 import os
 import re
 
-from jaxlm.config import ConfigError
-from jaxlm.errors import RunError
+from jaxlm.errors import ConfigError, RunError, first_line
 
 log = logging.getLogger('jaxlm')
 
@@ -213,7 +212,7 @@ def barrier(name, timeout_s=None):
     client.wait_at_barrier(f'{name} #{next(_barrier_count)}', int(timeout_s * 1000))
   except Exception as e:  # noqa: BLE001 - jax raises its runtime error type for a timeout.
     raise RunError(f'process {jax.process_index()} waited {timeout_s:.0f} s for the other '
-                   f'processes to reach {name!r} and gave up ({_first_line(e)}); if that step '
+                   f'processes to reach {name!r} and gave up ({first_line(e)}); if that step '
                    f'is slow, raise distributed.barrier_timeout_s') from e
 
 
@@ -239,11 +238,6 @@ def on_chief(name, check, timeout_s=None):
     error = client.blocking_key_value_get(key, int(timeout_s * 1000))
   except Exception as e:  # noqa: BLE001 - a timeout: process 0 is gone or stuck.
     raise RunError(f'process {jax.process_index()} waited {timeout_s:.0f} s for process 0 to '
-                   f'finish {name!r} and gave up ({_first_line(e)})') from e
+                   f'finish {name!r} and gave up ({first_line(e)})') from e
   if error:
     raise ConfigError(error)
-
-
-def _first_line(e):
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else type(e).__name__

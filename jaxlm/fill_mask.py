@@ -7,7 +7,7 @@ import numpy as np
 from jaxlm import objectives, steps
 from jaxlm import data
 from jaxlm import train as train_lib
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
 
 MASK = '[MASK]'

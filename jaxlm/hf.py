@@ -173,6 +173,8 @@ def normalize(hf):
   """A config.json dict with its RoPE settings at the top level (see ROPE_KEYS)."""
   hf = dict(hf)
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  if not isinstance(rope, dict):
+    raise ConfigError(f'rope_parameters / rope_scaling must be a JSON object, not {rope!r}')
   for key, inner in ROPE_KEYS.items():
     if inner in rope:
       hf[key] = rope[inner]
@@ -205,7 +207,12 @@ def layout_of(hf, where):
 
 def model_fields(hf, where):
   """(layout, the jaxlm model fields of a Hugging Face config.json dict)."""
-  hf = normalize(hf)
+  if not isinstance(hf, dict):
+    raise ConfigError(f'{where} must hold a JSON object, not a {type(hf).__name__}')
+  try:
+    hf = normalize(hf)
+  except ConfigError as e:
+    raise ConfigError(f'{where}: {e}') from e
   layout = layout_of(hf, where)
   for key, (allowed, absent) in layout.requires.items():
     value = hf.get(key, absent)

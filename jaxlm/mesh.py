@@ -19,7 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from jaxlm.schema import MESH_AXES as AXES  # Outermost first: see schema.MESH_AXES.
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 
 def _fill(sizes, total, what):

@@ -6,13 +6,15 @@ never a silent no-op. Loading, overrides and validation live in `jaxlm/config.py
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 # Outermost first: 'data' changes slowest over the device list, 'tensor' fastest, so tensor
 # parallelism (the most communication per step) lands on the closest devices.
 MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
 
 
-# Architecture presets. A model field left as None takes its family's value, so
+# Architecture presets. A model field left unset (a typed placeholder: None until validation
+# fills it, but still refusing a value of another type) takes its family's value, so
 # `--config.model.family=llama` turns a GPT-2 config into a Llama-style one, while an explicit
 # field (for example `--config.model.position=rope` on a gpt2 model) still wins.
 FAMILIES = {
@@ -89,10 +91,10 @@ def defaults(family='gpt2'):
   m.mlp_dim = 3072  # Hidden width of the MLP.
   m.vocab_size = 50304  # Output vocabulary; at least the tokenizer's size.
   m.max_len = 1024  # Training sequence length (and size of a learned position table).
-  m.norm = None  # 'layernorm' or 'rmsnorm'; None = family default.
-  m.norm_eps = None  # Epsilon of the norms; None = family default.
-  m.norm_position = None  # 'pre' (norm, then attention/MLP) or 'post' (BERT); None = family.
-  m.position = None  # 'learned' absolute embeddings or 'rope'; None = family default.
+  m.norm = placeholder(str)  # 'layernorm' or 'rmsnorm'. Unset (None) = the family's value.
+  m.norm_eps = placeholder(float)  # Epsilon of the norms.
+  m.norm_position = placeholder(str)  # 'pre' (norm, then attention/MLP) or 'post' (BERT).
+  m.position = placeholder(str)  # 'learned' absolute embeddings or 'rope'.
   m.rope_theta = 10000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5).
   # 'default' or 'llama3': Llama 3.1's long-context frequency scaling, set by the four fields
   # below (the values here are Llama 3.1's); they are read only for 'llama3'.
@@ -101,12 +103,12 @@ def defaults(family='gpt2'):
   m.rope_low_freq_factor = 1.0  # Wavelengths above original_max_len / this are scaled fully.
   m.rope_high_freq_factor = 4.0  # Wavelengths below original_max_len / this are not scaled.
   m.rope_original_max_len = 8192  # The context length the model was first trained at.
-  m.mlp_activation = None  # 'gelu' (tanh approximation), 'gelu_exact', 'silu', 'relu'; None = family.
-  m.gated_mlp = None  # True for GLU-style MLPs (SwiGLU = silu + gated); None = family default.
-  m.use_bias = None  # Biases in dense layers and LayerNorm; None = family default.
-  m.tied_embeddings = None  # Share the input embedding with the output layer; None = family.
-  m.head_transform = None  # Dense + activation + norm before the output layer (BERT); None = family.
-  m.output_bias = None  # A bias on the output logits (BERT); None = family default.
+  m.mlp_activation = placeholder(str)  # 'gelu' (tanh approximation), 'gelu_exact', 'silu', 'relu'.
+  m.gated_mlp = placeholder(bool)  # True for GLU-style MLPs (SwiGLU = silu + gated).
+  m.use_bias = placeholder(bool)  # Biases in dense layers and LayerNorm.
+  m.tied_embeddings = placeholder(bool)  # Share the input embedding with the output layer.
+  m.head_transform = placeholder(bool)  # Dense + activation + norm before the output layer (BERT).
+  m.output_bias = placeholder(bool)  # A bias on the output logits (BERT).
   m.type_vocab_size = 0  # Token-type (segment A/B) embeddings, as in BERT; 0 = none.
   m.dropout_rate = 0.0  # Dropout on embeddings and residual branches during training.
   m.init_std = 0.02  # Std of the normal init; residual output projections get /sqrt(2 L).

@@ -63,6 +63,11 @@ def model_loss(model, params, batch, config, z_loss=0.0, **kwargs):
   return objectives.chunked_loss(hidden, kernel, bias, batch, z_loss, chunk)
 
 
+def all_finite(tree):
+  """Whether every element of every leaf is finite (one on-device boolean)."""
+  return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 # The key of evaluation's random choices (masks): fixed, so evaluations are comparable.
 EVAL_KEY = 0x5eed
 
@@ -89,9 +94,10 @@ def make_train_step(model, tx, lr_schedule, config, prepare):
     loss, grad_norm = stats['loss_sum'] / weight, optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient must not reach the weights: keep the old state instead.
-    # Checked here, on device, so the loop needs no per-step host sync to enforce it.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or updated parameter (a finite gradient times a huge step
+    # can still overflow) must not reach the weights: keep the old state instead. Checked
+    # here, on device, so the loop needs no per-step host sync to enforce it.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {

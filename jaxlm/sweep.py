@@ -41,6 +41,9 @@ class Run:
 
 def check(sweep):
   """One-line errors for a sweep's own fields (its base config is checked per run)."""
+  for name in ('head_dim', 'mlp_ratio', 'learning_rate', 'lr_reference_width', 'min_steps'):
+    if not sweep[name] > 0:
+      raise ConfigError(f'{name}={sweep[name]!r} must be positive')
   if not sweep.sizes:
     raise ConfigError('sizes is empty: list the model shapes, e.g. sizes=((2, 64), (4, 128))')
   for size in sweep.sizes:
@@ -56,9 +59,6 @@ def check(sweep):
   for name in ('budgets', 'tokens'):
     if not all(isinstance(v, (int, float)) and v > 0 for v in sweep[name]):
       raise ConfigError(f'{name}={tuple(sweep[name])!r} must all be positive numbers')
-  for name in ('head_dim', 'mlp_ratio', 'learning_rate', 'lr_reference_width', 'min_steps'):
-    if not sweep[name] > 0:
-      raise ConfigError(f'{name}={sweep[name]!r} must be positive')
   if not 0 <= sweep.warmup_fraction < 1:
     raise ConfigError(f'warmup_fraction={sweep.warmup_fraction!r} must be in [0, 1)')
 
@@ -270,24 +270,63 @@ def _final_eval(run_dir, train_steps):
 
 
 def collect(workdir):
-  """Rebuilds runs.jsonl from every finished run's result.json; returns the rows."""
-  rows = []
-  for path in paths.glob(paths.join(workdir, 'runs', '*', 'result.json')):
-    rows.append(json.loads(paths.read_text(path)))
-  rows.sort(key=lambda r: (r['budget'] or r['C'], r['N']))  # The order of plan().
+  """Rebuilds runs.jsonl from every finished run's result.json; returns the rows. Only the
+  sweep writes it: readers (`jaxlm fit`) use `read_runs`, which never writes."""
+  rows = _result_rows(workdir)
   workdir_lib.atomic_write(runs_path(workdir), ''.join(json.dumps(r) + '\n' for r in rows))
   return rows
 
 
+def _result_rows(workdir):
+  rows = []
+  for path in sorted(paths.glob(paths.join(workdir, 'runs', '*', 'result.json'))):
+    try:
+      rows.append(check_row(json.loads(paths.read_text(path)), path))
+    except ValueError as e:
+      raise ConfigError(f'{path} is not valid JSON: {e}') from e
+  rows.sort(key=lambda r: (r['budget'] or r['C'], r['N']))  # The order of plan().
+  return rows
+
+
 def read_runs(workdir):
-  """The rows of DIR/runs.jsonl (rebuilt from the run directories if they are there)."""
+  """The rows of the finished runs, each checked: from the run directories' result.json when
+  they are there (the freshest), else from DIR/runs.jsonl. Reads only."""
   if paths.isdir(paths.join(workdir, 'runs')):
-    return collect(workdir)
+    return _result_rows(workdir)
   path = runs_path(workdir)
   if not paths.exists(path):
     raise ConfigError(f'{path} not found: run jaxlm sweep --workdir={workdir} first')
-  with paths.open(path) as f:
-    try:
-      return [json.loads(line) for line in f if line.strip()]
-    except ValueError as e:
-      raise ConfigError(f'{path} is not JSON lines: {e}') from e
+  rows = []
+  try:
+    with paths.open(path, encoding='utf-8') as f:
+      for number, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            rows.append(check_row(json.loads(line), f'{path}, line {number}'))
+          except ValueError as e:
+            if isinstance(e, ConfigError):
+              raise
+            raise ConfigError(f'{path}, line {number} is not JSON: {e}') from e
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'{path} is not UTF-8 text: {e}') from e
+  return rows
+
+
+def check_row(row, where):
+  """A runs.jsonl row, or a ConfigError naming the first field that is missing or wrong:
+  name a string, N, D, C positive numbers, eval_loss a number (NaN for a diverged run)."""
+  if not isinstance(row, dict):
+    raise ConfigError(f'{where}: a row must be a JSON object, not {type(row).__name__}')
+  if not isinstance(row.get('name'), str):
+    raise ConfigError(f'{where}: the row has no name (a string)')
+  for key in ('N', 'D', 'C', 'eval_loss', 'budget'):
+    value = row.get(key)
+    if key == 'budget' and value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f'{where}: {key}={value!r} must be a number (run {row["name"]})')
+    if key != 'eval_loss' and not (math.isfinite(value) and value >= 0
+                                   and (value > 0 or key == 'budget')):
+      raise ConfigError(f'{where}: {key}={value!r} must be a positive number '
+                        f'(run {row["name"]})')
+  return row

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import (checkpoint, data, distributed, errors, flops, metrics, objectives, optim,
-                   paths, preemption, steps)
+from jaxlm import (checkpoint, data, distributed, errors, flops, lock, metrics, objectives,
+                   optim, paths, preemption, resume, steps)
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
@@ -102,15 +102,15 @@ def restore_params(s, workdir, step=None, host=False):
     if step is not None and step not in saved:
       raise errors.ConfigError(f'--step={step}: --workdir={workdir} has checkpoints of steps '
                                f'{", ".join(map(str, saved))}')
-    step = saved[-1] if step is None else step
-    if host:
-      params = checkpoints.read_params(step, s.abstract_state.params)
-    else:
-      with s.active():
-        params = checkpoints.restore_params(step, s.abstract_state.params, s.shardings.params)
+    for candidate in ([step] if step is not None else reversed(saved)):
+      params = resume.read_good_params(s, checkpoints, candidate, host,
+                                       explicit=step is not None)
+      if params is not None:
+        return params, candidate
+    raise errors.RunError(f'--workdir={workdir} has no usable checkpoint (see the warnings '
+                          f'above); nothing was changed')
   finally:
     checkpoints.close()
-  return params, step
 
 
 def compile_train_step(s, prepare):
@@ -221,20 +221,38 @@ def initial_state(s, checkpoints, batches, source):
 
 
 def train(config, workdir, devices=None):
-  """Trains (or resumes) the run in `workdir`. Returns the last logged and eval metrics."""
+  """Trains (or resumes) the run in `workdir`. Returns the last logged and eval metrics.
+  The chief holds the workdir's lock (jaxlm/lock.py) from when the input is checked."""
+  held = []
+  try:
+    return _train(config, workdir, devices, held)
+  finally:
+    for workdir_lock in held:
+      workdir_lock.release()
+
+
+def _train(config, workdir, devices, held):
   if config.objective == 'classify':
     data.labeled.resolve_labels(config)  # The classifier's size, before the model is built.
   s = setup(config, devices)
   distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
-  source = init_source(s)
   process = (jax.process_index(), jax.process_count())
   chief = process[0] == 0
+  if chief:  # Before any work: a second run on this workdir stops here.
+    held.append(lock.acquire(workdir))
+  # Resuming? Then the saved state must fit this config, checked before anything is restored.
+  resuming = any(paths.name(p).isdigit()
+                 for p in paths.glob(paths.join(workdir_lib.checkpoint_dir(workdir), '*')))
+  if resuming:
+    resume.check_compatible(workdir, config)
+  source = init_source(s)
   # The chief trains the tokenizer and fills the token cache; the others then read them.
   if not chief:
     distributed.barrier(DATA_PREPARED)
   corpus = data.prepare(config, workdir)
   if chief:
-    workdir_lib.save_config(workdir, config)
+    if not resuming:  # A resumed run's config.json changes once its new save is good.
+      workdir_lib.save_config(workdir, config)
     distributed.barrier(DATA_PREPARED)
   prepare = objectives.build(config, corpus.tokenizer)
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
@@ -243,6 +261,8 @@ def train(config, workdir, devices=None):
     log.info('masked-token accuracy of always guessing the most frequent token: %.4f',
              objectives.unigram_accuracy(data.eval_tokens(eval_set), prepare.special))
   checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
+  if chief and resuming:
+    checkpoints.on_saved = lambda step: workdir_lib.save_config(workdir, config)
   writer = metrics.Writer(workdir, enabled=chief)
   try:
     with s.active(), preemption.Watcher() as preempted:

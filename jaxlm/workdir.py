@@ -8,12 +8,11 @@
 <workdir>/data/           the tokenized corpus cache (unless data.cache_dir is set)
 """
 
-import errno
 import os
 
 from jaxlm import config as config_lib
 from jaxlm import paths
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError, RunError, io_reason
 
 # Fields that fix the parameters' shapes or meaning: a run's checkpoints only fit these values.
 SHAPE_FIELDS = ('objective', 'model.num_layers', 'model.emb_dim', 'model.num_heads',
@@ -74,19 +73,15 @@ def create(workdir):
   try:
     paths.makedirs(workdir)
   except OSError as e:
-    raise ConfigError(f'--workdir={workdir!r} cannot be created: {_reason(e)}') from e
+    raise ConfigError(f'--workdir={workdir!r} cannot be created: {io_reason(e)}') from e
 
 
 def save_config(workdir, config):
   create(workdir)
   try:
     atomic_write(config_path(workdir), config_lib.to_json(config))
-  except OSError as e:
-    raise ConfigError(f'cannot write {config_path(workdir)}: {_reason(e)}') from e
-
-
-def _reason(e):
-  return 'the disk is full' if e.errno == errno.ENOSPC else e.strerror or str(e)
+  except OSError as e:  # The environment (a full disk), not the input: exit status 1.
+    raise RunError(f'cannot write {config_path(workdir)}: {io_reason(e)}') from e
 
 
 def read_config(workdir):
@@ -94,8 +89,7 @@ def read_config(workdir):
   path = config_path(workdir)
   if not paths.isfile(path):
     return None
-  text = paths.read_text(path)
   try:
-    return config_lib.from_json(text)
+    return config_lib.from_json(paths.read_text(path))
   except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors.
     raise ConfigError(f'{path} is not a valid jaxlm config: {e}') from e

@@ -1,7 +1,9 @@
 """Config files, command-line overrides and validation: bad input fails early, in one line."""
 
 import glob
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,6 +50,77 @@ def test_resolved_config_round_trips_through_json():
   c = load('--config.model.num_kv_heads=2')
   again = config_lib.from_json(config_lib.to_json(c))
   assert again.to_dict() == c.to_dict()
+
+
+
+BOOL_FAMILY_FIELDS = sorted(k for k, v in config_lib.FAMILIES['gpt2'].items() if type(v) is bool)
+
+
+def real_param_count(config):
+  import jax
+  from jaxlm import model as model_lib
+  from jaxlm import state as state_lib
+  model = model_lib.build(config)
+  tokens, positions, segments = state_lib.init_inputs(config)
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, tokens, positions,
+                                             segments)['params'])
+  return sum(leaf.size for leaf in jax.tree.leaves(state_lib.strip_boxes(shapes)))
+
+
+@pytest.mark.parametrize('family', sorted(config_lib.FAMILIES))
+def test_every_bool_family_field_set_false_builds_the_model_without_it(family):
+  """'false' on the command line is False (not a truthy string), for every family field that
+  a family sets True: the model's parameters change (untied adds an output matrix, the others
+  drop weights), as flops.param_counts counts them."""
+  from jaxlm import flops
+  small = ['--config.model.num_layers=1', '--config.model.emb_dim=32',
+           '--config.model.num_heads=2', '--config.model.mlp_dim=64',
+           f'--config.model.family={family}']
+  on = load(*small)
+  fields = [f for f in BOOL_FAMILY_FIELDS if on.model[f]]
+  assert fields
+  for field in fields:
+    off = load(*small, f'--config.model.{field}=false')
+    assert off.model[field] is False
+    assert real_param_count(off) == flops.param_counts(off.model)['total']
+    if field == 'tied_embeddings':
+      assert real_param_count(off) == real_param_count(on) + 32 * on.model.vocab_size
+    else:
+      assert real_param_count(off) < real_param_count(on), field
+
+
+def test_bool_family_fields_refuse_truthy_strings_everywhere(tmp_path):
+  with pytest.raises(ConfigError, match='model.gated_mlp must be true or false'):
+    load('--config.model.gated_mlp=no')
+  for assignment, message in (("c.model.use_bias = 'false'", "field 'use_bias'"),
+                              ('c.batch_size = True', 'field batch_size expects an integer')):
+    path = write(tmp_path, 'from jaxlm.config import defaults\ndef get_config():\n'
+                           f'  c = defaults()\n  {assignment}\n  return c\n')
+    with pytest.raises(ConfigError, match=f'cfg.py: .*{message}'):
+      config_lib.load(path)
+  saved = load().to_dict()
+  saved['model']['tied_embeddings'] = 'false'
+  with pytest.raises(ConfigError, match='config.json: field model.tied_embeddings must be true'):
+    config_lib.from_json(json.dumps(saved))
+
+
+@pytest.mark.parametrize('value,message', [
+    ('1e400', 'optimizer.learning_rate=inf must be a finite number'),
+    ('nan', "optimizer.learning_rate expects a number, got 'nan'"),
+    ('True', 'optimizer.learning_rate expects a number, got True'),
+])
+def test_numbers_are_finite_and_never_bools(value, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    load(f'--config.optimizer.learning_rate={value}')
+
+
+def test_integers_are_exact_and_in_range():
+  with pytest.raises(ConfigError, match='does not fit in 64 bits'):
+    load(f'--config.seed={2**64}')
+  with pytest.raises(ConfigError, match=re.escape('seed=4294967296 must be in [0, 2**32)')):
+    load(f'--config.seed={2**32}')
+  with pytest.raises(ConfigError, match='batch_size expects an integer, got 16.0'):
+    load('--config.batch_size=16.0')
 
 
 BAD = [

@@ -288,6 +288,19 @@ def test_import_errors(tmp_path, tokenizer_file, capsys):
   assert "hidden_size='wide' is not valid for model.emb_dim" in convert_error(
       capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
   shutil.rmtree(directory)
+  directory = write_hf(tmp_path, tie_word_embeddings='false')  # A truthy string: refused.
+  assert "tie_word_embeddings='false' is not valid for model.tied_embeddings" in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  shutil.rmtree(directory)
+  directory = write_hf(tmp_path, num_hidden_layers=2.5)
+  assert 'num_hidden_layers=2.5 is not valid for model.num_layers' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  shutil.rmtree(directory)
+  directory = write_hf(tmp_path)
+  (directory / 'config.json').write_text('[1, 2]')
+  assert 'config.json must hold a JSON object, not a list' in convert_error(
+      capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)
+  shutil.rmtree(directory)
   directory = write_hf(tmp_path, 'bert', tie_word_embeddings=False)
   assert 'tie_word_embeddings=False is not supported' in convert_error(
       capsys, f'--from-hf={directory}', f'--workdir={tmp_path}/a', tok)

@@ -13,7 +13,8 @@ import grain
 import numpy as np
 
 from jaxlm import paths
-from jaxlm.config import ConfigError, is_causal
+from jaxlm.config import is_causal
+from jaxlm.errors import ConfigError
 from jaxlm.data import labeled, packing, sources, store
 from jaxlm.data import tokenizer as tokenizer_lib
 

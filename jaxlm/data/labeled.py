@@ -10,7 +10,7 @@ import logging
 import numpy as np
 
 from jaxlm import paths
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.data import sources
 
 log = logging.getLogger('jaxlm')

@@ -7,6 +7,7 @@ validation split is decided by hashing it.
 
 import collections
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import json
@@ -14,7 +15,7 @@ import os
 import sysconfig
 
 from jaxlm import paths
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError, first_line
 
 JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
 PARQUET_SUFFIXES = ('.parquet', '.pq')
@@ -37,16 +38,44 @@ def list_files(path):
   """(root, sorted files) for a comma-separated list of globs; '' means the standard library."""
   if not path:
     return stdlib_files()
-  files = set()
+  files, seen = set(), set()
   for pattern in path.split(','):
     pattern = pattern.strip()
-    matches = paths.glob(pattern)
     if paths.isdir(pattern):
-      matches = paths.glob(pattern.rstrip('/') + '/**/*')
-    files.update(m for m in matches if paths.isfile(m))
+      pattern = pattern.rstrip('/') + '/**/*'
+    matches = paths.glob(pattern) if paths.is_remote(pattern) else _glob(paths.normalize(pattern))
+    for match in sorted(matches, key=lambda m: (m.count('/'), m)):
+      real = match if paths.is_remote(match) else os.path.realpath(match)
+      if paths.isfile(match) and real not in seen:  # One name per file: a file reached
+        seen.add(real)  # through two links must not land in both train and validation.
+        files.add(match)
   if not files:
     raise ConfigError(f'data.path={path!r} matches no files')
   return paths.common_dir(sorted(files)), sorted(files)
+
+
+def _glob(pattern):
+  """glob.glob, except that '**' walks each real directory once: glob follows symbolic links
+  into directories, so a link loop would list the same files under ever longer names (or,
+  with two loops, practically forever)."""
+  if '**' not in pattern:
+    return glob.glob(pattern)
+  prefix = pattern.split('**', 1)[0]
+  patterns = (pattern, pattern.replace('**' + os.sep, ''))  # '**/' also matches no folder.
+  out = []
+  for base in glob.glob(prefix) if glob.has_magic(prefix) else [prefix]:
+    visited = set()
+    for folder, subfolders, names in os.walk(base or '.', followlinks=True):
+      real = os.path.realpath(folder)
+      if real in visited:
+        subfolders[:] = []
+        continue
+      visited.add(real)
+      for name in names:
+        full = os.path.join(folder, name)
+        if any(fnmatch.fnmatch(full, p) for p in patterns):
+          out.append(full)
+  return out
 
 
 def components(data_config):
@@ -112,8 +141,7 @@ def open_tfds(name, split, what):
           f'it with `tfds build {name} --file_format=array_record`, or convert the prepared '
           f'copy: `tfds convert_format --dataset_dir=DIR --out_file_format=array_record`'
       ) from e
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f'{what}: {first}; prepare it where there is network '
+    raise ConfigError(f'{what}: {first_line(e)}; prepare it where there is network '
                       f'(tfds build {name} --file_format=array_record) and point '
                       f'TFDS_DATA_DIR at it') from e
 

@@ -13,6 +13,7 @@ import json
 import numpy as np
 
 from jaxlm import paths
+from jaxlm.errors import ConfigError, first_line
 
 SPLITS = ('train', 'validation')
 
@@ -40,12 +41,35 @@ def _paths(cache_dir, key, split):
 
 
 def load(cache_dir, key):
-  """The cached streams for this key, memory-mapped, or None if any file is missing."""
+  """The cached streams for this key, memory-mapped, or None if any file is missing. A file
+  that is not a consistent token cache is a one-line error naming it (it is never rebuilt
+  over silently: the cache may be shared with other runs)."""
   files = [p for split in SPLITS for p in _paths(cache_dir, key, split)]
   if not all(paths.exists(p) for p in files):
     return None
-  return {split: TokenStream(*(_load(p) for p in _paths(cache_dir, key, split)))
-          for split in SPLITS}
+  streams = {}
+  for split in SPLITS:
+    arrays = []
+    for path in _paths(cache_dir, key, split):
+      try:
+        arrays.append(_load(path))
+      except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f'token cache file {path} cannot be read ({first_line(e)}); delete it '
+                          f'and the corpus is tokenized again') from e
+    stream = TokenStream(*arrays)
+    if not _consistent(stream):
+      raise ConfigError(f'token cache files {_paths(cache_dir, key, split)[0]} and .starts.npy '
+                        f'do not form a token stream (corrupted?); delete them and the corpus '
+                        f'is tokenized again')
+    streams[split] = stream
+  return streams
+
+
+def _consistent(stream):
+  tokens, starts = stream.tokens, stream.starts
+  return (tokens.ndim == 1 and starts.ndim == 1 and len(starts) >= 1
+          and tokens.dtype in (np.uint16, np.uint32) and starts.dtype == np.int64
+          and starts[0] == 0 and starts[-1] == len(tokens) and bool(np.all(np.diff(starts) >= 0)))
 
 
 def _load(path):

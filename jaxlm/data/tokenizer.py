@@ -15,7 +15,7 @@ import sentencepiece as spm
 import tokenizers
 
 from jaxlm import paths
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError, first_line
 
 PAD, UNK, BOS, EOS = '[PAD]', '[UNK]', '[BOS]', '[EOS]'
 CONTROL = ('[CLS]', '[SEP]', '[MASK]')
@@ -77,12 +77,8 @@ class Tokenizer:
 
   def save(self, path):
     """Writes the file atomically (a temporary file renamed into place)."""
-    _write_atomic(path, self.data)
+    paths.atomic_write(path, self.data)
     self.path = path
-
-
-def _write_atomic(path, data):
-  paths.atomic_write(path, data)
 
 
 class SentencePiece(Tokenizer):
@@ -207,7 +203,7 @@ class HuggingFace(Tokenizer):
   def save(self, path):
     """tokenizer.json and, beside it, tokenizer_config.json (each written atomically)."""
     config = json.dumps(self.config_json(), indent=2).encode('utf-8')
-    _write_atomic(paths.join(paths.parent(path), CONFIG_FILE), config)
+    paths.atomic_write(paths.join(paths.parent(path), CONFIG_FILE), config)
     super().save(path)
 
 
@@ -244,7 +240,7 @@ def load(path, ids=None):
       return HuggingFace(data, path, config, ids)
     except Exception as e:  # tokenizers raises plain Exceptions.
       raise ConfigError(f'data.tokenizer={path!r} is not a Hugging Face tokenizer.json '
-                        f'({str(e).splitlines()[0] if str(e) else type(e).__name__})') from e
+                        f'({first_line(e)})') from e
   try:
     return SentencePiece(data, path)
   except RuntimeError as e:
