@@ -159,9 +159,15 @@ def splash(q, k, v, segment_ids, causal, cfg):
     pad = lambda x, value=0: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2),
                                      constant_values=value)
     q, k, v, segment_ids = pad(q), pad(k), pad(v), pad(segment_ids, PAD_SEGMENT)
-  mask = (sa.CausalMask if causal else sa.FullMask)((padded, padded))
+  # A causal mask differs between query shards, so the kernel splits it (q_seq_shards); a full
+  # one is the same for each, and is built for one shard's rows (the kernel's splitting fails
+  # on a mask without partial blocks in jax 0.10.2).
+  if causal:
+    mask, mask_shards = sa.CausalMask((padded, padded)), seq_shards
+  else:
+    mask, mask_shards = sa.FullMask((padded // seq_shards, padded)), 1
   kernel = sa.make_splash_mha(sa.MultiHeadMask([mask] * q.shape[2]), block_sizes=sizes,
-                              head_shards=head_shards, q_seq_shards=seq_shards,
+                              head_shards=head_shards, q_seq_shards=mask_shards,
                               interpret=platform != 'tpu')
   scale = 1 / math.sqrt(q.shape[-1])  # The kernel does not scale the scores itself.
 
@@ -178,7 +184,8 @@ def splash(q, k, v, segment_ids, causal, cfg):
   else:
     P = jax.sharding.PartitionSpec
     batch, seq, heads = q_spec[:3]
-    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(heads, seq)))
+    kernel_spec = kernel.manual_sharding_spec(
+        jax.sharding.NamedSharding(mesh, P(heads, seq if causal else None)))
     kv = P(batch, None, heads, None)
     segment_specs = () if segment_ids is None else (P(batch, seq), P(batch, None))
     out = jax.shard_map(run, mesh=mesh,
