@@ -69,6 +69,10 @@ def defaults(family='gpt2'):
   # goes on with the next batch, 'stop' saves the (good) state and stops with an error.
   c.nonfinite = 'skip'
   c.init_from = ''  # Start from the parameters of this checkpoint (a workdir or checkpoints/N).
+  # Persistent XLA compilation cache, so a resumed run, eval or plan does not compile again:
+  # 'auto' = $JAXLM_COMPILE_CACHE if set, else $XDG_CACHE_HOME/jaxlm/xla (~/.cache/jaxlm/xla);
+  # or a directory (or gs:// URL); '' = off.
+  c.compile_cache_dir = 'auto'
 
   c.model = ml_collections.ConfigDict()
   m = c.model
