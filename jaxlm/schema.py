@@ -112,9 +112,9 @@ def defaults(family='gpt2'):
   # (flash attention, NVIDIA GPUs), 'splash' (Pallas, TPU; interpret mode elsewhere, slow);
   # 'auto' = splash on TPU, cudnn on NVIDIA GPUs for 16-bit compute, xla otherwise.
   m.attention = 'auto'
-  m.splash_block_q = 0  # Splash query tile (a multiple of 128); 0 = min(512, length).
-  m.splash_block_kv = 0  # Splash key/value tile (a multiple of 128); 0 = min(512, length).
-  m.cudnn_max_documents = 64  # cuDNN packed rows: documents a row may hold (more = NaN step).
+  m.splash_block_q = 0  # Splash query tile, a multiple of 128; 0 = min(512, length).
+  m.splash_block_kv = 0  # Splash key/value tile, a multiple of 128; 0 = min(512, length).
+  m.cudnn_max_documents = 64  # cuDNN, packed rows: documents per row (more: a NaN step).
   m.scan_layers = True  # Stack the blocks with scan: compile time independent of depth.
   # Activation recomputation in the backward pass: 'none' keeps everything; 'full' keeps only
   # each block's input; 'minimal' keeps the projections' outputs (recomputing norms and

@@ -133,8 +133,8 @@ def splash(q, k, v, segment_ids, causal, cfg):
   mode (slow; for tests of the same kernel).
 
   Grouped-query heads go to the kernel as they are: its multi-head variant indexes key/value
-  head h // (N / K) itself and sums their gradients over the group, so k and v are never
-  repeated (MaxText repeats them or runs the multi-query variant per group instead).
+  head h // (N / K) itself and sums their gradients over the group; repeating k and v N / K
+  times before the kernel would cost that many times their memory and bandwidth.
   Under a mesh it runs in shard_map, each device on its own rows and heads; a sharded sequence
   splits the queries, and every device sees all keys and values (gathered by the compiler).
   Lengths that no block divides are padded to one with a segment of their own.
@@ -147,8 +147,8 @@ def splash(q, k, v, segment_ids, causal, cfg):
   q_spec = _spec(mesh, q.shape, ('batch', 'length', 'heads', 'kv'))
   kv_spec = _spec(mesh, k.shape, ('batch', 'length', 'kv_heads', 'kv'))
   if q_spec[2] != kv_spec[2] or q_spec[1] != kv_spec[1]:
-    raise ConfigError(f'splash attention needs query and key/value heads sharded alike, got '
-                      f'mesh axes {q_spec[2]} and {kv_spec[2]}: change mesh.rules')
+    raise ConfigError(f'splash attention needs queries and keys/values sharded alike, got mesh '
+                      f'axes {q_spec} and {kv_spec}: change mesh.rules (heads, kv_heads)')
   seq_shards, head_shards = _ways(mesh, q_spec[1]), _ways(mesh, q_spec[2])
   length = q.shape[1]
   sizes = block_sizes(cfg, -(-length // seq_shards), length)
