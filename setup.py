@@ -34,8 +34,10 @@ setup(
     ],
     extras_require={
         # The Hugging Face parity tests compare against transformers on a (CPU) torch.
+        # libtpu (through jax's own extra, so its version matches jax's) lets `jaxlm plan
+        # --topology` compile for TPU slices on any Linux machine; ~700 MB.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
-                 'transformers>=4.45', 'torch>=2.2'],
+                 'transformers>=4.45', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'"],
     },
     entry_points={'console_scripts': ['jaxlm=jaxlm.cli:console_main']},
 )

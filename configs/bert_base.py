@@ -9,6 +9,10 @@ Needs an accelerator; on few devices raise optimizer.grad_accum_steps until a mi
 
 from jaxlm.config import defaults
 
+# The slice this config is planned for: jaxlm plan --config=configs/bert_base.py --topology=v5e-64
+# (tests/test_plan_topology.py checks that it fits; BENCHMARKS.md has the figures).
+TOPOLOGY = 'v5e-64'
+
 
 def get_config():
   c = defaults('bert')

@@ -7,6 +7,10 @@ Same data and schedule as bert_base with a lower peak learning rate, as RoBERTa 
 
 from jaxlm.config import defaults
 
+# The slice this config is planned for: jaxlm plan --config=configs/bert_large.py --topology=v4-128
+# (tests/test_plan_topology.py checks that it fits; BENCHMARKS.md has the figures).
+TOPOLOGY = 'v4-128'
+
 
 def get_config():
   c = defaults('bert')

@@ -8,6 +8,10 @@ Needs an accelerator; on one GPU raise optimizer.grad_accum_steps until a micro-
 
 from jaxlm.config import defaults
 
+# The slice this config is planned for: jaxlm plan --config=configs/gpt2_124m.py --topology=v5e-16
+# (tests/test_plan_topology.py checks that it fits; BENCHMARKS.md has the figures).
+TOPOLOGY = 'v5e-16'
+
 
 def get_config():
   c = defaults('gpt2')

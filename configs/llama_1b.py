@@ -8,6 +8,10 @@ optimizer.grad_accum_steps=32 (micro-batch 16); on a pod slice keep 1 and let fs
 
 from jaxlm.config import defaults
 
+# The slice this config is planned for: jaxlm plan --config=configs/llama_1b.py --topology=v4-128
+# (tests/test_plan_topology.py checks that it fits; BENCHMARKS.md has the figures).
+TOPOLOGY = 'v4-128'
+
 
 def get_config():
   c = defaults('llama')

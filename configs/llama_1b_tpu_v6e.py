@@ -16,6 +16,10 @@ and the memory arithmetic below, and `jaxlm plan --config=configs/llama_1b_tpu_v
 
 from jaxlm.config import defaults
 
+# The slice this config is planned for: jaxlm plan --config=configs/llama_1b_tpu_v6e.py --topology=v6e-16
+# (tests/test_plan_topology.py checks that it fits; BENCHMARKS.md has the figures).
+TOPOLOGY = 'v6e-16'
+
 
 def get_config():
   c = defaults('llama')

@@ -8,6 +8,10 @@ float32) are sharded over mesh.fsdp; activations are recomputed (remat 'full').
 
 from jaxlm.config import defaults
 
+# The slice this config is planned for: jaxlm plan --config=configs/llama_7b.py --topology=v5p-128
+# (tests/test_plan_topology.py checks that it fits; BENCHMARKS.md has the figures).
+TOPOLOGY = 'v5p-128'
+
 
 def get_config():
   c = defaults('llama')

@@ -19,6 +19,10 @@ that the shardings divide.
 
 from jaxlm.config import defaults
 
+# The slice this config is planned for: jaxlm plan --config=configs/llama_7b_tpu_v5p.py --topology=v5p-128
+# (tests/test_plan_topology.py checks that it fits; BENCHMARKS.md has the figures).
+TOPOLOGY = 'v5p-128'
+
 
 def get_config():
   c = defaults('llama')

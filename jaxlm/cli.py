@@ -12,7 +12,7 @@ import threading
 import traceback
 import warnings
 
-from jaxlm import config as config_lib
+from jaxlm import compile_cache, config as config_lib
 from jaxlm.errors import ConfigError, RunError, io_reason
 
 
@@ -55,6 +55,7 @@ def _train(args, overrides):
   if config.objective == 'classify':
     raise ConfigError("objective='classify' trains a classifier: run it with jaxlm finetune")
   _join(config, args)
+  compile_cache.enable(config)
   from jaxlm import train
   return train.train(config, args.workdir)
 
@@ -66,6 +67,7 @@ def _finetune(args, overrides):
     raise ConfigError(f"jaxlm finetune trains a classifier and needs objective='classify' "
                       f"(see configs/finetune_cls.py), not {config.objective!r}")
   _join(config, args)
+  compile_cache.enable(config)
   from jaxlm import train
   return train.train(config, args.workdir)
 
@@ -74,6 +76,7 @@ def _eval(args, overrides):
   _require_workdir(args)
   config = _config(args, overrides)
   _join(config, args)
+  compile_cache.enable(config)
   from jaxlm import evaluate
   return evaluate.run(config, args.workdir, args.step)
 
@@ -124,6 +127,11 @@ def _plan(args, overrides):
   config = _config(args, overrides)
   if args.devices < 0:
     raise ConfigError(f'--devices={args.devices} must be a positive number of devices')
+  if args.devices and args.topology:
+    raise ConfigError('give --devices=N (simulated CPU devices) or --topology=TYPE (a TPU '
+                      'slice), not both')
+  if args.num_slices != 1 and not args.topology:
+    raise ConfigError('--num_slices needs --topology=TYPE (the type of each slice)')
   if args.devices:
     import os  # Must be set before jax is imported: N simulated CPU devices.
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -131,10 +139,15 @@ def _plan(args, overrides):
                                f' --xla_force_host_platform_device_count={args.devices}')
     if 'jax' in sys.modules:
       raise ConfigError('--devices must be given before jax is imported')
+  elif args.topology:  # The host's jax runs on its CPU; the TPU compiler comes from libtpu.
+    import os
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   else:
     _join(config, args)
+  if not args.topology:  # jax 0.10.2 cannot load a compile-only TPU executable back.
+    compile_cache.enable(config)
   from jaxlm import plan
-  return plan.run(config)
+  return plan.run(config, args.topology, args.num_slices, args.json)
 
 
 def _sweep(args, overrides):
@@ -249,6 +262,11 @@ def _parser():
     if name == 'plan':
       p.add_argument('--devices', type=int, default=0,
                      help='plan for N simulated CPU devices instead of the real ones')
+      p.add_argument('--topology', default='',
+                     help='compile for a Cloud TPU slice, e.g. v5p-128 (needs libtpu, no TPU)')
+      p.add_argument('--num_slices', type=int, default=1,
+                     help='with --topology: this many slices joined over DCN')
+      p.add_argument('--json', default='', help='also write the report to this file')
   return parser
 
 

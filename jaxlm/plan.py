@@ -1,37 +1,56 @@
 """`jaxlm plan`: compile the train step for the configured mesh and report its cost, no training.
 
-Lowered from shapes only, so a 7B model can be planned on a laptop; with `--devices=N` the
-mesh is N simulated CPU devices, which shows how a pod's sharding splits the state (CPU
-layouts and fusion differ from TPU/GPU, so treat temporaries as an estimate).
+Lowered from shapes only, so a 7B model can be planned on a laptop. Three kinds of devices:
+- the real ones (default);
+- `--devices=N` simulated CPU devices, which shows how a pod's sharding splits the state (CPU
+  layouts and fusion differ from TPU/GPU, so treat temporaries as an estimate);
+- `--topology=v5p-128` (jaxlm/topology.py): the compile-only devices of a Cloud TPU slice,
+  compiled by the TPU compiler itself, so the HBM figure is the compiler's own, and a verdict
+  says whether the step fits the chip's HBM (exit 2 with the shortfall when it does not).
 """
 
+import json
 import logging
+import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from jaxlm import flops, objectives, mesh as mesh_lib, state as state_lib, train as train_lib
+from jaxlm import flops, objectives, mesh as mesh_lib, state as state_lib, steps, train as train_lib
+from jaxlm import topology as topology_lib
+from jaxlm.errors import ConfigError
 
 log = logging.getLogger('jaxlm')
+GiB = 2 ** 30
 
 
-def run(config):
+def run(config, topology='', num_slices=1, json_path=''):
   if config.objective == 'classify':
     from jaxlm.data import labeled
     labeled.resolve_labels(config)  # The classifier's size.
-  s = train_lib.setup(config)
+  slice_ = topology_lib.parse(topology) if topology else None
+  devices = topology_lib.devices(slice_, num_slices) if slice_ else None
+  s = train_lib.setup(config, devices)
   m = config.model
   tokens_per_step = config.batch_size * m.max_len
   counts = flops.param_counts(m)
-  compiled = train_lib.compile_train_step(s, objectives.build(config))
+  prepare = objectives.build(config)
+  start = time.perf_counter()
+  compiled = train_lib.compile_train_step(s, prepare)
+  compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = train_lib.memory_per_device(compiled) or {}
-  print(f'mesh: {mesh_lib.describe(s.mesh)} on {jax.devices()[0].device_kind}')
+  memory = memory_report(compiled)
+  device_kind = s.mesh.devices.flat[0].device_kind
+  print(f'mesh: {mesh_lib.describe(s.mesh)} on {device_kind}'
+        + (f' ({num_slices} x {slice_.topology_name})' if slice_ else ''))
   print(f'{"parameter":36} {"shape":22} {"logical axes":36} mesh axes')
   for name, shape, names, spec in state_lib.param_table(s.abstract, s.shardings):
     print(f'{name:36} {str(shape):22} {str(names):36} {tuple(spec)}')
   report = {
       'devices': s.mesh.size,
+      'device_kind': device_kind,
       'parameters': counts['total'],
       'flops_per_token': flops.of_run(config),
       'flops_per_token_causal_halved': flops.of_run(config, causal_halved=True),
@@ -40,10 +59,106 @@ def run(config):
       'state_bytes_per_device': state_lib.bytes_per_device(s.abstract_state, s.shardings),
       'step_bytes_per_device': memory.get('total'),
       'temporary_bytes_per_device': memory.get('temporaries'),
+      'compile_s': round(compile_s, 1),
   }
   print(f'parameters: {counts["total"]:,}; FLOPs per step: {report["flops_per_step"]:.4g} '
         f'(6N + 12LHQT x {tokens_per_step:,} tokens)')
   if memory:
-    print(f'per device: state {report["state_bytes_per_device"] / 2**30:.2f} GiB, compiled step '
-          f'{memory["total"] / 2**30:.2f} GiB (temporaries {memory["temporaries"] / 2**30:.2f})')
+    print(f'per device: state {report["state_bytes_per_device"] / GiB:.2f} GiB, compiled step '
+          f'{memory["total"] / GiB:.2f} GiB (temporaries {memory["temporaries"] / GiB:.2f})')
+  if slice_:
+    report.update(_topology_report(s, slice_, num_slices, prepare, memory, report))
+  if json_path:
+    with open(json_path, 'w') as f:  # A local file, like --devices' output: no gs:// here.
+      json.dump(report, f, indent=1)
+  if slice_ and not report['fits']:
+    print(json.dumps(report))  # The report is still the last stdout line.
+    raise ConfigError(report['verdict'])
   return report
+
+
+def memory_report(compiled):
+  """Bytes one device needs for a compiled program (arguments, outputs, temporaries and their
+  total, donated arguments counted once); {} where the backend does not say."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
+          'temporaries': m.temp_size_in_bytes,
+          'total': train_lib.memory_per_device(compiled)['total']}
+
+
+def compile_eval_step(s, prepare):
+  """The eval step (`jaxlm eval` and the run's periodic evaluation), compiled from shapes for
+  the parameter and batch shardings of `s` (the bits-per-byte table left out: no tokenizer)."""
+  step = jax.jit(steps.make_eval_step(s.model, s.config, prepare),
+                 in_shardings=(s.shardings.params, s.batch_sharding))
+  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        s.abstract_state.params, s.shardings.params)
+  shape = (s.config.batch_size, s.config.model.max_len)
+  batch = {k: jax.ShapeDtypeStruct(shape[:len(axes)], jnp.int32, sharding=s.batch_sharding[k])
+           for k, axes in state_lib.batch_features(s.config).items()}
+  with s.active():
+    return step.lower(params, batch).compile()
+
+
+def _topology_report(s, slice_, num_slices, prepare, train_memory, report):
+  """The eval step's memory, the chip's HBM and the verdict, printed and returned."""
+  config = s.config
+  start = time.perf_counter()
+  eval_memory = memory_report(compile_eval_step(s, prepare))
+  eval_compile_s = time.perf_counter() - start
+  capacity = slice_.chip.hbm_bytes
+  need = max(train_memory['total'], eval_memory['total'])
+  xla = report['xla_flops_per_step_per_device']
+  loops = []
+  if config.model.scan_layers:
+    loops.append(f'the {config.model.num_layers}-layer scan')
+  if config.optimizer.grad_accum_steps > 1:
+    loops.append(f'the {config.optimizer.grad_accum_steps} accumulation steps')
+  fits = need <= capacity
+  short = (need - capacity) / GiB
+  verdict = (f'fits: {need / GiB:.2f} of {capacity / GiB:.0f} GiB HBM per chip '
+             f'({100 * need / capacity:.0f}%)' if fits else
+             f'does not fit {slice_.accelerator_type}: the {"train" if need == train_memory["total"] else "eval"} '
+             f'step needs {need / GiB:.2f} GiB per chip, {short:.2f} GiB more than the '
+             f'{capacity / GiB:.0f} GiB of HBM; {_advice(s, report["state_bytes_per_device"], capacity)}')
+  print(f'TPU compiler, {num_slices} x {slice_.accelerator_type} ({s.mesh.size} chips of '
+        f'{slice_.chip.hbm_bytes / GiB:.0f} GiB HBM), per chip:')
+  print(f'  state (parameters + optimizer) {report["state_bytes_per_device"] / GiB:8.2f} GiB')
+  for name, mem, seconds in (('train step', train_memory, report['compile_s']),
+                             ('eval step', eval_memory, eval_compile_s)):
+    print(f'  {name:30} {mem["total"] / GiB:8.2f} GiB (arguments {mem["arguments"] / GiB:.2f}, '
+          f'temporaries {mem["temporaries"] / GiB:.2f}, outputs {mem["outputs"] / GiB:.2f}); '
+          f'compiled in {seconds:.1f} s')
+  print(f'  FLOPs per step per chip: {report["flops_per_step"] / s.mesh.size:.4g} (6N + 12LHQT); '
+        f'XLA cost analysis {xla:.4g}'
+        + (f' (counts the body of {" and ".join(loops)} once, so it is lower)' if loops else ''))
+  print(f'verdict: {verdict}')
+  return {
+      'topology': slice_.accelerator_type, 'topology_name': slice_.topology_name,
+      'num_slices': num_slices, 'hbm_bytes_per_chip': capacity,
+      'train_step_bytes': train_memory, 'eval_step_bytes': eval_memory,
+      'eval_compile_s': round(eval_compile_s, 1),
+      'xla_flops_counts_loop_bodies_once': bool(loops),
+      'bytes_needed_per_chip': need, 'fits': fits, 'verdict': verdict,
+  }
+
+
+def _advice(s, state_bytes, capacity):
+  """The config field to change first, by what takes the memory."""
+  config, m = s.config, s.config.model
+  if state_bytes > 0.8 * capacity:
+    return (f'the state alone is {state_bytes / GiB:.1f} GiB per chip: shard it over more chips '
+            f'(mesh.fsdp, a larger --topology or --num_slices with mesh.dcn_fsdp)')
+  batch_axes = nn.logical_to_mesh_axes(('batch',), s.rules)[0]
+  per_chip = config.batch_size // config.optimizer.grad_accum_steps / mesh_lib.ways(
+      s.mesh, batch_axes)
+  if m.remat_policy not in ('full', 'offload'):
+    first = f"model.remat_policy='full' (now {m.remat_policy!r})"
+  elif not config.loss_chunk and m.vocab_size >= 32_000:
+    first = 'loss_chunk=512 (the float32 logits of the whole batch exist at once)'
+  else:
+    first = (f'fewer sequences per chip ({per_chip:g} now): raise optimizer.grad_accum_steps '
+             f'or lower batch_size')
+  return f'try {first}'

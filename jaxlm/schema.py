@@ -50,7 +50,7 @@ CHOICES = {
     'model.mlp_activation': ('gelu', 'gelu_exact', 'silu', 'relu'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
-    'model.attention': ('auto', 'xla', 'cudnn'),
+    'model.attention': ('auto', 'xla', 'cudnn', 'splash'),
     'model.remat_policy': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims', 'minimal',
                            'save_qkv_proj', 'offload'),
     'data.tokenizer_type': ('bpe', 'unigram'),
@@ -79,6 +79,10 @@ def defaults(family='gpt2'):
   # goes on with the next batch, 'stop' saves the (good) state and stops with an error.
   c.nonfinite = 'skip'
   c.init_from = ''  # Start from the parameters of this checkpoint (a workdir or checkpoints/N).
+  # Persistent XLA compilation cache, so a resumed run, eval or plan does not compile again:
+  # 'auto' = $JAXLM_COMPILE_CACHE if set, else $XDG_CACHE_HOME/jaxlm/xla (~/.cache/jaxlm/xla);
+  # or a directory (or gs:// URL); '' = off.
+  c.compile_cache_dir = 'auto'
 
   c.model = ml_collections.ConfigDict()
   m = c.model
@@ -114,7 +118,13 @@ def defaults(family='gpt2'):
   m.init_std = 0.02  # Std of the normal init; residual output projections get /sqrt(2 L).
   m.dtype = 'float32'  # Compute dtype of activations ('bfloat16' on accelerators).
   m.param_dtype = 'float32'  # Storage dtype of parameters (the optimizer's master copy).
-  m.attention = 'auto'  # jax.nn.dot_product_attention implementation: 'auto', 'xla', 'cudnn'.
+  # Attention kernel (jaxlm/model/attention.py): 'xla' (materialises the scores), 'cudnn'
+  # (flash attention, NVIDIA GPUs), 'splash' (Pallas, TPU; interpret mode elsewhere, slow);
+  # 'auto' = splash on TPU, cudnn on NVIDIA GPUs for 16-bit compute, xla otherwise.
+  m.attention = 'auto'
+  m.splash_block_q = 0  # Splash query tile, a multiple of 128; 0 = min(512, length).
+  m.splash_block_kv = 0  # Splash key/value tile, a multiple of 128; 0 = min(512, length).
+  m.cudnn_max_documents = 64  # cuDNN, packed rows: documents per row (more: a NaN step).
   m.scan_layers = True  # Stack the blocks with scan: compile time independent of depth.
   # Activation recomputation in the backward pass: 'none' keeps everything; 'full' keeps only
   # each block's input; 'minimal' keeps the projections' outputs (recomputing norms and

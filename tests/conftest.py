@@ -12,6 +12,9 @@ if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# No persistent compilation cache (jaxlm/compile_cache.py) unless a test asks for one: the
+# suite must not depend on, nor fill, the user's cache.
+os.environ['JAXLM_COMPILE_CACHE'] = ''
 
 import pytest
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlm.model import attention
+
 NORMS = {'layernorm': nn.LayerNorm, 'rmsnorm': nn.RMSNorm}
 ACTIVATIONS = {'gelu': nn.gelu, 'gelu_exact': lambda x: nn.gelu(x, approximate=False),
                'silu': nn.silu, 'relu': nn.relu}
@@ -116,34 +118,20 @@ def rope(x, positions, freq):
   return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids):
-  """[B, 1, T, T] mask letting each token see only its own document of a packed row."""
-  if segment_ids is None:
-    return None
-  return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-
-
-def attention_implementation(cfg):
-  """'auto' picks cuDNN flash attention on NVIDIA GPUs for 16-bit compute, XLA elsewhere."""
-  if cfg.attention != 'auto':
-    return cfg.attention
-  on_gpu = jax.default_backend() == 'gpu'
-  return 'cudnn' if on_gpu and cfg.dtype in ('bfloat16', 'float16') else 'xla'
-
-
 class Attention(nn.Module):
   """Multi-head attention with grouped-query key/value heads (num_kv_heads <= num_heads).
 
   decode=True keeps keys and values in a 'cache' collection of [batch, cache length, ...],
   written at each row's `positions`; a query sees the cache up to its own position. The cache
-  length is that of the input the cache was created with (see generate.py).
+  length is that of the input the cache was created with (see generate.py). Otherwise the
+  implementation `model.attention` names runs (attention.py), given segment ids, not a mask.
   """
   cfg: object
   causal: bool
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     q = dense(cfg, (cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'kv'), 'query')(x)
@@ -160,8 +148,7 @@ class Attention(nn.Module):
       k, v, mask = self.cached(k, v, positions)
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
     else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
-                                         implementation=attention_implementation(cfg))
+      out = attention.attend(q, k, v, segment_ids, self.causal, cfg)
     out = constrain(out, ('batch', 'length', 'heads', 'kv'))
     out = dense(cfg, cfg.emb_dim, ('heads', 'kv', 'embed'), 'out', std=out_std)(out)
     return checkpoint_name(out, 'out_proj')
@@ -211,7 +198,7 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
 
@@ -221,7 +208,7 @@ class Block(nn.Module):
       return norm(cfg, norm_name)(x + drop(branch(x)))
 
     x = residual(x, lambda h: Attention(cfg, self.causal, self.decode, name='attention')(
-        h, positions, mask),
+        h, positions, segment_ids),
                  'attention_norm')
     x = residual(x, Mlp(cfg, name='mlp'), 'mlp_norm')
     return constrain(x, ('batch', 'length', 'embed')), None

@@ -75,7 +75,7 @@ class Transformer(nn.Module):
     x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
     x = layers.constrain(x.astype(layers.dtype(cfg.dtype)), ('batch', 'length', 'embed'))
 
-    x = self.blocks(x, positions, layers.attention_mask(segment_ids), deterministic, decode)
+    x = self.blocks(x, positions, segment_ids, deterministic, decode)
     if cfg.norm_position == 'pre':  # Post-norm blocks end normalised already.
       x = layers.norm(cfg, 'final_norm')(x)
     if self.num_labels:
@@ -120,7 +120,7 @@ class Transformer(nn.Module):
     pooled = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(pooled)
     return layers.dense(cfg, self.num_labels, ('embed', None), 'classifier', bias=True)(pooled)
 
-  def blocks(self, x, positions, mask, deterministic, decode):
+  def blocks(self, x, positions, segment_ids, deterministic, decode):
     cfg = self.cfg
     block = layers.Block
     if cfg.remat_policy != 'none' and not decode:
@@ -132,9 +132,10 @@ class Transformer(nn.Module):
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast),
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, self.causal, deterministic, decode, name='layers')(x, positions, mask)
+      x, _ = stack(cfg, self.causal, deterministic, decode, name='layers')(
+          x, positions, segment_ids)
       return x
     for i in range(cfg.num_layers):
       x, _ = block(cfg, self.causal, deterministic, decode, name=f'layers_{i}')(
-          x, positions, mask)
+          x, positions, segment_ids)
     return x
