@@ -70,7 +70,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--configs', default=','.join(CONFIGS))
   parser.add_argument('--jobs', type=int, default=1, help='plans compiled side by side')
-  parser.add_argument('--json_dir', default='', help='keep each plan\'s JSON here; one found there is reused')
+  parser.add_argument('--json_dir', default='',
+                      help="keep each plan's JSON here; one found there is reused")
   args = parser.parse_args()
   names = args.configs.split(',')
   out_dir = args.json_dir or tempfile.mkdtemp(prefix='plan_topologies_')

@@ -37,5 +37,9 @@ def get_config():
   c.optimizer.eps = 1e-6
   c.optimizer.weight_decay = 0.01
   c.optimizer.end_lr_fraction = 0.0
+  # 16 sequences per v5e chip (16 GiB) at a time on TOPOLOGY; 1 on 8x the chips.
+  c.optimizer.grad_accum_steps = 8
+  # The masked-token logits (32k vocabulary, float32) 128 positions at a time.
+  c.loss_chunk = 128
   c.checkpoint.save_every_steps = 2000
   return c

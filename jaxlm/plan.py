@@ -9,16 +9,18 @@ Lowered from shapes only, so a 7B model can be planned on a laptop. Three kinds 
   says whether the step fits the chip's HBM (exit 2 with the shortfall when it does not).
 """
 
+import contextlib
 import json
 import logging
+import re
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import flops, objectives, mesh as mesh_lib, state as state_lib, steps, train as train_lib
-from jaxlm import topology as topology_lib
+from jaxlm import flops, objectives, steps, topology as topology_lib, train as train_lib
+from jaxlm import mesh as mesh_lib, state as state_lib
 from jaxlm.errors import ConfigError
 
 log = logging.getLogger('jaxlm')
@@ -37,7 +39,8 @@ def run(config, topology='', num_slices=1, json_path=''):
   counts = flops.param_counts(m)
   prepare = objectives.build(config)
   start = time.perf_counter()
-  compiled = train_lib.compile_train_step(s, prepare)
+  with _out_of_hbm(s, slice_, 'train', json_path):
+    compiled = train_lib.compile_train_step(s, prepare)
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -67,14 +70,47 @@ def run(config, topology='', num_slices=1, json_path=''):
     print(f'per device: state {report["state_bytes_per_device"] / GiB:.2f} GiB, compiled step '
           f'{memory["total"] / GiB:.2f} GiB (temporaries {memory["temporaries"] / GiB:.2f})')
   if slice_:
-    report.update(_topology_report(s, slice_, num_slices, prepare, memory, report))
-  if json_path:
-    with open(json_path, 'w') as f:  # A local file, like --devices' output: no gs:// here.
-      json.dump(report, f, indent=1)
+    report.update(_topology_report(s, slice_, num_slices, prepare, memory, report, json_path))
   if slice_ and not report['fits']:
-    print(json.dumps(report))  # The report is still the last stdout line.
-    raise ConfigError(report['verdict'])
+    _refuse(report, json_path)
+  if json_path:
+    _write(report, json_path)
   return report
+
+
+def _write(report, json_path):
+  with open(json_path, 'w') as f:  # A local file (no gs://): a script's input.
+    json.dump(report, f, indent=1)
+
+
+def _refuse(report, json_path):
+  if json_path:
+    _write(report, json_path)
+  print(json.dumps(report))  # The report is still the last stdout line.
+  raise ConfigError(report['verdict'])
+
+
+@contextlib.contextmanager
+def _out_of_hbm(s, slice_, step, json_path):
+  """The TPU compiler refuses a step whose buffers exceed the chip's HBM: that is a verdict
+  (exit 2 with the compiler's figures), not an internal error."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if not slice_ or 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    message = str(e).split('RESOURCE_EXHAUSTED:', 1)[1].strip().splitlines()[0]
+    sizes = [float(n) * 2 ** (10 * 'KMGT'.index(u) + 10)
+             for n, u in re.findall(r'([\d.]+)([KMGT])i?B?\b', message)]
+    shortfall = f' (short by {(sizes[0] - sizes[1]) / GiB:.2f} GiB)' if len(sizes) >= 2 else ''
+    state_bytes = state_lib.bytes_per_device(s.abstract_state, s.shardings)
+    verdict = (f'does not fit {slice_.accelerator_type}: the TPU compiler refused the {step} '
+               f'step: {message}{shortfall}; '
+               f'{_advice(s, state_bytes, slice_.chip.hbm_bytes)}')
+    _refuse({'devices': s.mesh.size, 'topology': slice_.accelerator_type,
+             'topology_name': slice_.topology_name, 'state_bytes_per_device': state_bytes,
+             'hbm_bytes_per_chip': slice_.chip.hbm_bytes, 'fits': False, 'verdict': verdict},
+            json_path)
 
 
 def memory_report(compiled):
@@ -102,11 +138,12 @@ def compile_eval_step(s, prepare):
     return step.lower(params, batch).compile()
 
 
-def _topology_report(s, slice_, num_slices, prepare, train_memory, report):
+def _topology_report(s, slice_, num_slices, prepare, train_memory, report, json_path):
   """The eval step's memory, the chip's HBM and the verdict, printed and returned."""
   config = s.config
   start = time.perf_counter()
-  eval_memory = memory_report(compile_eval_step(s, prepare))
+  with _out_of_hbm(s, slice_, 'eval', json_path):
+    eval_memory = memory_report(compile_eval_step(s, prepare))
   eval_compile_s = time.perf_counter() - start
   capacity = slice_.chip.hbm_bytes
   need = max(train_memory['total'], eval_memory['total'])
@@ -117,12 +154,13 @@ def _topology_report(s, slice_, num_slices, prepare, train_memory, report):
   if config.optimizer.grad_accum_steps > 1:
     loops.append(f'the {config.optimizer.grad_accum_steps} accumulation steps')
   fits = need <= capacity
-  short = (need - capacity) / GiB
+  largest = 'train' if need == train_memory['total'] else 'eval'
+  advice = _advice(s, report['state_bytes_per_device'], capacity)
   verdict = (f'fits: {need / GiB:.2f} of {capacity / GiB:.0f} GiB HBM per chip '
              f'({100 * need / capacity:.0f}%)' if fits else
-             f'does not fit {slice_.accelerator_type}: the {"train" if need == train_memory["total"] else "eval"} '
-             f'step needs {need / GiB:.2f} GiB per chip, {short:.2f} GiB more than the '
-             f'{capacity / GiB:.0f} GiB of HBM; {_advice(s, report["state_bytes_per_device"], capacity)}')
+             f'does not fit {slice_.accelerator_type}: the {largest} step needs '
+             f'{need / GiB:.2f} GiB per chip, {(need - capacity) / GiB:.2f} GiB more than the '
+             f'{capacity / GiB:.0f} GiB of HBM; {advice}')
   print(f'TPU compiler, {num_slices} x {slice_.accelerator_type} ({s.mesh.size} chips of '
         f'{slice_.chip.hbm_bytes / GiB:.0f} GiB HBM), per chip:')
   print(f'  state (parameters + optimizer) {report["state_bytes_per_device"] / GiB:8.2f} GiB')
