@@ -58,7 +58,7 @@ def check(workdir, config):
   try:
     paths.atomic_write(probe, '')
     paths.remove(probe)
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001 - OSError, or a storage client's own error types.
     raise ConfigError(f'--workdir={workdir!r} is not writable: {_reason(e)}') from e
   previous = read_config(workdir)
   if previous is not None:
@@ -86,7 +86,10 @@ def save_config(workdir, config):
 
 
 def _reason(e):
-  return 'the disk is full' if e.errno == errno.ENOSPC else e.strerror or str(e)
+  if getattr(e, 'errno', None) == errno.ENOSPC:
+    return 'the disk is full'
+  text = getattr(e, 'strerror', None) or str(e).strip() or type(e).__name__
+  return text.splitlines()[0]
 
 
 def read_config(workdir):
