@@ -125,8 +125,8 @@ def slurm_gpus(env=None):
   tasks, local = _tasks_on_node(env), _int_env(env, 'SLURM_LOCALID') or 0
   where = (f'SLURM task {local} of {tasks} on its node, CUDA_VISIBLE_DEVICES='
            f'{visible if visible is not None else "(unset)"}, {on_node or "?"} GPUs on the node')
-  if on_node and seen < on_node:  # Bound by SLURM: these are ours.
-    if seen * tasks < on_node:
+  if seen < (on_node or tasks):  # SLURM bound GPUs to tasks: these are ours.
+    if on_node and seen * tasks < on_node:
       raise ConfigError(f'{where}: the {tasks} tasks drive {seen * tasks} of the node\'s '
                         f'{on_node} GPUs; start one task per GPU or give each task '
                         f'{on_node // tasks} (--gpus-per-task), or ask for fewer GPUs')
@@ -228,8 +228,9 @@ def on_chief(name, check, timeout_s=None):
   if jax.process_index() == 0:
     try:
       check()
-    except ConfigError as e:
-      client.key_value_set(key, str(e))
+    except Exception as e:  # The others must not wait for an answer that never comes.
+      config_error = isinstance(e, ConfigError)
+      client.key_value_set(key, f'{config_error:d}{str(e) if config_error else first_line(e)}')
       raise
     client.key_value_set(key, '')
     return
@@ -239,5 +240,7 @@ def on_chief(name, check, timeout_s=None):
   except Exception as e:  # noqa: BLE001 - a timeout: process 0 is gone or stuck.
     raise RunError(f'process {jax.process_index()} waited {timeout_s:.0f} s for process 0 to '
                    f'finish {name!r} and gave up ({first_line(e)})') from e
-  if error:
-    raise ConfigError(error)
+  if error:  # '1' + a ConfigError's message, or '0' + the first line of another error.
+    if error[0] == '1':
+      raise ConfigError(error[1:])
+    raise RunError(f'process 0 failed at {name!r}: {error[1:]}')

@@ -173,10 +173,10 @@ def atomic_file(location):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  fsync_dir(os.path.dirname(location))
+  _fsync_dir(os.path.dirname(location))
 
 
-def fsync_dir(directory):
+def _fsync_dir(directory):
   """Makes a rename in a local directory durable (a no-op where directories cannot be
   opened)."""
   try:
@@ -199,36 +199,21 @@ def rename(src, dst):
     path(src).rename(path(dst))
 
 
-def rmtree(location):
-  if is_remote(location):
-    path(location).rmtree()
-  else:
-    shutil.rmtree(normalize(location), ignore_errors=True)
-
-
 def remove(location):
   path(location).unlink()
 
 
 @contextlib.contextmanager
 def local_dir(location):
-  """A local directory with the files of `location` (itself if local; a temporary copy of a
-  remote one, for readers that need a real file: safetensors, sentencepiece)."""
+  """A local directory with the files of `location`: itself if local, else a temporary copy
+  of its files, for readers that open local files only (safetensors)."""
   if not is_remote(location):
     yield normalize(location)
     return
   with tempfile.TemporaryDirectory(prefix='jaxlm-') as tmp:
     for p in path(location).iterdir():
-      if not p.is_dir():
-        (epath.Path(tmp) / p.name).write_bytes(p.read_bytes())
+      if not p.is_dir():  # Streamed: a checkpoint's files may not fit in memory.
+        with p.open('rb') as f, builtins.open(os.path.join(tmp, p.name), 'wb') as out:
+          shutil.copyfileobj(f, out, 1 << 24)
     yield tmp
 
-
-def upload_dir(local, location):
-  """Copies the files of a local directory into `location` (flat, as convert writes them)."""
-  makedirs(location)
-  for entry in sorted(os.listdir(local)):
-    source = os.path.join(local, entry)
-    if os.path.isfile(source):
-      with builtins.open(source, 'rb') as f, open(join(location, entry), 'wb') as out:
-        shutil.copyfileobj(f, out, 1 << 24)

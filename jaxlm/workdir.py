@@ -57,8 +57,8 @@ def check(workdir, config):
   try:
     paths.atomic_write(probe, '')
     paths.remove(probe)
-  except OSError as e:
-    raise ConfigError(f'--workdir={workdir!r} is not writable: {_reason(e)}') from e
+  except Exception as e:  # noqa: BLE001 - OSError, or a storage client's own error types.
+    raise ConfigError(f'--workdir={workdir!r} is not writable: {io_reason(e)}') from e
   previous = read_config(workdir)
   if previous is not None:
     for name in SHAPE_FIELDS:

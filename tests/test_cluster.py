@@ -41,6 +41,7 @@ def test_one_slurm_task_per_node_drives_every_gpu_of_its_node():
 def test_one_slurm_task_per_gpu_drives_its_own():
   assert device_ids(slurm(8, 3, '0,1,2,3,4,5,6,7')) == [3]  # Every task sees every GPU.
   assert device_ids(slurm(8, 3, '3')) == [0]  # SLURM bound one GPU to each task.
+  assert device_ids(slurm(8, 3, '3', on_node=0)) == [0]  # ...without saying how many in all.
   assert device_ids(slurm(2, 1, '0,1,2,3,4,5,6,7')) == [4, 5, 6, 7]
   assert device_ids(slurm(2, 1, '4,5,6,7')) == [0, 1, 2, 3]
 

@@ -64,3 +64,17 @@ def test_init_from_tokenizer_walks_up_a_local_run(tmp_path, shared_data):
   (run / 'checkpoints' / '6').mkdir(parents=True)
   (run / 'tokenizer.model').write_bytes((shared_data / 'tokenizer.model').read_bytes())
   assert data.init_from_tokenizer(str(run / 'checkpoints' / '6')) == str(run / 'tokenizer.model')
+
+
+def test_every_metrics_row_is_on_disk_when_write_returns(tmp_path, monkeypatch):
+  """Before: flushed to the OS only, so on a FUSE mount (gcsfuse) a hard kill lost rows."""
+  from jaxlm import metrics
+  synced = []
+  real_fsync = os.fsync
+  monkeypatch.setattr(metrics.os, 'fsync', lambda fd: (synced.append(fd), real_fsync(fd)))
+  writer = metrics.Writer(str(tmp_path))
+  for step in (1, 2):
+    writer.write(step, {'loss': 1.0 / step})
+    assert len(synced) == step
+    assert (tmp_path / 'metrics.jsonl').read_text().count('\n') == step
+  writer.close()
