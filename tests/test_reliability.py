@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import socket
+import time
 
 import hypothesis
 import hypothesis.strategies as st
@@ -30,6 +32,11 @@ def write(path, content):
 
 def py_config(body):
   return f'from jaxlm.config import defaults\n\ndef get_config():\n  c = defaults()\n{body}  return c\n'
+
+
+# A run's config.json and one checkpoint directory: enough for the resume checks.
+RESUMABLE = {'work/config.json': ('RUN2', {'data': {'tokenizer': '{shared}/tokenizer.model'}}),
+             'work/checkpoints/6/_CHECKPOINT_METADATA': '{}'}
 
 
 # (id, extra arguments, files to create first {relative path: content}, expected message).
@@ -112,7 +119,99 @@ CASES = [
     ('workdir-bad-json', [], {'work/config.json': '{not json'}, 'is not a valid jaxlm config'),
     ('init-from-nothing', ['--config.init_from={tmp}/empty'], {'empty/x': 'x'},
      "init_from='{tmp}/empty' holds no jaxlm checkpoint"),
+    # Values are understood exactly or refused: no truthy strings, rounding or overflow.
+    ('bool-word-no', ['--config.model.gated_mlp=no'], {},
+     'config field model.gated_mlp must be true or false'),
+    ('bool-as-one', ['--config.model.use_bias=1'], {}, 'model.use_bias must be true or false'),
+    ('bool-family-none', ['--config.model.tied_embeddings=None'], {},
+     'model.tied_embeddings must be true or false'),
+    ('seed-beyond-64-bits', [f'--config.seed={2**64}'], {}, 'does not fit in 64 bits'),
+    ('seed-beyond-32-bits', [f'--config.seed={2**32}'], {},
+     'seed=4294967296 must be in [0, 2**32)'),
+    ('seed-negative', ['--config.seed=-1'], {}, 'seed=-1 must be in [0, 2**32)'),
+    ('lr-infinite', ['--config.optimizer.learning_rate=1e400'], {},
+     'optimizer.learning_rate=inf must be a finite number'),
+    ('lr-nan', ['--config.optimizer.learning_rate=nan'], {},
+     "optimizer.learning_rate expects a number, got 'nan'"),
+    ('int-as-true', ['--config.batch_size=True'], {}, 'batch_size expects an integer, got True'),
+    ('float-as-false', ['--config.z_loss=False'], {}, 'z_loss expects a number, got False'),
+    ('int-as-float-literal', ['--config.train_steps=12.0'], {},
+     'train_steps expects an integer, got 12.0'),
+    ('int-overflow', ['--config.model.num_layers=1' + '0' * 30], {}, 'does not fit in 64 bits'),
+    ('tuple-as-int', ['--config.data.mixture=5'], {}, 'data.mixture expects a tuple'),
+    ('norm-eps-infinite', ['--config.model.norm_eps=1e999'], {},
+     'model.norm_eps=inf must be a finite number'),
+    ('config-file-truthy-string', ['--config={tmp}/bad.py'],
+     {'bad.py': py_config("  c.model.tied_embeddings = 'false'\n")}, "tied_embeddings"),
+    ('config-file-bool-for-int', ['--config={tmp}/bad.py'],
+     {'bad.py': py_config('  c.train_steps = True\n')},
+     'config file {tmp}/bad.py: field train_steps expects an integer, got True'),
+    ('config-file-nan', ['--config={tmp}/bad.py'],
+     {'bad.py': py_config("  c.optimizer.learning_rate = float('nan')\n")},
+     'field optimizer.learning_rate=nan must be a finite number'),
+    ('config-file-inf-warmup', ['--config={tmp}/bad.py'],
+     {'bad.py': py_config("  c.z_loss = float('inf')\n")}, 'z_loss=inf must be a finite number'),
+    ('config-file-none-int', ['--config={tmp}/bad.py'],
+     {'bad.py': py_config('  c.batch_size = None\n')}, 'batch_size expects an integer, got None'),
+    # A workdir's config.json is read as strictly, and a bad one is named, never rewritten.
+    ('workdir-json-truthy', [], {'work/config.json': ('RUN2', {'model': {'use_bias': 'false'}})},
+     'config.json: field model.use_bias must be true or false'),
+    ('workdir-json-list', [], {'work/config.json': '[1, 2]'}, 'must hold a JSON object'),
+    ('workdir-json-binary', [], {'work/config.json': b'\xff\xfe\x00garbage'},
+     'is not a valid jaxlm config'),
+    ('workdir-json-seed-64', [], {'work/config.json': ('RUN2', {'seed': 2**64})},
+     'does not fit in 64 bits'),
+    ('workdir-json-nan-lr', [],
+     {'work/config.json': ('RUN2', {'optimizer': {'learning_rate': float('nan')}})},
+     'must be a finite number'),
+    ('workdir-json-null', [], {'work/config.json': ('RUN2', {'batch_size': None})},
+     'field batch_size expects an integer, got None'),
+    ('workdir-json-float-steps', [], {'work/config.json': ('RUN2', {'train_steps': 12.5})},
+     'field train_steps expects an integer, got 12.5'),
+    ('workdir-json-unknown', [], {'work/config.json': ('RUN2', {'model': {'depth': 3}})},
+     "has unknown field 'model.depth'"),
+    # Resuming with a change to the train state's structure stops before anything is restored.
+    ('resume-clip-off', ['--config.optimizer.grad_clip=0'], RESUMABLE,
+     'train state does not fit this config'),
+    ('resume-param-dtype', ['--config.model.param_dtype=bfloat16'], RESUMABLE,
+     "model.param_dtype='float32' -> 'bfloat16'"),
+    ('resume-untied', ['--config.model.tied_embeddings=false'], RESUMABLE,
+     'model.tied_embeddings=True, this config has False'),
+    ('resume-bias-off', ['--config.model.use_bias=false'], RESUMABLE,
+     'model.use_bias=True, this config has False'),
+    # One train per workdir.
+    ('workdir-locked', [], {'work/lock.json': '{"host": "{host}", "pid": {pid}, "time": {now}}'},
+     'is in use by process {pid} on {host}'),
+    ('workdir-locked-other-host', [],
+     {'work/lock.json': '{"host": "elsewhere", "pid": 1, "time": {now}}'},
+     'is in use by process 1 on elsewhere'),
 ]
+
+
+def fill_in(text, tmp, work, shared=''):
+  for key, value in (('{tmp}', tmp), ('{work}', work), ('{shared}', shared),
+                     ('{host}', socket.gethostname()), ('{pid}', str(os.getpid())),
+                     ('{now}', str(time.time()))):
+    text = text.replace(key, value)
+  return text
+
+
+def file_content(content, fill):
+  """'RUN2': the config.json of a previous 2-layer run; ('RUN2', edits): with edits merged
+  in; text: '{tmp}'-style names filled in; bytes as they are."""
+  if isinstance(content, bytes):
+    return content
+  if content == 'RUN2' or isinstance(content, tuple):
+    previous = json.loads(config_lib.to_json(config_lib.load(
+        os.path.join(ROOT, 'configs', 'gpt_tiny.py'), cli.parse_overrides(TINY))))
+    for section, value in (content[1].items() if isinstance(content, tuple) else ()):
+      if isinstance(value, dict):
+        previous[section].update({k: fill(v) if isinstance(v, str) else v
+                                  for k, v in value.items()})
+      else:
+        previous[section] = value
+    return json.dumps(previous)
+  return fill(content)
 
 
 def snapshot(path):
@@ -131,13 +230,9 @@ def snapshot(path):
 def test_bad_input_fails_in_one_line_and_changes_nothing(name, args, files, message, tmp_path,
                                                          shared_data, capsys):
   tmp, work = str(tmp_path), str(tmp_path / 'work')
-  fill = lambda text: text.replace('{tmp}', tmp).replace('{work}', work)
+  fill = lambda text: fill_in(text, tmp, work, str(shared_data))
   for rel, content in files.items():
-    if content == 'RUN2':  # A config.json of a previous 2-layer run.
-      previous = config_lib.load(os.path.join(ROOT, 'configs', 'gpt_tiny.py'),
-                                 cli.parse_overrides(TINY))
-      content = config_lib.to_json(previous)
-    write(os.path.join(tmp, rel), content)
+    write(os.path.join(tmp, rel), file_content(content, fill))
   shared = [f'--config.data.path={CORPUS}', f'--config.data.cache_dir={shared_data}/data',
             f'--config.data.tokenizer={shared_data}/tokenizer.model']
   argv = ['train', f'--config={ROOT}/configs/gpt_tiny.py', f'--workdir={work}', *TINY, *shared]
@@ -153,8 +248,8 @@ def test_bad_input_fails_in_one_line_and_changes_nothing(name, args, files, mess
   assert snapshot(work) == before  # Nothing created, overwritten or deleted.
 
 
-def test_there_are_at_least_thirty_distinct_cases():
-  assert len({c[0] for c in CASES}) == len(CASES) >= 30
+def test_there_are_at_least_seventy_distinct_train_cases():
+  assert len({c[0] for c in CASES}) == len(CASES) >= 70
 
 
 FIELDS = list(config_lib._flat_keys(config_lib.defaults()))
