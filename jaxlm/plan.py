@@ -9,7 +9,7 @@ import logging
 
 import jax
 
-from jaxlm import flops, objectives, mesh as mesh_lib, state as state_lib, train as train_lib
+from jaxlm import flops, objectives, mesh as mesh_lib, state as state_lib, run as run_lib
 
 log = logging.getLogger('jaxlm')
 
@@ -18,14 +18,14 @@ def run(config):
   if config.objective == 'classify':
     from jaxlm.data import labeled
     labeled.resolve_labels(config)  # The classifier's size.
-  s = train_lib.setup(config)
+  s = run_lib.setup(config)
   m = config.model
   tokens_per_step = config.batch_size * m.max_len
   counts = flops.param_counts(m)
-  compiled = train_lib.compile_train_step(s, objectives.build(config))
+  compiled = run_lib.compile_train_step(s, objectives.build(config))
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = train_lib.memory_per_device(compiled) or {}
+  memory = run_lib.memory_per_device(compiled) or {}
   print(f'mesh: {mesh_lib.describe(s.mesh)} on {jax.devices()[0].device_kind}')
   print(f'{"parameter":36} {"shape":22} {"logical axes":36} mesh axes')
   for name, shape, names, spec in state_lib.param_table(s.abstract, s.shardings):
