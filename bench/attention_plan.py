@@ -24,15 +24,15 @@ GiB = 2 ** 30
 def compile_case(config_path, topology, overrides):
   """Runs in the child process: {memory, cost} of the compiled train step."""
   sys.path.insert(0, ROOT)
-  from jaxlm import config as config_lib, objectives, topology as topology_lib, train
+  from jaxlm import config as config_lib, objectives, run, topology as topology_lib
   config = config_lib.load(config_path, overrides)
   slice_ = topology_lib.parse(topology)
-  s = train.setup(config, topology_lib.devices(slice_))
-  compiled = train.compile_train_step(s, objectives.build(config))
+  s = run.setup(config, topology_lib.devices(slice_))
+  compiled = run.compile_train_step(s, objectives.build(config))
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
-  return {'total': train.memory_per_device(compiled)['total'],
+  return {'total': run.memory_per_device(compiled)['total'],
           'temporaries': memory.temp_size_in_bytes, 'hbm': slice_.chip.hbm_bytes,
           'flops': cost.get('flops'), 'bytes_accessed': cost.get('bytes accessed'),
           'per_chip_batch': config.batch_size / s.mesh.size}

@@ -18,12 +18,12 @@ import numpy as np
 from jaxlm import checkpoint, cli, data, flops
 from jaxlm import config as config_lib
 from jaxlm import state as state_lib
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 from table import print_table  # bench/table.py: scripts run from bench/.
 
 
 def bench(config, saves):
-  s = train_lib.setup(config)
+  s = run_lib.setup(config)
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
   rows = data.packing.PackedRows(data.store.TokenStream(

@@ -21,14 +21,14 @@ import jax.numpy as jnp  # noqa: E402
 from jaxlm import cli, flops, objectives  # noqa: E402
 from jaxlm import config as config_lib  # noqa: E402
 from jaxlm import state as state_lib  # noqa: E402
-from jaxlm import train as train_lib  # noqa: E402
+from jaxlm import run as run_lib  # noqa: E402
 from table import print_table  # noqa: E402 - bench/table.py: scripts run from bench/.
 
 
 def bench(config, num_steps, warmup=2):
-  s = train_lib.setup(config)
+  s = run_lib.setup(config)
   start = time.perf_counter()
-  compiled = train_lib.compile_train_step(s, objectives.build(config))
+  compiled = run_lib.compile_train_step(s, objectives.build(config))
   compile_s = time.perf_counter() - start
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
@@ -45,7 +45,7 @@ def bench(config, num_steps, warmup=2):
       state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / num_steps
-  memory = train_lib.memory_per_device(compiled)
+  memory = run_lib.memory_per_device(compiled)
   m = config.model
   tokens_per_s = config.batch_size * m.max_len / step_s
   peak, peak_source = flops.device_peak_flops()

@@ -163,7 +163,7 @@ class Checkpointer:
     """
     for step in reversed(self.all_steps()):
       if step == self.parameters_only_step():
-        return None, 0  # Parameters to start from (see train.initial_state), not a state.
+        return None, 0  # Parameters to start from (see run.initial_state), not a state.
       step_dir = paths.join(self.directory, str(step))
       verdict = resume.agreed(lambda: resume.verify(step_dir))
       if verdict not in ('ok', 'unverified'):

@@ -123,6 +123,15 @@ def _generate(args, overrides):
   return None
 
 
+def _report(args, overrides):
+  _require_workdir(args)
+  if overrides:
+    raise ConfigError('jaxlm report reads --workdir only; it takes no --config.* overrides')
+  from jaxlm import report
+  report.run(args.workdir, sys.stdout)
+  return None
+
+
 def _plan(args, overrides):
   config = _config(args, overrides)
   if args.devices < 0:
@@ -213,6 +222,7 @@ COMMANDS = {
     'convert': (_convert, 'import a Hugging Face checkpoint as a run, or export a run to one'),
     'sweep': (_sweep, 'train every run of a scaling-law sweep (configs/scaling/)'),
     'fit': (_fit, 'fit scaling laws to the runs of a sweep; write fit.json and plots'),
+    'report': (_report, 'summarise a run from --workdir: goodput, step times, PNG plots'),
 }
 
 

@@ -237,6 +237,8 @@ def validate(config):
   _check(config, 'optimizer.end_lr_fraction', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
   _check(config, 'data.validation_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)')
   _check(config, 'model.type_vocab_size', lambda v: v >= 0, 'must be >= 0')
+  for name in ('profile.start_step', 'profile.num_steps', 'profile.every_steps'):
+    _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check_mixture(config.data)
   if config.data.path and config.data.tfds_name:
     raise ConfigError(f'data.path={config.data.path!r} and data.tfds_name='

@@ -34,7 +34,7 @@ import numpy as np
 from jaxlm import checkpoint, hf, paths
 from jaxlm import config as config_lib
 from jaxlm import data
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError
@@ -198,7 +198,7 @@ def _from_hf(hf_dir, local, workdir, overrides):
   config.data.tokenizer = ''  # The run keeps its own copy in the workdir.
   reader = Reader(local)
 
-  s = train_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
+  s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
   m = config.model
   # One host copy of the parameters, filled in place tensor by tensor.
   params = jax.tree.map(lambda a: _aligned_zeros(a.shape, a.dtype), s.abstract_state.params)
@@ -281,8 +281,8 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   _check_new_directory(out_dir, '--to-hf')
   tokenizer_file = config.data.tokenizer or data.tokenizer_path(workdir)
   tokenizer = tokenizer_lib.load(tokenizer_file) if paths.exists(tokenizer_file) else None
-  s = train_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
-  params, step = train_lib.restore_params(s, workdir, step, host=True)
+  s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
+  params, step = run_lib.restore_params(s, workdir, step, host=True)
   m = config.model
   dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
   entries = hf.entries(layout, params, m.scan_layers, m.num_layers)

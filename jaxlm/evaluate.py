@@ -6,22 +6,22 @@ import logging
 import jax
 
 from jaxlm import data, objectives, steps
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 
 log = logging.getLogger('jaxlm')
 
 
 def run(config, workdir, step=None):
   """Evaluates the checkpoint at `step` (default: the latest) on config.eval_batches batches."""
-  s = train_lib.setup(config)
+  s = run_lib.setup(config)
   corpus = data.prepare(config, workdir)
   batches = data.eval_batches(corpus.validation, config, jax.process_index(),
                               jax.process_count())
-  params, step = train_lib.restore_params(s, workdir, step)
+  params, step = run_lib.restore_params(s, workdir, step)
   with s.active():
     eval_step = jax.jit(steps.make_eval_step(s.model, config,
                                              objectives.build(config, corpus.tokenizer),
-                                             train_lib.token_bytes(config, corpus.tokenizer)),
+                                             run_lib.token_bytes(config, corpus.tokenizer)),
                         in_shardings=(s.shardings.params, s.batch_sharding))
-    result = train_lib.evaluate(eval_step, params, batches, s.batch_sharding)
+    result = run_lib.evaluate(eval_step, params, batches, s.batch_sharding)
   return {'step': step, **result}

@@ -6,7 +6,7 @@ import numpy as np
 
 from jaxlm import objectives, steps
 from jaxlm import data
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -48,7 +48,7 @@ def run(config, workdir, texts, top_k=5, step=None):
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_specials()
   # Texts go through one at a time, on one device.
-  s, params, step = train_lib.restore_for_inference(config, workdir, step)
+  s, params, step = run_lib.restore_for_inference(config, workdir, step)
   special = objectives.Masking.for_tokenizer(config, tokenizer).special  # Never a filler.
   mask_id = tokenizer.special_id(MASK)
   with s.active():

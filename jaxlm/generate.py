@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import data
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -216,7 +216,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
                       f'{max_new_tokens} exceeds model.max_len={config.model.max_len}, the '
                       f'length of its learned position table')
   # One device: decoding a few prompts needs no mesh.
-  s, params, _ = train_lib.restore_for_inference(config, workdir, step, len(prompts))
+  s, params, _ = run_lib.restore_for_inference(config, workdir, step, len(prompts))
   tokens = np.zeros((len(prompts), longest), np.int32)
   for row, ids in enumerate(encoded):
     tokens[row, :len(ids)] = ids

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import flops, objectives, steps, topology as topology_lib, train as train_lib
+from jaxlm import flops, objectives, steps, run as run_lib, topology as topology_lib
 from jaxlm import mesh as mesh_lib, state as state_lib
 from jaxlm.errors import ConfigError
 
@@ -33,14 +33,14 @@ def run(config, topology='', num_slices=1, json_path=''):
     labeled.resolve_labels(config)  # The classifier's size.
   slice_ = topology_lib.parse(topology) if topology else None
   devices = topology_lib.devices(slice_, num_slices) if slice_ else None
-  s = train_lib.setup(config, devices)
+  s = run_lib.setup(config, devices)
   m = config.model
   tokens_per_step = config.batch_size * m.max_len
   counts = flops.param_counts(m)
   prepare = objectives.build(config)
   start = time.perf_counter()
   with _out_of_hbm(s, slice_, 'train', json_path):
-    compiled = train_lib.compile_train_step(s, prepare)
+    compiled = run_lib.compile_train_step(s, prepare)
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -121,7 +121,7 @@ def memory_report(compiled):
     return {}
   return {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
           'temporaries': m.temp_size_in_bytes,
-          'total': train_lib.memory_per_device(compiled)['total']}
+          'total': run_lib.memory_per_device(compiled)['total']}
 
 
 def compile_eval_step(s, prepare):

@@ -223,6 +223,15 @@ def defaults(family='gpt2'):
   c.checkpoint.save_every_steps = 1000  # Save the train state this often (and at the end).
   c.checkpoint.keep = 3  # Keep the newest N checkpoints.
   c.checkpoint.keep_every_steps = 0  # Also keep every checkpoint whose step is a multiple; 0 = no.
+
+  # A jax.profiler trace of a window of steps, under <workdir>/tensorboard/plugins/profile/
+  # (TensorBoard's profile tab, xprof). A file named PROFILE in the workdir, or SIGUSR1, also
+  # starts one num_steps window (num_steps or 3 if 0) at the next step, without a restart.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 10  # The window starts after this many steps (past compilation).
+  c.profile.num_steps = 0  # Steps in the window; 0 = no scheduled trace.
+  c.profile.every_steps = 0  # Repeat the window every this many steps; 0 = once.
+  c.profile.all_hosts = False  # Trace every process, not just the chief (process 0).
   c.lock()
   return c
 

@@ -151,8 +151,7 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
   a summary."""
   import jax  # Not at import time: plans and errors come before any device is touched.
 
-  from jaxlm import distributed
-  from jaxlm import train
+  from jaxlm import distributed, run, train
 
   runs = plan(sweep) if runs is None else runs
   mine = runs[shard[0]::shard[1]]
@@ -174,7 +173,7 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
              r.config.batch_size, r.config.model.max_len, r.config.optimizer.learning_rate)
     start = time.perf_counter()
     try:
-      config, devices = fit_mesh(r.config, train.setup)
+      config, devices = fit_mesh(r.config, run.setup)
       outcome = train.train(config, run_dir, devices)
     except RunError as e:  # One diverged run must not cost the others.
       log.error('sweep: %s failed: %s', r.name, e)
@@ -202,7 +201,7 @@ def fit_mesh(config, setup):
   device if they do; else plain FSDP x data parallelism over every device, the largest FSDP
   first; else the same over fewer devices, an equal number per process. A sweep's small models
   rarely divide over a whole pod, and one that does not must not abort the others.
-  `setup(config, devices)` raises ConfigError for a mesh that does not fit (train.setup)."""
+  `setup(config, devices)` raises ConfigError for a mesh that does not fit (run.setup)."""
   import jax
   devices = jax.devices()
   try:

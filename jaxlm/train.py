@@ -1,223 +1,19 @@
-"""The training loop: config -> mesh -> data -> model -> sharded state -> jit step -> loop."""
+"""`jaxlm train` / `finetune`: wires a run together - builder (jaxlm/run.py), data, checkpoints,
+metrics - and hands it to the loop (jaxlm/loop.py) with its hooks (jaxlm/hooks.py)."""
 
-import contextlib
-import dataclasses
 import logging
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from jaxlm import (checkpoint, data, distributed, errors, flops, lock, metrics, objectives,
-                   optim, paths, preemption, resume, steps)
-from jaxlm import config as config_lib
-from jaxlm import mesh as mesh_lib
-from jaxlm.schema import MESH_AXES
-from jaxlm import model as model_lib
-from jaxlm import state as state_lib
+from jaxlm import (checkpoint, data, distributed, goodput, hooks, lock, metrics, objectives,
+                   paths, preemption, profile, resume, steps)
+from jaxlm import loop as loop_lib
+from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
 
 log = logging.getLogger('jaxlm')
 DATA_PREPARED = 'process 0 has prepared the data (tokenizer, token cache)'
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything a run builds before its first step, in the order it is built."""
-  config: object
-  mesh: object
-  rules: tuple
-  model: object
-  tx: object
-  lr_schedule: object
-  abstract: object  # The state's shapes with logical axis names (boxed).
-  shardings: object  # The state's NamedShardings.
-  batch_sharding: dict  # {feature: NamedSharding}
-
-  @property
-  def abstract_state(self):
-    return state_lib.strip_boxes(self.abstract)
-
-  @contextlib.contextmanager
-  def active(self):
-    """The mesh and rule table that tracing the model needs (for its sharding constraints)."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
-
-
-def setup(config, devices=None):
-  """Builds the mesh, model, optimizer and the state's shardings (nothing is allocated).
-
-  Every parameter dimension must split evenly over the mesh axes the rules give it, so a
-  mesh that does not fit the model fails here, before anything is compiled.
-  """
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  mesh_lib.check_batch(config, mesh)
-  if config.model.remat_policy == 'offload' and mesh.devices.flat[0].platform == 'cpu':
-    raise errors.ConfigError("model.remat_policy='offload' keeps activations in pinned host "
-                             "memory, which needs a GPU or TPU; use 'minimal' on CPU")
-  rules = mesh_lib.rules(config)
-  model = model_lib.build(config)
-  tx, lr_schedule = optim.optimizer(config)
-  with nn.logical_axis_rules(rules):
-    abstract = state_lib.abstract_state(model, tx, config)
-    shardings = state_lib.state_shardings(abstract, mesh, rules)
-  for name, shape, names, spec in state_lib.param_table(abstract, shardings):
-    mesh_lib.check_divisible(f'parameter {name}', shape, spec, mesh, names)
-  return Setup(config, mesh, rules, model, tx, lr_schedule, abstract, shardings,
-               state_lib.batch_shardings(mesh, rules, config))
-
-
-def inference_setup(config, batch_size=1, devices=None):
-  """A setup on one device (default: the first local one) for the commands that only run or
-  read the model (fill-mask, generate, convert). `config` itself is left unchanged."""
-  config = config_lib.from_json(config_lib.to_json(config))
-  config.batch_size = batch_size
-  for axis in MESH_AXES:
-    config.mesh[axis] = config.mesh[f'dcn_{axis}'] = 1
-  return setup(config, devices or jax.local_devices()[:1])
-
-
-def restore_for_inference(config, workdir, step=None, batch_size=1):
-  """(setup on one local device, the parameters of checkpoint `step` (default: the latest),
-  that step), for the commands that only run the model (fill-mask, generate)."""
-  s = inference_setup(config, batch_size)
-  return (s, *restore_params(s, workdir, step))
-
-
-def restore_params(s, workdir, step=None, host=False):
-  """(the parameters of the workdir's checkpoint `step`, default the latest, in the shardings
-  of `s` - or as host numpy arrays, read a batch of leaves at a time, if `host`; that step)."""
-  directory = workdir_lib.checkpoint_dir(workdir)
-  if not paths.isdir(directory):
-    raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
-  # Read-only: a run still training in `workdir` keeps its in-progress save.
-  checkpoints = checkpoint.Checkpointer(directory, read_only=True)
-  try:
-    saved = checkpoints.all_steps()
-    if not saved:
-      raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
-    if step is not None and step not in saved:
-      raise errors.ConfigError(f'--step={step}: --workdir={workdir} has checkpoints of steps '
-                               f'{", ".join(map(str, saved))}')
-    for candidate in ([step] if step is not None else reversed(saved)):
-      params = resume.read_good_params(s, checkpoints, candidate, host,
-                                       explicit=step is not None)
-      if params is not None:
-        return params, candidate
-    raise errors.RunError(f'--workdir={workdir} has no usable checkpoint (see the warnings '
-                          f'above); nothing was changed')
-  finally:
-    checkpoints.close()
-
-
-def compile_train_step(s, prepare):
-  """The train step of objective `prepare`, jit-compiled ahead of time for the state and batch
-  shardings of `s`. Lowered from shapes alone, so it also plans meshes whose devices are not
-  all real.
-  """
-  step = jax.jit(steps.make_train_step(s.model, s.tx, s.lr_schedule, s.config, prepare),
-                 in_shardings=(s.shardings, s.batch_sharding),
-                 out_shardings=(s.shardings, None), donate_argnums=0)
-  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                       s.abstract_state, s.shardings)
-  shape = (s.config.batch_size, s.config.model.max_len)
-  batch = {k: jax.ShapeDtypeStruct(shape[:len(axes)], jnp.int32, sharding=s.batch_sharding[k])
-           for k, axes in state_lib.batch_features(s.config).items()}
-  with s.active():
-    return step.lower(state, batch).compile()
-
-
-def memory_per_device(compiled):
-  """Bytes one device needs for the compiled step: arguments, outputs and temporaries."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return {'arguments': m.argument_size_in_bytes, 'temporaries': m.temp_size_in_bytes,
-          'total': (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
-                    m.alias_size_in_bytes)}
-
-
-def to_device(batch, shardings):
-  return {k: mesh_lib.global_array(batch[k], sharding) for k, sharding in shardings.items()}
-
-
-def evaluate(eval_step, params, batches, batch_sharding):
-  """Loss, perplexity and accuracy (of the objective's targets: next tokens, masked tokens or
-  labels) over a fixed list of held-out batches."""
-  totals = None
-  for batch in batches:
-    stats = eval_step(params, to_device(batch, batch_sharding))
-    totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
-  totals = jax.device_get(totals)  # One host sync for the whole evaluation.
-  weight = max(float(totals['weight']), 1.0)
-  loss = float(totals['loss_sum']) / weight
-  row = {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))),
-         'eval_accuracy': float(totals['correct']) / weight}
-  if float(totals.get('bytes', 0)) > 0:  # Nats per target -> bits per byte of their text.
-    row['eval_bits_per_byte'] = float(totals['loss_sum']) / np.log(2) / float(totals['bytes'])
-  return row
-
-
-def log_summary(s, compiled):
-  m = s.config.model
-  counts = flops.param_counts(m)
-  log.info('mesh %s', mesh_lib.describe(s.mesh))
-  log.info('parameters: %s total, %s in matmuls, %s embeddings', f'{counts["total"]:,}',
-           f'{counts["matmul"]:,}', f'{counts["embedding"]:,}')
-  log.info('FLOPs per token: %.4g (6N + 12LHQT), %.4g causal-halved; %.4g per step',
-           flops.of_run(s.config), flops.of_run(s.config, causal_halved=True),
-           flops.of_run(s.config) * s.config.batch_size * m.max_len)
-  log.info('%-36s %-18s %-34s %s', 'parameter', 'shape', 'logical axes', 'mesh axes')
-  for name, shape, names, spec in state_lib.param_table(s.abstract, s.shardings):
-    log.info('%-36s %-18s %-34s %s', name, shape, names, tuple(spec))
-  log.info('train state: %.1f MiB per device', state_lib.bytes_per_device(
-      s.abstract_state, s.shardings) / 2 ** 20)
-  memory = memory_per_device(compiled)
-  if memory is not None:
-    log.info('compiled step: %.1f MiB per device (arguments %.1f, temporaries %.1f)',
-             memory['total'] / 2 ** 20, memory['arguments'] / 2 ** 20,
-             memory['temporaries'] / 2 ** 20)
-
-
-def init_source(s):
-  """(Checkpointer, step) that `init_from` names, checked against the model; or None."""
-  if not s.config.init_from:
-    return None
-  source, step = checkpoint.find(s.config.init_from)
-  saved = source.saved_config(step)
-  if saved is not None and config_lib.is_causal(saved) != config_lib.is_causal(s.config):
-    objective = 'causal' if config_lib.is_causal(saved) else 'masked'
-    wanted = 'finetune.backbone' if s.config.objective == 'classify' else 'objective'
-    raise errors.ConfigError(
-        f'init_from={s.config.init_from!r} was trained with objective {objective!r}; set '
-        f'--config.{wanted}={objective} (its attention direction must match)')
-  source.check_params(step, s.abstract_state.params, model_lib.CLASSIFIER_PARAMS)
-  return source, step
-
-
-def initial_state(s, checkpoints, batches, source):
-  """(state, step): the newest readable checkpoint, or a fresh state (`source`'s parameters)."""
-  state, step = checkpoints.restore_latest(s.abstract_state, s.shardings, batches)
-  if state is not None:
-    log.info('resumed from the checkpoint of step %d', step)
-    return state, step
-  state = state_lib.initialize(s.model, s.tx, s.config, s.shardings)
-  imported = checkpoints.parameters_only_step()
-  if imported is not None:  # A converted checkpoint (jaxlm convert): parameters, no optimizer.
-    source = checkpoints, imported
-  if source is not None:
-    checkpointer, source_step = source
-    log.info('initialising the parameters from %s/%d', checkpointer.directory, source_step)
-    restored = checkpointer.restore_params(source_step, s.abstract_state.params,
-                                           s.shardings.params, model_lib.CLASSIFIER_PARAMS)
-    fresh = sorted(set(state.params) - set(restored))
-    if fresh:
-      log.info('new parameters (not in the checkpoint): %s', ', '.join(fresh))
-    state = state.replace(params={**state.params, **restored})
-  return state, imported or 0
 
 
 def train(config, workdir, devices=None):
@@ -232,9 +28,10 @@ def train(config, workdir, devices=None):
 
 
 def _train(config, workdir, devices, held):
+  clock = goodput.Clock()
   if config.objective == 'classify':
     data.labeled.resolve_labels(config)  # The classifier's size, before the model is built.
-  s = setup(config, devices)
+  s = run_lib.setup(config, devices)
   distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
   process = (jax.process_index(), jax.process_count())
   chief = process[0] == 0
@@ -245,7 +42,7 @@ def _train(config, workdir, devices, held):
                  for p in paths.glob(paths.join(workdir_lib.checkpoint_dir(workdir), '*')))
   if resuming:
     resume.check_compatible(workdir, config)
-  source = init_source(s)
+  source = run_lib.init_source(s)
   # The chief trains the tokenizer and fills the token cache; the others then read them.
   if not chief:
     distributed.barrier(DATA_PREPARED)
@@ -266,122 +63,30 @@ def _train(config, workdir, devices, held):
   writer = metrics.Writer(workdir, enabled=chief)
   try:
     with s.active(), preemption.Watcher() as preempted:
-      state, start = initial_state(s, checkpoints, batches, source)
+      state, start = clock.timed('checkpoint', run_lib.initial_state, s, checkpoints, batches,
+                                 source)
       compile_start = time.perf_counter()
-      compiled = compile_train_step(s, prepare)
+      compiled = clock.timed('compile', run_lib.compile_train_step, s, prepare)
       log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
-      log_summary(s, compiled)
+      run_lib.log_summary(s, compiled)
       eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare,
-                                               token_bytes(config, corpus.tokenizer)),
+                                               run_lib.token_bytes(config, corpus.tokenizer)),
                           in_shardings=(s.shardings.params, s.batch_sharding))
-      return _loop(s, state, start, compiled, lambda params: evaluate(
-          eval_step, params, eval_set, s.batch_sharding), batches, checkpoints, writer,
-                   preempted)
+      saving = hooks.Checkpointing(checkpoints)
+      loop_hooks = [
+          hooks.Metrics(writer, s.mesh.size),
+          hooks.NonFinite(saving),
+          hooks.Preemption(preempted, saving),
+          hooks.Evaluation(lambda params: run_lib.evaluate(eval_step, params, eval_set,
+                                                       s.batch_sharding), writer),
+          saving,
+          profile.Profiler(config.profile, workdir, chief),
+          goodput.Goodput(writer, workdir_lib.metrics_path(workdir)),
+      ]
+      return loop_lib.run_loop(loop_lib.Loop(s, state, start, batches, clock), compiled,
+                               loop_hooks)
   finally:
     writer.close()
     checkpoints.close()
     if source is not None:
       source[0].close()
-
-
-def token_bytes(config, tokenizer):
-  """The byte table of bits per byte, for objectives whose targets are tokens."""
-  if config.objective == 'classify':
-    return None
-  return tokenizer.token_bytes(config.model.vocab_size)
-
-
-def _interval_row(values):
-  """One metrics row for the steps since the last one: means over the steps that were finite
-  (the others applied no update), the last learning rate, and how many were not finite."""
-  finite = [v for v in values if not v['nonfinite']] or values
-  row = {key: float(np.mean([v[key] for v in finite])) for key in values[0]}
-  row['learning_rate'] = float(values[-1]['learning_rate'])
-  row['nonfinite'] = int(sum(v['nonfinite'] for v in values))
-  return row
-
-
-def _handle_nonfinite(config, count, step, save, checkpoints):
-  if config.nonfinite == 'skip':
-    log.warning('%d step(s) before step %d had a non-finite loss or gradient; their updates '
-                'were skipped', count, step)
-    return
-  save(step)  # The state is good: the non-finite updates were never applied.
-  checkpoints.wait()
-  raise errors.RunError(
-      f'{count} step(s) before step {step} had a non-finite loss or gradient '
-      f'(nonfinite=stop); the last good state is saved as checkpoint {step}; lower '
-      f'optimizer.learning_rate or set nonfinite=skip, then run the same command to resume')
-
-
-def _loop(s, state, start, train_step, run_eval, batches, checkpoints, writer, preempted):
-  config, m = s.config, s.config.model
-  tokens_per_step = config.batch_size * m.max_len
-  flops_per_token = flops.of_run(s.config)
-  peak, peak_source = flops.device_peak_flops()
-  log.info('MFU is relative to %.4g TFLOP/s per device (%s)', peak / 1e12, peak_source)
-  result = {}
-
-  def evaluate_and_log(step):
-    row = run_eval(state.params)
-    writer.write(step, row)
-    log.info('step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f%s', step,
-             row['eval_loss'], row['eval_perplexity'], row['eval_accuracy'],
-             f", {row['eval_bits_per_byte']:.4f} bits/byte" if 'eval_bits_per_byte' in row else '')
-    result.update(row)
-    return row
-
-  def save(step):
-    if step != checkpoints.latest_step():
-      checkpoints.save(step, state, batches, config)
-      log.debug('checkpoint %d: the loop waited %.3f s', step, checkpoints.last_save_blocking_s)
-      result['checkpoint_blocking_s'] = max(result.get('checkpoint_blocking_s', 0.0),
-                                            checkpoints.last_save_blocking_s)
-
-  if start == 0:
-    result['initial_eval_perplexity'] = evaluate_and_log(0)['eval_perplexity']
-  if start >= config.train_steps:
-    log.info('the run in this workdir is complete (step %d)', start)
-  bar = metrics.progress(config.train_steps, start, enabled=jax.process_index() == 0)
-  pending, last_step, last_time, done = [], start, time.perf_counter(), start
-  for step in range(start, config.train_steps):
-    state, step_metrics = train_step(state, to_device(next(batches), s.batch_sharding))
-    pending.append(step_metrics)  # Device arrays: no host sync until the logging step.
-    done = step + 1
-    bar.update(1)
-    if done % config.log_every_steps == 0 or done == config.train_steps:
-      row = _interval_row(jax.device_get(pending))
-      elapsed = time.perf_counter() - last_time
-      row['tokens_per_s'] = (done - last_step) * tokens_per_step / elapsed
-      row['tflops_per_device'] = row['tokens_per_s'] * flops_per_token / s.mesh.size / 1e12
-      row['mfu'] = flops.mfu(row['tokens_per_s'], flops_per_token, s.mesh.size, peak)
-      writer.write(done, row)
-      bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{row["tokens_per_s"]:,.0f}')
-      if bar.disable:  # No bar on screen: say it in the log.
-        log.info('step %d: loss %.4f, %.0f tokens/s, MFU %.1f%%', done, row['loss'],
-                 row['tokens_per_s'], 100 * row['mfu'])
-      result.update(row)
-      pending, last_step = [], done
-      if row['nonfinite']:
-        _handle_nonfinite(config, row['nonfinite'], done, save, checkpoints)
-    if preempted.reached(done, checkpoints.manager):
-      log.warning('preempted: saving the checkpoint of step %d and stopping', done)
-      save(done)
-      checkpoints.wait()
-      result.update(step=done, preempted=True)
-      bar.close()
-      return result
-    if (config.eval_every_steps and done % config.eval_every_steps == 0
-        and done != config.train_steps):
-      evaluate_and_log(done)
-    if done % config.checkpoint.save_every_steps == 0:
-      save(done)
-    if done == last_step:
-      last_time = time.perf_counter()  # Eval and checkpoint time is not step time.
-  bar.close()
-  if start < config.train_steps:
-    evaluate_and_log(config.train_steps)
-  save(done)
-  checkpoints.wait()
-  result['step'] = done
-  return result

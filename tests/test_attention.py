@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import one_device, tiny_config
-from jaxlm import objectives, train
+from jaxlm import objectives, run
 from jaxlm.errors import ConfigError
 from jaxlm.model import attention
 from test_mesh import MASKED, PARTITION, run_steps
@@ -138,7 +138,7 @@ def test_a_small_model_with_splash_compiles_for_tpu(monkeypatch):
   small = dict(PARTITION, model__emb_dim=256, model__num_heads=2, model__num_kv_heads=1)
   config = tiny_config(**small, model__attention='auto', model__dtype='bfloat16',
                        model__max_len=256, mesh__fsdp=2, mesh__data=2)
-  s = train.setup(config, devices)
-  compiled = train.compile_train_step(s, objectives.build(config))
+  s = run.setup(config, devices)
+  compiled = run.compile_train_step(s, objectives.build(config))
   assert 'splash' in compiled.as_text()
-  assert train.memory_per_device(compiled)['total'] > 0
+  assert run.memory_per_device(compiled)['total'] > 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, one_device, tiny_config
-from jaxlm import checkpoint, config as config_lib, data, state as state_lib, train
+from jaxlm import checkpoint, config as config_lib, data, state as state_lib, run as run_lib, train
 from jaxlm.config import ConfigError
 
 
@@ -156,7 +156,7 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_the_previous_used(tmp_pat
 
 def test_restore_onto_other_meshes_gives_the_same_values(tmp_path):
   base = dict(model__num_heads=8, model__num_kv_heads=8, model__family='llama')
-  saver = train.setup(tiny_config(**base, mesh__fsdp=8), jax.devices())
+  saver = run_lib.setup(tiny_config(**base, mesh__fsdp=8), jax.devices())
   config = tiny_config(**base, mesh__fsdp=8)
   with saver.active():
     state = state_lib.initialize(saver.model, saver.tx, config, saver.shardings)
@@ -170,7 +170,7 @@ def test_restore_onto_other_meshes_gives_the_same_values(tmp_path):
   expected = jax.device_get(state)
   for devices, sizes in ((jax.devices(), dict(mesh__data=2, mesh__fsdp=1, mesh__tensor=4)),
                          (one_device(), dict())):
-    s = train.setup(tiny_config(**base, **sizes), devices)
+    s = run_lib.setup(tiny_config(**base, **sizes), devices)
     fresh = data.train_iterator(data.train_dataset(rows_, config), config)
     restored, step = ckpt.restore_latest(s.abstract_state, s.shardings, fresh)
     assert step == 1 and fresh.get_state() == {'next_index': 1}

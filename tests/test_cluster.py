@@ -157,15 +157,15 @@ def test_the_pod_run_outlives_the_ssh_session_and_can_be_found_again(bare_path):
 def test_a_sweep_run_that_does_not_divide_the_mesh_gets_one_it_fits():
   """Before: train.setup's ConfigError aborted the whole sweep at the first such run."""
   import jax
-  from jaxlm import sweep, train
+  from jaxlm import run, sweep
   one_head = tiny_config(model__num_heads=1, mesh__fsdp=1, mesh__tensor=8)  # 1 head, 8 ways.
-  config, devices = sweep.fit_mesh(one_head, train.setup)
+  config, devices = sweep.fit_mesh(one_head, run.setup)
   assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor, len(devices)) == (1, 8, 1, 8)
   small_batch = tiny_config(batch_size=4, mesh__fsdp=1, mesh__data=-1)  # 4 rows, 8 devices.
-  config, devices = sweep.fit_mesh(small_batch, train.setup)
+  config, devices = sweep.fit_mesh(small_batch, run.setup)
   assert devices == jax.devices()[:4] and config.mesh.data * config.mesh.fsdp == 4
   fits = tiny_config()
-  assert sweep.fit_mesh(fits, train.setup) == (fits, jax.devices())  # Left as configured.
+  assert sweep.fit_mesh(fits, run.setup) == (fits, jax.devices())  # Left as configured.
 
 
 def test_sweep_shards_by_host_run_alone_on_their_own_gpus():

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import CORPUS, ROOT
-from jaxlm import checkpoint, cli, evaluate, fill_mask, generate, hf
+from jaxlm import checkpoint, cli, data, evaluate, fill_mask, generate, hf
 from jaxlm import config as config_lib
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
 
 torch = pytest.importorskip('torch', reason='the HF parity tests need the test extra: '
@@ -75,14 +75,14 @@ def hf_logits(model, ids):
 
 def jaxlm_logits(workdir, ids):
   config = workdir_lib.read_config(workdir)
-  s, params, _ = train_lib.restore_for_inference(config, str(workdir))
+  s, params, _ = run_lib.restore_for_inference(config, str(workdir))
   with s.active():
     return np.asarray(s.model.apply({'params': params}, ids))
 
 
 def jaxlm_params(workdir, step=None):
   config = workdir_lib.read_config(workdir)
-  params = train_lib.restore_for_inference(config, str(workdir), step)[1]
+  params = run_lib.restore_for_inference(config, str(workdir), step)[1]
   return config, {jax.tree_util.keystr(p): np.asarray(v)
                   for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -127,7 +127,7 @@ def random_run(family, workdir, tokenizer_file, **model):
   config.model.update(dict(num_layers=2, emb_dim=64, num_heads=4, mlp_dim=96,
                            vocab_size=VOCAB, max_len=64, **model))
   config = config_lib.validate(config)
-  s = train_lib.inference_setup(config)
+  s = run_lib.inference_setup(config)
   rng = np.random.RandomState(0)
   params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype),
                         s.abstract_state.params)
@@ -236,7 +236,7 @@ def test_tokenizer_json_in_and_out(case, kind, tmp_path, hf_tokenizers, shared_d
   assert (run / 'tokenizer.json').exists() and not (run / 'tokenizer.model').exists()
   texts = ['def main(argv):\n    return "héllo"', 'Return the value.']
   config = workdir_lib.read_config(run)
-  tokenizer = train_lib.data.get_tokenizer(config, str(run))
+  tokenizer = data.get_tokenizer(config, str(run))
   assert tokenizer.encode(texts) == original(texts, add_special_tokens=False)['input_ids']
   assert cli.main(['train', f'--workdir={run}', '--config.train_steps=2',
                    '--config.log_every_steps=2', '--config.optimizer.warmup_steps=1']) == 0
@@ -401,7 +401,7 @@ def test_read_params_in_batches(tmp_path, tokenizer_file, dtype):
   config = random_run('llama', tmp_path / 'run', tokenizer_file, num_kv_heads=2,
                       param_dtype=dtype)
   _, expected = jaxlm_params(tmp_path / 'run')
-  s = train_lib.inference_setup(config)
+  s = run_lib.inference_setup(config)
   checkpoints = checkpoint.Checkpointer.for_workdir(str(tmp_path / 'run'), None)
   try:
     for batch_bytes in (1, 2 ** 14, 2 ** 30):

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, one_device, tiny_config
 from test_reliability import file_content, fill_in, snapshot, write
 from jaxlm import cli, config as config_lib, lock, steps, train
+from jaxlm import run as run_lib
 
 HF_LLAMA = {'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 128,
             'num_attention_heads': 4, 'num_hidden_layers': 2, 'vocab_size': 512,
@@ -126,7 +127,7 @@ def test_a_nonfinite_parameter_update_is_never_applied():
   import optax
   from jaxlm import objectives, state as state_lib
   config = tiny_config(optimizer__grad_clip=0.0)
-  s = train.setup(config, one_device())
+  s = run_lib.setup(config, one_device())
   tx = optax.sgd(1e39)  # float32 infinity times a finite gradient.
   step = jax.jit(steps.make_train_step(s.model, tx, lambda _: 0.0, config,
                                        objectives.build(config)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import one_device, tiny_config
-from jaxlm import cli, mesh as mesh_lib, objectives, plan, state as state_lib, train
+from jaxlm import cli, mesh as mesh_lib, objectives, plan, state as state_lib, run as run_lib
 from jaxlm.config import ConfigError
 
 
@@ -78,13 +78,13 @@ def synthetic_batches(config, count=3):
 
 
 def run_steps(config, devices):
-  s = train.setup(config, devices)
-  compiled = train.compile_train_step(s, objectives.build(config))
+  s = run_lib.setup(config, devices)
+  compiled = run_lib.compile_train_step(s, objectives.build(config))
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
     losses = []
     for batch in synthetic_batches(config):
-      state, metrics = compiled(state, train.to_device(batch, s.batch_sharding))
+      state, metrics = compiled(state, run_lib.to_device(batch, s.batch_sharding))
       losses.append(float(metrics['loss']))
   return s, state, losses
 
@@ -131,7 +131,7 @@ def test_every_mesh_trains_like_one_device(sizes, objective, single_device_runs)
 def test_parameter_memory_per_device_shrinks_as_fsdp_grows():
   sizes = []
   for fsdp in (1, 2, 4, 8):
-    s = train.setup(tiny_config(**PARTITION, mesh__fsdp=fsdp, mesh__data=-1), jax.devices())
+    s = run_lib.setup(tiny_config(**PARTITION, mesh__fsdp=fsdp, mesh__data=-1), jax.devices())
     sizes.append(state_lib.bytes_per_device(s.abstract_state.params, s.shardings.params))
   assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
   assert sizes[3] < sizes[0] / 6  # Only small vectors (norm scales) stay partly replicated.
@@ -142,14 +142,14 @@ def test_a_dimension_that_does_not_split_is_refused():
   with pytest.raises(ConfigError, match=r'parameter layers/attention/key/bias dimension 1 '
                                         r'\(kv_heads\) of size 4 does not split over mesh '
                                         r"axes tensor of 8 devices"):
-    train.setup(config, jax.devices())
+    run_lib.setup(config, jax.devices())
 
 
 def test_a_batch_that_does_not_split_is_refused():
   config = tiny_config(batch_size=4, mesh__fsdp=8)
   with pytest.raises(ConfigError, match=r'batch_size=4 / optimizer.grad_accum_steps=1 = 4 '
                                         r"sequences do not split over the 8 devices"):
-    train.setup(config, jax.devices())
+    run_lib.setup(config, jax.devices())
 
 
 def test_plan_compiles_the_step_for_the_mesh(capsys):

@@ -157,10 +157,10 @@ def test_remat_policies_give_the_same_gradients(policy):
 
 
 def test_offloading_remat_is_refused_on_cpu_with_a_clear_error():
-  from jaxlm import train
+  from jaxlm import run as run_lib
   from jaxlm.config import ConfigError
   with pytest.raises(ConfigError, match="remat_policy='offload' .* needs a GPU or TPU"):
-    train.setup(tiny_config(model__remat_policy='offload'), jax.devices()[:1])
+    run_lib.setup(tiny_config(model__remat_policy='offload'), jax.devices()[:1])
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32():

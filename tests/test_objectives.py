@@ -103,13 +103,13 @@ def test_chunked_output_layer_matches_the_plain_loss_and_gradients(family, objec
 def test_chunked_output_layer_never_holds_the_whole_batchs_logits():
   """The compiled train step's temporaries shrink by most of the [B, T, vocab] float32 logits
   (and their gradient) when the loss runs over 32 positions at a time instead of 256."""
-  from jaxlm import train
+  from jaxlm import run as run_lib
   temporaries = {}
   for chunk in (0, 32):
     config = tiny_config(loss_chunk=chunk, model__vocab_size=32768, model__max_len=256,
                          batch_size=4, mesh__fsdp=1)
-    s = train.setup(config, jax.devices()[:1])
-    compiled = train.compile_train_step(s, objectives.build(config))
+    s = run_lib.setup(config, jax.devices()[:1])
+    compiled = run_lib.compile_train_step(s, objectives.build(config))
     temporaries[chunk] = compiled.memory_analysis().temp_size_in_bytes
   logits_bytes = 4 * 256 * 32768 * 4
   assert temporaries[0] - temporaries[32] > logits_bytes, temporaries

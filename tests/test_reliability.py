@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import CORPUS, ROOT, one_device, tiny_config
-from jaxlm import checkpoint, cli, config as config_lib, train
+from jaxlm import checkpoint, cli, config as config_lib, run as run_lib, train
 from jaxlm.config import ConfigError
 from jaxlm.errors import RunError
 
@@ -300,7 +300,7 @@ def test_nonfinite_stop_policy_saves_the_good_state_and_stops(tmp_path, shared_d
 
 
 def restore_params(workdir, config, step):
-  s = train.setup(config, one_device())
+  s = run_lib.setup(config, one_device())
   ckpt = checkpoint.Checkpointer.for_workdir(str(workdir), config)
   params = ckpt.restore_params(step, s.abstract_state.params, s.shardings.params)
   ckpt.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from jaxlm import cli, flops, laws, objectives, sweep, train
+from jaxlm import cli, flops, laws, objectives, sweep, run as run_lib
 from jaxlm import config as config_lib
 from jaxlm.config import ConfigError
 
@@ -45,8 +45,8 @@ def test_flops_per_token_matches_xla_cost_analysis(family, objective):
                   model__vocab_size=2048, model__max_len=128, batch_size=4,
                   model__scan_layers=False, mesh__fsdp=1)
   c = config_lib.validate(c)
-  s = train.setup(c, jax.devices()[:1])
-  analysis = train.compile_train_step(s, objectives.build(c)).cost_analysis()
+  s = run_lib.setup(c, jax.devices()[:1])
+  analysis = run_lib.compile_train_step(s, objectives.build(c)).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   xla = analysis['flops'] / (c.batch_size * c.model.max_len)
   ours = flops.of_run(c)  # BERT's head runs on its gathered predictions only.

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxlm import cli, train, workdir as workdir_lib
+from jaxlm import cli, run as run_lib, train, workdir as workdir_lib
 from jaxlm.config import ConfigError
 from conftest import one_device, tiny_config
 
@@ -83,9 +83,9 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_over_bytes_per_target(sh
   params = nn.unbox(model.init(jax.random.key(0), batch['tokens'])['params'])
   params = jax.tree.map(jnp.zeros_like, params)
   eval_step = steps.make_eval_step(model, config, objectives.causal,
-                                   train.token_bytes(config, tok))
+                                   run_lib.token_bytes(config, tok))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  row = train.evaluate(eval_step, params, [jax.device_get(batch)], {k: one for k in batch})
+  row = run_lib.evaluate(eval_step, params, [jax.device_get(batch)], {k: one for k in batch})
   # Targets are tokens 1..n-1: the text after the first token.
   target_bytes = len(text.encode()) - len(tok.decode(ids[:1]).encode())
   expected = (len(ids) - 1) * np.log2(config.model.vocab_size) / target_bytes

@@ -1,0 +1,151 @@
+"""Where the wall time of a run goes: goodput, its breakdown, and the spread of step times.
+
+The loop adds every second it spends to one bucket (jaxlm/loop.py): `step` (device compute of
+new steps, measured on the host), `data_wait` (waiting for the next batch), `compile`,
+`checkpoint` (restore at the start, the blocking part of saves, the wait at the end), `eval`,
+`restart_lost` (recomputing steps a killed run had already done), `startup` (mesh, data
+preparation) and `other` (the rest: logging, tracing). Goodput is `step`'s share.
+
+Data wait is the time the host waits for the data iterator. The loop keeps one step in flight
+(it waits for step n-1 after queuing step n, so the device is never idle for it), so a wait
+for data is time the device has nothing to do beyond that queued step.
+
+Each process writes rows of its own cumulative seconds, tagged with `goodput/segment` (its
+start time): `summarize` adds up the segments of a run that was stopped and resumed.
+"""
+
+import json
+import logging
+import math
+import time
+
+import numpy as np
+
+from jaxlm.loop import Hook
+
+log = logging.getLogger('jaxlm')
+
+BUCKETS = ('step', 'data_wait', 'compile', 'checkpoint', 'eval', 'restart_lost', 'startup',
+           'other')
+
+
+class Clock:
+  """Seconds per bucket since `start`; whatever no bucket claimed is `other`."""
+
+  def __init__(self, start=None):
+    self.start = time.perf_counter() if start is None else start
+    self.seconds = dict.fromkeys(BUCKETS, 0.0)
+
+  def add(self, bucket, seconds):
+    self.seconds[bucket] += seconds
+
+  def timed(self, bucket, function, *args):
+    """function(*args), its time added to `bucket`."""
+    begin = time.perf_counter()
+    try:
+      return function(*args)
+    finally:
+      self.add(bucket, time.perf_counter() - begin)
+
+  def claim_rest(self, bucket):
+    """Adds the wall time that no bucket has claimed yet to `bucket` (startup, before the loop)."""
+    self.add(bucket, max(self.wall() - sum(self.seconds.values()), 0.0))
+
+  def wall(self):
+    return time.perf_counter() - self.start
+
+  def breakdown(self):
+    """{bucket: seconds} over the whole wall time, `other` the unclaimed rest."""
+    seconds = dict(self.seconds)
+    seconds['other'] += max(self.wall() - sum(seconds.values()), 0.0)
+    return seconds
+
+
+def shares(seconds):
+  """{bucket: share of the total} (summing to 1) from {bucket: seconds}."""
+  total = sum(seconds.values())
+  return {b: (seconds[b] / total if total > 0 else 0.0) for b in seconds}
+
+
+def spread(samples):
+  """p50, p90 and max of step times (seconds)."""
+  if not samples:
+    return {}
+  p50, p90 = np.percentile(samples, [50, 90])
+  return {'step_time/p50_s': float(p50), 'step_time/p90_s': float(p90),
+          'step_time/max_s': float(max(samples))}
+
+
+def last_logged_step(metrics_path):
+  """The highest step with a train row in metrics.jsonl, 0 if none (or no file)."""
+  highest = 0
+  try:
+    with open(metrics_path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # A half-written last line of a killed run.
+        if 'loss' in row:
+          highest = max(highest, int(row['step']))
+  except FileNotFoundError:
+    pass
+  return highest
+
+
+class Goodput(Hook):
+  """At every log step (and at the end) a row of this process's time per bucket, their shares
+  and the step-time spread since the last row; the end also logs a one-line summary.
+
+  On start it reads the previous processes' metrics.jsonl: steps after the resumed checkpoint
+  that were already logged are done again, and their compute counts as `restart_lost`.
+  """
+
+  bucket = 'other'
+
+  def __init__(self, writer, metrics_path):
+    self.writer = writer
+    self.metrics_path = metrics_path
+    self.segment = time.time()
+
+  def on_start(self, loop):
+    redone = max(last_logged_step(self.metrics_path) - loop.start, 0)
+    loop.redo_until = loop.start + redone
+    if redone:
+      log.warning('resumed at step %d: %d step(s) logged by the previous run are done again',
+                  loop.start, redone)
+    self.redone = redone
+
+  def row(self, loop):
+    seconds = loop.clock.breakdown()
+    row = {'goodput/segment': self.segment, 'goodput/redone_steps': self.redone,
+           'goodput/wall_s': sum(seconds.values())}
+    row.update({f'goodput/{b}_s': s for b, s in seconds.items()})
+    row.update({f'goodput/{b}': s for b, s in shares(seconds).items()})
+    row.update(spread(loop.step_times))
+    loop.step_times = []
+    return row
+
+  def on_step(self, loop):
+    if loop.row is not None:
+      self.writer.write(loop.step, self.row(loop))
+
+  def on_end(self, loop):
+    row = self.row(loop)
+    self.writer.write(loop.step, row)
+    log.info('where the time went (this process, %.0f s): %s', row['goodput/wall_s'],
+             ', '.join(f'{b} {100 * row[f"goodput/{b}"]:.1f}%' for b in BUCKETS
+                       if row[f'goodput/{b}_s'] > 0))
+
+
+def summarize(rows):
+  """The run's time across its processes (segments): {'seconds': {bucket: s}, 'shares': ...,
+  'segments': n, 'redone_steps': n} from metrics.jsonl rows."""
+  last = {}
+  for row in rows:
+    if 'goodput/segment' in row:
+      last[row['goodput/segment']] = row
+  seconds = {b: sum(r.get(f'goodput/{b}_s', 0.0) for r in last.values()) for b in BUCKETS}
+  return {'seconds': seconds, 'shares': shares(seconds), 'segments': len(last),
+          'redone_steps': int(sum(r.get('goodput/redone_steps', 0) for r in last.values())),
+          'wall_s': math.fsum(seconds.values())}
