@@ -31,13 +31,15 @@ setup(
         'pyarrow>=14',  # Parquet corpora.
         'matplotlib>=3.7',  # jaxlm fit's plots.
         'safetensors>=0.4.3',  # jaxlm convert (its numpy API: no PyTorch).
+        'etils[epath]>=1.7', 'fsspec>=2024.2', 'gcsfs>=2024.2',  # gs:// paths (paths.py).
     ],
     extras_require={
         # The Hugging Face parity tests compare against transformers on a (CPU) torch.
         # libtpu (through jax's own extra, so its version matches jax's) lets `jaxlm plan
         # --topology` compile for TPU slices on any Linux machine; ~700 MB.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
-                 'transformers>=4.45', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'"],
+                 'transformers>=4.45', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'",
+                 'gcp-storage-emulator>=2024.1'],  # tests/test_gcs.py's local GCS.
     },
     entry_points={'console_scripts': ['jaxlm=jaxlm.cli:console_main']},
 )
