@@ -176,7 +176,7 @@ class Checkpointer:
         raise RunError(f'checkpoint {step} in {self.directory} cannot be read '
                        f'({type(e).__name__}: {first_line(e)}); nothing was renamed or '
                        f'deleted: move it out of the way to resume from the one before') from e
-      bad = resume.agreed(lambda: resume.nonfinite_leaf(restored['state']) or '')
+      bad = resume.nonfinite_leaf(restored['state'])  # A collective: the same everywhere.
       if bad:
         self._set_aside(step, f'non-finite values in {bad}')
         continue

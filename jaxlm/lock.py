@@ -47,6 +47,7 @@ class Lock:
     if self._stop.is_set():
       return
     self._stop.set()
+    self._thread.join()  # A heartbeat under way must not write the file back after us.
     try:
       if _holder(self.path).get('id') == self.token['id']:
         paths.remove(self.path)

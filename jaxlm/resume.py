@@ -52,6 +52,8 @@ def check_compatible(workdir, config, new_signature=None):
     return
   old = state_signature(previous)
   new = new_signature or state_signature(config)
+  if _parameters_only(workdir):  # An imported model (jaxlm convert): no optimizer state yet.
+    old, new = ({k: v for k, v in sig.items() if k.startswith('.params')} for sig in (old, new))
   if old == new:
     return
   leaf = next((k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)))
@@ -64,6 +66,15 @@ def check_compatible(workdir, config, new_signature=None):
       f'{leaf}: {_describe(old.get(leaf))} saved, {_describe(new.get(leaf))} now; changed: '
       f'{", ".join(changed[:4]) or "none"}); resume with the run\'s own settings (jaxlm train '
       f'--workdir={workdir}) or start a new run in a new --workdir')
+
+
+def _parameters_only(workdir):
+  from jaxlm import checkpoint  # Not at import time: checkpoint.py imports this module.
+  checkpoints = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir), read_only=True)
+  try:
+    return checkpoints.parameters_only_step() is not None
+  finally:
+    checkpoints.close()
 
 
 def _describe(entry):
