@@ -72,7 +72,7 @@ def run_loop(loop, train_step, hooks):
   if loop.start >= loop.config.train_steps:
     log.info('the run in this workdir is complete (step %d)', loop.start)
   loop.interval_start = time.perf_counter()  # The start's evaluation is not step time.
-  previous, last_ready = None, None  # The last step's loss (in flight), when the one before ended.
+  previous, last_ready = None, None  # The last step's metrics (in flight); when n-1 ended.
   for step in range(loop.start, loop.config.train_steps):
     begin = time.perf_counter()
     batch = run_lib.to_device(next(loop.batches), loop.setup.batch_sharding)
