@@ -69,37 +69,45 @@ def median_pair(s, state, step, batches, num_steps, trials):
 def main(argv):
   parser = argparse.ArgumentParser()
   parser.add_argument('--config', required=True)
-  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--steps', type=int, default=20,
+                      help='real steps per trial of the end-to-end comparison; 0 = skip it')
   parser.add_argument('--trials', type=int, default=3)
+  parser.add_argument('--step_ms', type=float, default=0.0,
+                      help='with --steps=0: the real step time to compare with (train_bench)')
   args, rest = parser.parse_known_args(argv)
   config = config_lib.load(args.config, cli.parse_overrides(rest))
   config.log_every_steps = min(config.log_every_steps, 10)
   s = run_lib.setup(config, jax.devices()[:1])
-  compiled = run_lib.compile_train_step(s, objectives.build(config))
-  shape = (config.batch_size, config.model.max_len)
-  rng = np.random.default_rng(0)
-  batch = {'tokens': rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
-           'segment_ids': np.ones(shape, np.int32),
-           'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape)}
-  batches = itertools.repeat(batch)
-  with s.active():
-    state = state_lib.initialize(s.model, s.tx, config, s.shardings)
-    state, _ = compiled(state, run_lib.to_device(batch, s.batch_sharding))  # Warm up.
-    real, state = median_pair(s, state, compiled, batches, args.steps, args.trials)
+  row = {'config': args.config}
+  if args.steps:
+    compiled = run_lib.compile_train_step(s, objectives.build(config))
+    shape = (config.batch_size, config.model.max_len)
+    rng = np.random.default_rng(0)
+    batch = {'tokens': rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+             'segment_ids': np.ones(shape, np.int32),
+             'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape)}
+    with s.active():
+      state = state_lib.initialize(s.model, s.tx, config, s.shardings)
+      state, _ = compiled(state, run_lib.to_device(batch, s.batch_sharding))  # Warm up.
+      real, _ = median_pair(s, state, compiled, itertools.repeat(batch), args.steps,
+                            args.trials)
+    row.update({'step_ms (bare loop)': 1e3 * real['bare'],
+                'step_ms (hooks + goodput)': 1e3 * real['hooks'],
+                'end-to-end overhead %': 100 * (real['hooks'] / real['bare'] - 1)})
+    step_s = real['bare']
+  else:
+    step_s = args.step_ms / 1e3
+    row['step_ms (given)'] = args.step_ms
 
   nothing = {'loss': jnp.zeros(()), 'grad_norm': jnp.zeros(()), 'learning_rate': jnp.zeros(()),
              'nonfinite': jnp.zeros((), jnp.int32)}
   noop_setup = dataclasses.replace(s, batch_sharding={})
-  empty = itertools.repeat({})
-  noop, _ = median_pair(noop_setup, None, lambda st, b: (st, nothing), empty, 500, args.trials)
+  noop, _ = median_pair(noop_setup, None, lambda st, b: (st, nothing), itertools.repeat({}),
+                        500, args.trials)
   added = noop['hooks'] - noop['bare']
-  print_table([{
-      'config': args.config, 'step_ms (bare loop)': 1e3 * real['bare'],
-      'step_ms (hooks + goodput)': 1e3 * real['hooks'],
-      'end-to-end overhead %': 100 * (real['hooks'] / real['bare'] - 1),
-      'accounting us/step (no-op step)': 1e6 * added,
-      'accounting % of step': 100 * added / real['bare'],
-  }], float_format='.3g')
+  row.update({'accounting us/step (no-op step)': 1e6 * added,
+              'accounting % of step': 100 * added / step_s})
+  print_table([row], float_format='.3g')
 
 
 if __name__ == '__main__':
