@@ -53,14 +53,14 @@ class Loop:
     self.step_times = []  # Seconds between finished steps, since the goodput hook's last row.
 
   def step_bucket(self):
-    return 'restart_lost' if self.step <= self.redo_until else 'step'
+    return 'restart_lost' if self.start < self.step <= self.redo_until else 'step'
 
 
 def _call(loop, hook, method):
   begin = time.perf_counter()
   getattr(hook, method)(loop)
   spent = time.perf_counter() - begin
-  loop.clock.add(hook.bucket or loop.step_bucket(), spent)
+  loop.clock.add(hook.bucket or (loop.step_bucket() if method == 'on_step' else 'other'), spent)
   return spent if hook.bucket else 0.0
 
 
