@@ -53,14 +53,14 @@ class Loop:
     self.step_times = []  # Seconds between finished steps, since the goodput hook's last row.
 
   def step_bucket(self):
-    return 'restart_lost' if self.step <= self.redo_until else 'step'
+    return 'restart_lost' if self.start < self.step <= self.redo_until else 'step'
 
 
 def _call(loop, hook, method):
   begin = time.perf_counter()
   getattr(hook, method)(loop)
   spent = time.perf_counter() - begin
-  loop.clock.add(hook.bucket or loop.step_bucket(), spent)
+  loop.clock.add(hook.bucket or (loop.step_bucket() if method == 'on_step' else 'other'), spent)
   return spent if hook.bucket else 0.0
 
 
@@ -72,7 +72,7 @@ def run_loop(loop, train_step, hooks):
   if loop.start >= loop.config.train_steps:
     log.info('the run in this workdir is complete (step %d)', loop.start)
   loop.interval_start = time.perf_counter()  # The start's evaluation is not step time.
-  previous, last_ready = None, None  # The last step's loss (in flight), when the one before ended.
+  previous, last_ready = None, None  # The last step's metrics (in flight); when n-1 ended.
   for step in range(loop.start, loop.config.train_steps):
     begin = time.perf_counter()
     batch = run_lib.to_device(next(loop.batches), loop.setup.batch_sharding)

@@ -195,3 +195,42 @@ def test_loop_calls_hooks_in_order_and_stops_when_one_asks():
   assert calls == [('a', 'start'), ('b', 'start'), ('a', 1), ('b', 1), ('a', 2),
                    ('a', 'end'), ('b', 'end')]
   assert result is loop.result and loop.step == 2
+
+
+def test_goodput_hook_counts_redone_steps_and_writes_shares_that_sum_to_one(tmp_path):
+  from jaxlm import goodput
+  metrics_path = tmp_path / 'metrics.jsonl'
+  metrics_path.write_text('{"step": 0, "eval_loss": 6.0}\n{"step": 8, "loss": 5.0}\n{"step"')
+  writer = Recorder()
+  hook = goodput.Goodput(writer, str(metrics_path))
+  loop = fake_loop(start=4, train_steps=12)
+  hook.on_start(loop)
+  assert loop.redo_until == 8 and hook.redone == 4
+  loop.clock.add('step', 1.0)
+  loop.clock.add('data_wait', 0.5)
+  loop.step, loop.row, loop.step_times = 9, {'loss': 1.0}, [0.1, 0.2, 0.3]
+  hook.on_step(loop)
+  row = writer.rows[-1]
+  assert sum(row[f'goodput/{b}'] for b in goodput.BUCKETS) == pytest.approx(1.0)
+  assert row['goodput/step_s'] == 1.0 and row['goodput/data_wait_s'] == 0.5
+  assert row['goodput/redone_steps'] == 4 and row['step_time/max_s'] == 0.3
+  assert loop.step_times == []  # The spread is per log interval.
+  assert loop.step_bucket() == 'step'
+  loop.step = 8
+  assert loop.step_bucket() == 'restart_lost' and fake_loop().step_bucket() == 'step'
+
+
+def test_profile_hook_starts_a_window_on_sigusr1(tmp_path):
+  import signal
+  from jaxlm import profile
+  hook = profile.Profiler(tiny_config().profile, str(tmp_path))
+  loop = types.SimpleNamespace(step=0, step_metrics=np.zeros(()),
+                               config=types.SimpleNamespace(train_steps=10))
+  hook.on_start(loop)
+  os.kill(os.getpid(), signal.SIGUSR1)
+  loop.step = 1
+  hook.on_step(loop)
+  assert hook.stop_at == 1 + profile.ON_DEMAND_STEPS
+  hook.on_end(loop)
+  assert hook.stop_at is None
+  assert signal.getsignal(signal.SIGUSR1) is not hook._handle  # The old handler is back.
