@@ -34,6 +34,8 @@ def run(config, topology='', num_slices=1, json_path=''):
   slice_ = topology_lib.parse(topology) if topology else None
   devices = topology_lib.devices(slice_, num_slices) if slice_ else None
   s = train_lib.setup(config, devices)
+  if slice_:
+    _state_must_fit(s, slice_, json_path)
   m = config.model
   tokens_per_step = config.batch_size * m.max_len
   counts = flops.param_counts(m)
@@ -90,6 +92,25 @@ def _refuse(report, json_path):
   raise ConfigError(report['verdict'])
 
 
+def _state_must_fit(s, slice_, json_path):
+  """A state larger than the chip needs no compile to refuse (a compile takes minutes)."""
+  state_bytes = state_lib.bytes_per_device(s.abstract_state, s.shardings)
+  if state_bytes > slice_.chip.hbm_bytes:
+    _refuse_early(s, slice_, json_path, state_bytes,
+                  f'does not fit {slice_.accelerator_type}: the parameters and optimizer state '
+                  f'alone need {state_bytes / GiB:.2f} GiB per chip, '
+                  f'{(state_bytes - slice_.chip.hbm_bytes) / GiB:.2f} GiB more than the '
+                  f'{slice_.chip.hbm_bytes / GiB:.0f} GiB of HBM; '
+                  f'{_advice(s, state_bytes, slice_.chip.hbm_bytes)}')
+
+
+def _refuse_early(s, slice_, json_path, state_bytes, verdict):
+  _refuse({'devices': s.mesh.size, 'topology': slice_.accelerator_type,
+           'topology_name': slice_.topology_name, 'state_bytes_per_device': state_bytes,
+           'hbm_bytes_per_chip': slice_.chip.hbm_bytes, 'fits': False, 'verdict': verdict},
+          json_path)
+
+
 @contextlib.contextmanager
 def _out_of_hbm(s, slice_, step, json_path):
   """The TPU compiler refuses a step whose buffers exceed the chip's HBM: that is a verdict
@@ -107,10 +128,7 @@ def _out_of_hbm(s, slice_, step, json_path):
     verdict = (f'does not fit {slice_.accelerator_type}: the TPU compiler refused the {step} '
                f'step: {message}{shortfall}; '
                f'{_advice(s, state_bytes, slice_.chip.hbm_bytes, step)}')
-    _refuse({'devices': s.mesh.size, 'topology': slice_.accelerator_type,
-             'topology_name': slice_.topology_name, 'state_bytes_per_device': state_bytes,
-             'hbm_bytes_per_chip': slice_.chip.hbm_bytes, 'fits': False, 'verdict': verdict},
-            json_path)
+    _refuse_early(s, slice_, json_path, state_bytes, verdict)
 
 
 def memory_report(compiled):
