@@ -1,7 +1,7 @@
 """A 1.1B Llama (TinyLlama's shape) on a TPU v6e-16 slice (16 chips, 32 GB HBM each). NOT RUN
 HERE: no TPU was available to jaxlm's developers; the settings follow MaxText-class recipes
-and the memory arithmetic below, and `jaxlm plan --config=configs/llama_1b_tpu_v6e.py
---devices=16` checks that the shardings divide.
+and the memory arithmetic below; `jaxlm plan --config=configs/llama_1b_tpu_v6e.py
+--topology=v6e-16` (the TPU compiler) gives 15.0 GiB per chip for the train step.
 
     launch/tpu_pod.sh --name lm --zone ZONE --accelerator v6e-16 --mount BUCKET:/mnt/jaxlm \
       -- train --config=configs/llama_1b_tpu_v6e.py --config.data.path=... --workdir=/mnt/jaxlm/runs/NAME
@@ -9,7 +9,7 @@ and the memory arithmetic below, and `jaxlm plan --config=configs/llama_1b_tpu_v
 - FSDP over the 16 chips: parameters + AdamW state (17.6 GB in float32) are 1.1 GB per chip.
 - bfloat16 compute; remat 'save_qkv_proj' keeps q, k and v and recomputes the rest (the
   'minimal' policy, which also keeps the MLP's projections, would need about 42 GiB per chip
-  by `jaxlm plan` on CPU; 'save_qkv_proj' about 24 GiB, under v6e's 32 GB).
+  by `jaxlm plan` on CPU; 'save_qkv_proj' about 24 GiB there, 15.0 GiB by the TPU compiler).
 - 128 sequences of 2048 (0.26M tokens) per step; a 32k vocabulary's logits are computed
   512 positions at a time (loss_chunk) instead of all 16k tokens of a chip at once.
 """

@@ -34,6 +34,8 @@ def run(config, topology='', num_slices=1, json_path=''):
   slice_ = topology_lib.parse(topology) if topology else None
   devices = topology_lib.devices(slice_, num_slices) if slice_ else None
   s = run_lib.setup(config, devices)
+  if slice_:
+    _state_must_fit(s, slice_, json_path)
   m = config.model
   tokens_per_step = config.batch_size * m.max_len
   counts = flops.param_counts(m)
@@ -90,6 +92,25 @@ def _refuse(report, json_path):
   raise ConfigError(report['verdict'])
 
 
+def _state_must_fit(s, slice_, json_path):
+  """A state larger than the chip needs no compile to refuse (a compile takes minutes)."""
+  state_bytes = state_lib.bytes_per_device(s.abstract_state, s.shardings)
+  if state_bytes > slice_.chip.hbm_bytes:
+    _refuse_early(s, slice_, json_path, state_bytes,
+                  f'does not fit {slice_.accelerator_type}: the parameters and optimizer state '
+                  f'alone need {state_bytes / GiB:.2f} GiB per chip, '
+                  f'{(state_bytes - slice_.chip.hbm_bytes) / GiB:.2f} GiB more than the '
+                  f'{slice_.chip.hbm_bytes / GiB:.0f} GiB of HBM; '
+                  f'{_advice(s, state_bytes, slice_.chip.hbm_bytes)}')
+
+
+def _refuse_early(s, slice_, json_path, state_bytes, verdict):
+  _refuse({'devices': s.mesh.size, 'topology': slice_.accelerator_type,
+           'topology_name': slice_.topology_name, 'state_bytes_per_device': state_bytes,
+           'hbm_bytes_per_chip': slice_.chip.hbm_bytes, 'fits': False, 'verdict': verdict},
+          json_path)
+
+
 @contextlib.contextmanager
 def _out_of_hbm(s, slice_, step, json_path):
   """The TPU compiler refuses a step whose buffers exceed the chip's HBM: that is a verdict
@@ -106,11 +127,8 @@ def _out_of_hbm(s, slice_, step, json_path):
     state_bytes = state_lib.bytes_per_device(s.abstract_state, s.shardings)
     verdict = (f'does not fit {slice_.accelerator_type}: the TPU compiler refused the {step} '
                f'step: {message}{shortfall}; '
-               f'{_advice(s, state_bytes, slice_.chip.hbm_bytes)}')
-    _refuse({'devices': s.mesh.size, 'topology': slice_.accelerator_type,
-             'topology_name': slice_.topology_name, 'state_bytes_per_device': state_bytes,
-             'hbm_bytes_per_chip': slice_.chip.hbm_bytes, 'fits': False, 'verdict': verdict},
-            json_path)
+               f'{_advice(s, state_bytes, slice_.chip.hbm_bytes, step)}')
+    _refuse_early(s, slice_, json_path, state_bytes, verdict)
 
 
 def memory_report(compiled):
@@ -155,7 +173,7 @@ def _topology_report(s, slice_, num_slices, prepare, train_memory, report, json_
     loops.append(f'the {config.optimizer.grad_accum_steps} accumulation steps')
   fits = need <= capacity
   largest = 'train' if need == train_memory['total'] else 'eval'
-  advice = _advice(s, report['state_bytes_per_device'], capacity)
+  advice = _advice(s, report['state_bytes_per_device'], capacity, largest)
   verdict = (f'fits: {need / GiB:.2f} of {capacity / GiB:.0f} GiB HBM per chip '
              f'({100 * need / capacity:.0f}%)' if fits else
              f'does not fit {slice_.accelerator_type}: the {largest} step needs '
@@ -183,12 +201,15 @@ def _topology_report(s, slice_, num_slices, prepare, train_memory, report, json_
   }
 
 
-def _advice(s, state_bytes, capacity):
+def _advice(s, state_bytes, capacity, step='train'):
   """The config field to change first, by what takes the memory."""
   config, m = s.config, s.config.model
   if state_bytes > 0.8 * capacity:
     return (f'the state alone is {state_bytes / GiB:.1f} GiB per chip: shard it over more chips '
             f'(mesh.fsdp, a larger --topology or --num_slices with mesh.dcn_fsdp)')
+  if step == 'eval':  # No backward pass, no accumulation: the whole batch at once.
+    return ('the eval step runs all of batch_size at once: try loss_chunk=512 or a smaller '
+            'batch_size')
   batch_axes = nn.logical_to_mesh_axes(('batch',), s.rules)[0]
   per_chip = config.batch_size // config.optimizer.grad_accum_steps / mesh_lib.ways(
       s.mesh, batch_axes)

@@ -59,19 +59,22 @@ def test_a_small_llama_compiles_for_the_slice_and_its_memory_holds_the_state(
   assert f'verdict: fits: {report["bytes_needed_per_chip"] / GiB:.2f} of {hbm_gib} GiB' in out[-2]
 
 
-def test_a_model_that_cannot_fit_exits_2_with_the_shortfall(capsys):
-  # 48 layers of width 4096 on 4 v5e chips: 9.7B parameters, 36 GiB of state per 16 GiB chip.
+def test_a_model_that_cannot_fit_exits_2_with_the_shortfall(capsys, tmp_path):
+  # 48 layers of width 4096 on 4 v5e chips: 9.7B parameters, 27 GiB of state per 16 GiB chip
+  # (refused before compiling; a step the TPU compiler refuses ends the same way).
   code = cli.main(['plan', '--config=configs/llama_7b.py', '--topology=v5e-4',
                    '--config.model.num_layers=48', '--config.batch_size=4',
-                   '--config.optimizer.grad_accum_steps=1', '--config.model.max_len=512'])
+                   '--config.optimizer.grad_accum_steps=1', '--config.model.max_len=512',
+                   '--config.loss_chunk=0', f'--json={tmp_path / "plan.json"}'])
   captured = capsys.readouterr()
   assert code == 2
   error = captured.err.strip().splitlines()[-1]
-  # The TPU compiler itself refuses a program larger than the chip's HBM.
-  assert error.startswith('jaxlm: error: does not fit v5e-4: the TPU compiler refused the '
-                          'train step: ')
-  assert 'GiB)' in error and 'mesh.fsdp' in error
-  assert json.loads(captured.out.splitlines()[-1])['fits'] is False
+  assert error.startswith('jaxlm: error: does not fit v5e-4: the parameters and optimizer state '
+                          'alone need ')
+  assert 'GiB more than the 16 GiB of HBM' in error and 'mesh.fsdp' in error
+  report = json.loads(captured.out.splitlines()[-1])
+  assert report == json.loads((tmp_path / 'plan.json').read_text())
+  assert report['fits'] is False and report['state_bytes_per_device'] > 16 * GiB
 
 
 def test_without_libtpu_topology_says_how_to_install_it(capsys, monkeypatch):
