@@ -40,8 +40,8 @@ def compile_case(config_path, topology, overrides):
 
 def run_case(args, length, attention):
   tokens = args.tokens_per_step
-  overrides = [f'--config.model.max_len={length}', f'--config.batch_size={tokens // length}',
-               f'--config.model.attention={attention}'] + [f'--config.{o}' for o in args.override]
+  overrides = [('model.max_len', str(length)), ('batch_size', str(tokens // length)),
+               ('model.attention', repr(attention))] + [tuple(o.split('=', 1)) for o in args.override]
   program = (f'import json, sys; sys.path.insert(0, {os.path.join(ROOT, "bench")!r}); '
              f'import attention_plan as a; '
              f'print(json.dumps(a.compile_case({args.config!r}, {args.topology!r}, '

@@ -9,7 +9,8 @@ and the memory arithmetic below; `jaxlm plan --config=configs/llama_1b_tpu_v6e.p
 - FSDP over the 16 chips: parameters + AdamW state (17.6 GB in float32) are 1.1 GB per chip.
 - bfloat16 compute; remat 'save_qkv_proj' keeps q, k and v and recomputes the rest (the
   'minimal' policy, which also keeps the MLP's projections, would need about 42 GiB per chip
-  by `jaxlm plan` on CPU; 'save_qkv_proj' about 24 GiB there, 15.0 GiB by the TPU compiler).
+  by `jaxlm plan` on CPU; 'save_qkv_proj' about 24 GiB there; 15.0 GiB by the TPU compiler with XLA attention).
+- Attention: the Pallas splash kernel (no [batch, heads, 2048, 2048] scores in HBM).
 - 128 sequences of 2048 (0.26M tokens) per step; a 32k vocabulary's logits are computed
   512 positions at a time (loss_chunk) instead of all 16k tokens of a chip at once.
 """
@@ -38,6 +39,7 @@ def get_config():
   c.model.max_len = 2048
   c.model.dtype = 'bfloat16'
   c.model.remat_policy = 'save_qkv_proj'
+  c.model.attention = 'splash'  # Pallas flash attention ('auto' picks it on TPU too).
   c.optimizer.learning_rate = 4e-4
   c.optimizer.warmup_steps = 2000
   c.optimizer.eps = 1e-5
