@@ -19,6 +19,7 @@ import sys
 
 from jaxlm import cli, plan
 from jaxlm import config as config_lib
+from jaxlm.errors import ConfigError
 from table import print_table  # bench/table.py: scripts run from bench/.
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
@@ -37,13 +38,19 @@ def measure(name, max_predictions, topology, overrides):
   path = os.path.join(ROOT, 'configs', f'{name}.py')
   config = config_lib.load(path, [('masking.max_predictions', str(max_predictions)),
                                   *overrides])
-  with contextlib.redirect_stdout(io.StringIO()):  # plan's own report; the table is ours.
-    report = plan.run(config, topology=topology)
+  row = {'config': name,
+         'max_predictions': config_lib.max_predictions(config) or f'all {config.model.max_len}',
+         'topology': topology}
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):  # plan's own report; the table is ours.
+      report = plan.run(config, topology=topology)
+  except ConfigError as e:  # Does not fit: the compiler's own words are the figure.
+    return {**row, 'train step (GiB/chip)': str(e).split(';')[0],
+            'temporaries (GiB/chip)': '', 'XLA FLOPs/chip (loop bodies once)': '',
+            'model FLOPs/step (formula)': '', 'compile (s)': ''}
   train = report['train_step_bytes']
   return {
-      'config': name,
-      'max_predictions': config_lib.max_predictions(config) or f'all {config.model.max_len}',
-      'topology': topology,
+      **row,
       'train step (GiB/chip)': train['total'] / GiB,
       'temporaries (GiB/chip)': train['temporaries'] / GiB,
       'XLA FLOPs/chip (loop bodies once)': report['xla_flops_per_step_per_device'],
