@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from jaxlm import paths
 from jaxlm.loop import Hook
 
 log = logging.getLogger('jaxlm')
@@ -79,17 +80,16 @@ def spread(samples):
 def last_logged_step(metrics_path):
   """The highest step with a train row in metrics.jsonl, 0 if none (or no file)."""
   highest = 0
-  try:
-    with open(metrics_path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue  # A half-written last line of a killed run.
-        if 'loss' in row:
-          highest = max(highest, int(row['step']))
-  except FileNotFoundError:
-    pass
+  if not paths.exists(metrics_path):
+    return highest
+  with paths.open(metrics_path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue  # A half-written last line of a killed run.
+      if 'loss' in row:
+        highest = max(highest, int(row['step']))
   return highest
 
 

@@ -16,7 +16,6 @@ import time
 
 import jax
 
-from jaxlm import goodput
 from jaxlm import run as run_lib
 
 log = logging.getLogger('jaxlm')
@@ -48,7 +47,10 @@ class Loop:
     self.result = {}  # What `train` returns: the last logged and eval metrics.
     self.stop = False  # Set by a hook to end the run after this step.
     self.interval_start = time.perf_counter()  # Where the current log interval's time began.
-    self.clock = clock or goodput.Clock()  # Seconds per goodput bucket.
+    if clock is None:
+      from jaxlm import goodput  # Here: goodput's hook subclasses this module's Hook.
+      clock = goodput.Clock()
+    self.clock = clock  # Seconds per goodput bucket.
     self.redo_until = 0  # Steps up to this one were done before a restart (goodput hook).
     self.step_times = []  # Seconds between finished steps, since the goodput hook's last row.
 

@@ -7,13 +7,13 @@ starts) or SIGUSR1 to the process starts a window at the next step boundary, wit
 """
 
 import logging
-import os
 import signal
 import threading
 import time
 
 import jax
 
+from jaxlm import paths
 from jaxlm.loop import Hook
 
 log = logging.getLogger('jaxlm')
@@ -28,8 +28,8 @@ class Profiler(Hook):
   def __init__(self, options, workdir, chief=True):
     self.options = options  # config.profile
     self.enabled = chief or options.all_hosts
-    self.log_dir = os.path.join(workdir, 'tensorboard')
-    self.trigger = os.path.join(workdir, 'PROFILE')
+    self.log_dir = paths.join(workdir, 'tensorboard')
+    self.trigger = paths.join(workdir, 'PROFILE')
     self.stop_at = None  # The step where the running trace ends; None = not tracing.
     self.signalled = False
     self._next_check = 0.0
@@ -53,9 +53,9 @@ class Profiler(Hook):
     if now < self._next_check:
       return False
     self._next_check = now + 1.0
-    if not os.path.exists(self.trigger):
+    if not paths.exists(self.trigger):
       return False
-    os.remove(self.trigger)
+    paths.remove(self.trigger)
     return True
 
   def start(self, loop, steps):

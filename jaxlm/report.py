@@ -5,21 +5,20 @@ up, see jaxlm/goodput.py). Prints a summary and writes PNG plots to <workdir>/re
 """
 
 import json
-import os
 
 import numpy as np
 
-from jaxlm import goodput
+from jaxlm import goodput, paths
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError
 
 
 def read_rows(workdir):
   path = workdir_lib.metrics_path(workdir)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise ConfigError(f'--workdir={workdir} has no metrics.jsonl; train first')
   rows = []
-  with open(path) as f:
+  with paths.open(path) as f:
     for line in f:
       try:
         rows.append(json.loads(line))
@@ -74,15 +73,16 @@ def plot(rows, directory):
   import matplotlib
   matplotlib.use('Agg')  # No display needed.
   from matplotlib import pyplot as plt
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   train = [r for r in rows if 'loss' in r]
   evals = [r for r in rows if 'eval_loss' in r]
-  paths = []
+  written = []
 
   def save(fig, name):
     fig.tight_layout()
-    paths.append(os.path.join(directory, name))
-    fig.savefig(paths[-1], dpi=100)
+    written.append(paths.join(directory, name))
+    with paths.atomic_file(written[-1]) as f:  # A local file or an object in a bucket.
+      fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -118,13 +118,13 @@ def plot(rows, directory):
   ax.set(xlabel='% of wall time', xlim=(0, 100))
   ax.legend(ncol=4, fontsize='small', loc='upper center', bbox_to_anchor=(0.5, -0.35))
   save(fig, 'goodput.png')
-  return paths
+  return written
 
 
 def run(workdir, out):
   rows = read_rows(workdir)
   s = summary(rows)
   print_summary(s, out)
-  paths = plot(rows, os.path.join(workdir, 'report'))
-  out.write('plots: ' + ', '.join(paths) + '\n')
+  written = plot(rows, paths.join(workdir, 'report'))
+  out.write('plots: ' + ', '.join(written) + '\n')
   return s
