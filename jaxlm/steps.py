@@ -53,13 +53,18 @@ def apply(model, params, batch, **kwargs):
 
 def model_loss(model, params, batch, config, z_loss=0.0, **kwargs):
   """(objective, stats) of the model on a prepared batch; with config.loss_chunk the output
-  layer and the loss run chunk by chunk (objectives.chunked_loss)."""
-  if not config.loss_chunk or config.objective == 'classify':
+  layer and the loss run chunk by chunk (objectives.chunked_loss) where the predicted
+  positions (max_len, or a masked LM's gathered predictions) make more than one chunk."""
+  chunk = config.loss_chunk
+  if config.objective != 'classify':
+    positions = batch['targets'].shape[1]
+    # One chunk or fewer: chunking would only add the backward pass's recomputation (the TPU
+    # compiler also gave BERT's 128 gathered predictions more memory in one chunk than none).
+    chunk = chunk if positions > chunk and positions % chunk == 0 else 0
+  if not chunk:
     return objectives.loss(apply(model, params, batch, **kwargs), batch, z_loss)
   hidden = apply(model, params, batch, project=False, **kwargs)
   kernel, bias = model_lib.output_layer(params, config.model)
-  positions = hidden.shape[1]  # max_len, or a masked LM's gathered predictions per row.
-  chunk = config.loss_chunk if positions % config.loss_chunk == 0 else positions
   return objectives.chunked_loss(hidden, kernel, bias, batch, z_loss, chunk)
 
 
