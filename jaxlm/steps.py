@@ -60,7 +60,7 @@ def model_loss(model, params, batch, config, z_loss=0.0, **kwargs):
     positions = batch['targets'].shape[1]
     # One chunk or fewer: chunking would only add the backward pass's recomputation (the TPU
     # compiler also gave BERT's 128 gathered predictions more memory in one chunk than none).
-    chunk = chunk if positions > chunk and positions % chunk == 0 else 0
+    chunk = chunk if chunk and positions > chunk and positions % chunk == 0 else 0
   if not chunk:
     return objectives.loss(apply(model, params, batch, **kwargs), batch, z_loss)
   hidden = apply(model, params, batch, project=False, **kwargs)
