@@ -17,6 +17,7 @@ Three rules, each enforced here:
 
 import json
 import logging
+import math
 import zlib
 
 import jax
@@ -158,9 +159,15 @@ def read_good_params(s, checkpoints, step, host, explicit):
 def nonfinite_leaf(tree):
   """The path of the first floating-point leaf with a non-finite value, or None."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-      if not bool(jax.device_get(jax.numpy.isfinite(leaf).all())):
-        return jax.tree_util.keystr(path)
+    if not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+      continue
+    if isinstance(leaf, np.ndarray):  # Host parameters (convert): no device copy of a leaf.
+      # A sum is finite exactly when every element is (float64: no overflow of sane weights).
+      finite = math.isfinite(float(np.sum(leaf, dtype=np.float64)))
+    else:
+      finite = bool(jax.device_get(jax.numpy.isfinite(leaf).all()))
+    if not finite:
+      return jax.tree_util.keystr(path)
   return None
 
 
