@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 
+import fsspec
 import fsspec.config
 from etils import epath
 
@@ -138,6 +139,17 @@ def glob(pattern):
   if fixed == len(parts):
     return [str(base)] if base.exists() else []
   return sorted(str(p) for p in base.glob('/'.join(parts[fixed:])))
+
+
+def files_under(location):
+  """Every file below a directory, at any depth, as sorted locations (on a bucket one
+  recursive listing: gcsfs refuses a `**` glob there)."""
+  if not is_remote(location):
+    root = normalize(location)
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+  scheme = location.split('://', 1)[0]
+  fs = fsspec.filesystem(scheme)
+  return sorted(f'{scheme}://{p}' for p in fs.find(normalize(location)))
 
 
 def atomic_write(location, data):

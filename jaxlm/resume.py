@@ -85,7 +85,7 @@ def _describe(entry):
 def _files(step_dir):
   """Every file of a checkpoint but the manifest, as paths relative to `step_dir`."""
   root = str(step_dir).rstrip('/')
-  found = [p for p in paths.glob(root + '/**/*') if paths.isfile(p)]
+  found = paths.files_under(root)
   return sorted(p[len(root) + 1:] for p in found if not p.endswith(MANIFEST))
 
 

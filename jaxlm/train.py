@@ -35,8 +35,6 @@ def _train(config, workdir, devices, held):
   distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
   process = (jax.process_index(), jax.process_count())
   chief = process[0] == 0
-  if chief:  # Before any work: a second run on this workdir stops here.
-    held.append(lock.acquire(workdir))
   # Resuming? Then the saved state must fit this config, checked before anything is restored.
   resuming = any(paths.name(p).isdigit()
                  for p in paths.glob(paths.join(workdir_lib.checkpoint_dir(workdir), '*')))
@@ -48,6 +46,7 @@ def _train(config, workdir, devices, held):
     distributed.barrier(DATA_PREPARED)
   corpus = data.prepare(config, workdir)
   if chief:
+    held.append(lock.acquire(workdir))
     if not resuming:  # A resumed run's config.json changes once its new save is good.
       workdir_lib.save_config(workdir, config)
     distributed.barrier(DATA_PREPARED)

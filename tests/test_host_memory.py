@@ -75,11 +75,14 @@ def test_accelerator_detection(monkeypatch):
     assert host_memory._accelerator_possible() == expected, platforms
   monkeypatch.delenv('JAX_PLATFORMS')
   monkeypatch.delenv('TPU_LIBRARY_PATH', raising=False)
-  assert not host_memory._accelerator_possible()  # This machine: jax's CPU backend alone.
+  real = importlib.util.find_spec
+  # A machine without libtpu (the test extra installs it, for `plan --topology`): CPU alone.
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name in ('libtpu', 'jax_plugins') else real(name, *a))
+  assert not host_memory._accelerator_possible()
   monkeypatch.setenv('TPU_LIBRARY_PATH', '/opt/libtpu.so')
   assert host_memory._accelerator_possible()
   monkeypatch.delenv('TPU_LIBRARY_PATH')
-  real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *a: object() if name == 'jax_plugins' else real(name, *a))
   assert host_memory._accelerator_possible()
