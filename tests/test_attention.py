@@ -2,6 +2,8 @@
 attention, in a model, on a mesh, and compiled for TPU; the choice 'auto' makes; cuDNN's
 packed-document arguments."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,6 +98,35 @@ def test_cudnn_gets_each_document_as_an_offset_and_a_length():
   assert not overflow.any()
   *_, overflow = attention.document_runs(segment_ids, 3)  # Four runs do not fit in three.
   np.testing.assert_array_equal(overflow, [True, False])
+
+
+def lowered_for_cuda(name, length, monkeypatch):
+  """The StableHLO of attention's forward and backward pass for an NVIDIA GPU, lowered here
+  (no GPU needed to lower; jax.export allows another platform). Lowering the fused cuDNN call
+  asks the local cuDNN's version and the GPU's compute capability: a Hopper's are given."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_lib
+  monkeypatch.setattr(cudnn_lib, 'check_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(cudnn_lib, 'check_compute_capability', lambda capability: True)
+  monkeypatch.setattr(cudnn_lib, 'is_cuda_compute_capability_equal', lambda capability: False)
+  cfg = attention_config(name, dtype='bfloat16', head_dim=64)
+  q = jax.ShapeDtypeStruct((2, length, 4, 64), jnp.bfloat16)
+  loss = lambda q, k, v, segment_ids: jnp.sum(
+      attention.attend(q, k, v, segment_ids, True, cfg).astype(jnp.float32))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  unchecked = [jax.export.DisabledSafetyCheck.custom_call(f'__cudnn$fmha{kind}')
+               for kind in ('Softmax', 'SoftmaxBackward')]
+  exported = jax.export.export(grads, platforms=['cuda'], disabled_checks=unchecked)(
+      q, q, q, jax.ShapeDtypeStruct((2, length), jnp.int32))
+  return exported.mlir_module()
+
+
+def test_cudnn_packed_attention_for_a_gpu_has_no_length_by_length_tensor(monkeypatch):
+  length = 192  # No other dimension is 192: a [.., 192, 192] tensor is a mask, bias or scores.
+  square = re.compile(rf'tensor<(\d+x)*{length}x{length}x')
+  cudnn = lowered_for_cuda('cudnn', length, monkeypatch)
+  assert '__cudnn$fmhaSoftmax(' in cudnn and '__cudnn$fmhaSoftmaxBackward(' in cudnn
+  assert not square.search(cudnn)
+  assert square.search(lowered_for_cuda('xla', length, monkeypatch))  # What it would be.
 
 
 def test_splash_block_sizes_follow_the_length_and_the_config():
