@@ -7,6 +7,10 @@ Lowered from shapes only, so a 7B model can be planned on a laptop. Three kinds 
 - `--topology=v5p-128` (jaxlm/topology.py): the compile-only devices of a Cloud TPU slice,
   compiled by the TPU compiler itself, so the HBM figure is the compiler's own, and a verdict
   says whether the step fits the chip's HBM (exit 2 with the shortfall when it does not).
+
+`--quick` compiles with the compiler's least optimisation effort: 4-7x less compile time for
+the TPU (its low-level scheduling is most of a compile), memory figures a few percent off the
+full compile's (BENCHMARKS.md), so its verdict asks for QUICK_HEADROOM of the HBM to spare.
 """
 
 import contextlib
@@ -25,9 +29,11 @@ from jaxlm.errors import ConfigError
 
 log = logging.getLogger('jaxlm')
 GiB = 2 ** 30
+QUICK = {'exec_time_optimization_effort': -1.0}  # XLA's least effort (jax's compiler option).
+QUICK_HEADROOM = 0.10  # Measured: a quick compile's memory is within 7% of the full one's.
 
 
-def run(config, topology='', num_slices=1, json_path=''):
+def run(config, topology='', num_slices=1, json_path='', quick=False):
   if config.objective == 'classify':
     from jaxlm.data import labeled
     labeled.resolve_labels(config)  # The classifier's size.
@@ -42,7 +48,7 @@ def run(config, topology='', num_slices=1, json_path=''):
   prepare = objectives.build(config)
   start = time.perf_counter()
   with _out_of_hbm(s, slice_, 'train', json_path):
-    compiled = run_lib.compile_train_step(s, prepare)
+    compiled = run_lib.compile_train_step(s, prepare, QUICK if quick else None)
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -65,6 +71,7 @@ def run(config, topology='', num_slices=1, json_path=''):
       'step_bytes_per_device': memory.get('total'),
       'temporary_bytes_per_device': memory.get('temporaries'),
       'compile_s': round(compile_s, 1),
+      'quick': quick,
   }
   print(f'parameters: {counts["total"]:,}; FLOPs per step: {report["flops_per_step"]:.4g} '
         f'(6N + 12LHQT x {tokens_per_step:,} tokens)')
@@ -142,7 +149,7 @@ def memory_report(compiled):
           'total': run_lib.memory_per_device(compiled)['total']}
 
 
-def compile_eval_step(s, prepare):
+def compile_eval_step(s, prepare, compiler_options=None):
   """The eval step (`jaxlm eval` and the run's periodic evaluation), compiled from shapes for
   the parameter and batch shardings of `s` (the bits-per-byte table left out: no tokenizer)."""
   step = jax.jit(steps.make_eval_step(s.model, s.config, prepare),
@@ -153,7 +160,7 @@ def compile_eval_step(s, prepare):
   batch = {k: jax.ShapeDtypeStruct(shape[:len(axes)], jnp.int32, sharding=s.batch_sharding[k])
            for k, axes in state_lib.batch_features(s.config).items()}
   with s.active():
-    return step.lower(params, batch).compile()
+    return step.lower(params, batch).compile(compiler_options)
 
 
 def _topology_report(s, slice_, num_slices, prepare, train_memory, report, json_path):
@@ -161,7 +168,8 @@ def _topology_report(s, slice_, num_slices, prepare, train_memory, report, json_
   config = s.config
   start = time.perf_counter()
   with _out_of_hbm(s, slice_, 'eval', json_path):
-    eval_memory = memory_report(compile_eval_step(s, prepare))
+    options = QUICK if report['quick'] else None
+    eval_memory = memory_report(compile_eval_step(s, prepare, options))
   eval_compile_s = time.perf_counter() - start
   capacity = slice_.chip.hbm_bytes
   need = max(train_memory['total'], eval_memory['total'])
@@ -171,14 +179,18 @@ def _topology_report(s, slice_, num_slices, prepare, train_memory, report, json_
     loops.append(f'the {config.model.num_layers}-layer scan')
   if config.optimizer.grad_accum_steps > 1:
     loops.append(f'the {config.optimizer.grad_accum_steps} accumulation steps')
-  fits = need <= capacity
+  # A quick compile's figures may be a few percent under the full compile's: keep headroom.
+  usable = capacity * (1 - QUICK_HEADROOM) if report['quick'] else capacity
+  fits = need <= usable
   largest = 'train' if need == train_memory['total'] else 'eval'
   advice = _advice(s, report['state_bytes_per_device'], capacity, largest)
+  quick = (f' (--quick: {100 * QUICK_HEADROOM:.0f}% kept spare for the full compile\'s '
+           f'figures)' if report['quick'] else '')
   verdict = (f'fits: {need / GiB:.2f} of {capacity / GiB:.0f} GiB HBM per chip '
-             f'({100 * need / capacity:.0f}%)' if fits else
+             f'({100 * need / capacity:.0f}%){quick}' if fits else
              f'does not fit {slice_.accelerator_type}: the {largest} step needs '
-             f'{need / GiB:.2f} GiB per chip, {(need - capacity) / GiB:.2f} GiB more than the '
-             f'{capacity / GiB:.0f} GiB of HBM; {advice}')
+             f'{need / GiB:.2f} GiB per chip, {(need - usable) / GiB:.2f} GiB more than the '
+             f'{usable / GiB:.1f} GiB of HBM{quick}; {advice}')
   print(f'TPU compiler, {num_slices} x {slice_.accelerator_type} ({s.mesh.size} chips of '
         f'{slice_.chip.hbm_bytes / GiB:.0f} GiB HBM), per chip:')
   print(f'  state (parameters + optimizer) {report["state_bytes_per_device"] / GiB:8.2f} GiB')

@@ -117,10 +117,10 @@ def restore_params(s, workdir, step=None, host=False):
     checkpoints.close()
 
 
-def compile_train_step(s, prepare):
+def compile_train_step(s, prepare, compiler_options=None):
   """The train step of objective `prepare`, jit-compiled ahead of time for the state and batch
   shardings of `s`. Lowered from shapes alone, so it also plans meshes whose devices are not
-  all real.
+  all real. `compiler_options`: XLA's, e.g. plan.QUICK.
   """
   step = jax.jit(steps.make_train_step(s.model, s.tx, s.lr_schedule, s.config, prepare),
                  in_shardings=(s.shardings, s.batch_sharding),
@@ -131,7 +131,7 @@ def compile_train_step(s, prepare):
   batch = {k: jax.ShapeDtypeStruct(shape[:len(axes)], jnp.int32, sharding=s.batch_sharding[k])
            for k, axes in state_lib.batch_features(s.config).items()}
   with s.active():
-    return step.lower(state, batch).compile()
+    return step.lower(state, batch).compile(compiler_options)
 
 
 def memory_per_device(compiled):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from jaxlm import cli, topology
+from jaxlm import cli, plan, topology
 
 GiB = 2 ** 30
 ACCELERATOR_CONFIGS = ('llama_7b_tpu_v5p', 'llama_1b_tpu_v6e', 'llama_7b', 'llama_1b',
@@ -83,12 +83,30 @@ def test_without_libtpu_topology_says_how_to_install_it(capsys, monkeypatch):
   assert "pip install 'jaxlm[test]'" in capsys.readouterr().err
 
 
+def intended_topology(name):
+  return runpy.run_path(os.path.join(ROOT, 'configs', f'{name}.py'))['TOPOLOGY']
+
+
+@pytest.mark.parametrize('name', ACCELERATOR_CONFIGS)
+def test_every_shipped_accelerator_config_fits_its_topology_by_a_quick_compile(name, capsys,
+                                                                              tmp_path):
+  # The TPU compiler at its least effort (minutes less per config than the full compile below,
+  # which is too slow for CI): the same programs, memory figures within a few percent.
+  assert cli.main(['plan', f'--config=configs/{name}.py', f'--topology={intended_topology(name)}',
+                   '--quick', f'--json={tmp_path / "plan.json"}']) == 0
+  report = json.loads((tmp_path / 'plan.json').read_text())
+  assert report['quick'] and report['fits'] and '10% kept spare' in report['verdict']
+  assert report['bytes_needed_per_chip'] <= (1 - plan.QUICK_HEADROOM) * report['hbm_bytes_per_chip']
+  assert report['bytes_needed_per_chip'] >= report['state_bytes_per_device']
+  capsys.readouterr()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ACCELERATOR_CONFIGS)
 def test_every_shipped_accelerator_config_fits_its_topology(name, tmp_path):
-  topology_ = runpy.run_path(os.path.join(ROOT, 'configs', f'{name}.py'))['TOPOLOGY']
   proc = subprocess.run([sys.executable, '-m', 'jaxlm', 'plan', f'--config=configs/{name}.py',
-                         f'--topology={topology_}'], cwd=ROOT, capture_output=True, text=True)
+                         f'--topology={intended_topology(name)}'], cwd=ROOT,
+                        capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads(proc.stdout.splitlines()[-1])['fits']
 
