@@ -40,7 +40,8 @@ log = logging.getLogger('jaxlm')
 SPLITS = ('train', 'validation')
 MANIFEST = 'manifest.json'
 TFDS_RECORDS_PER_UNIT = 200_000
-BATCH_BYTES = 4 << 20  # Text encoded at once: large enough for the tokenizer's threads.
+# Text encoded at once, per encoding thread: the batch's token lists take ~60x its bytes.
+BATCH_BYTES_PER_THREAD = 64 << 10
 PROGRESS_EVERY_S = 10.0
 
 
@@ -176,10 +177,11 @@ def _unit_documents(source, unit, skipped):
 
 def _batches(documents):
   batch, size = [], 0
+  limit = BATCH_BYTES_PER_THREAD * (os.cpu_count() or 1)
   for doc in documents:
     batch.append(doc)
     size += len(doc.text)
-    if size >= BATCH_BYTES:
+    if size >= limit:
       yield batch
       batch, size = [], 0
   if batch:
