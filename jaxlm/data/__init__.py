@@ -204,9 +204,8 @@ def _tokenize_source(config, source, tokenizer, ids, cache_dir, refresh):
     done = shards.write_manifest(directory, units, fingerprint, header)
     log.info('%s: %s', what, summary(done))
     if config.data.packing == 'first_fit':  # Stored now, so that training starts at once.
-      streams = store.open_streams(directory, done, tokenizer.vocab_size)
-      for split in store.SPLITS:
-        _pack(config, directory, split, streams[split])
+      for stream in store.open_streams(directory, done, tokenizer.vocab_size).values():
+        pack(stream, config)
 
   distributed.on_chief(f'manifest of {what}', finish)
   return directory, store.read_manifest(directory)
@@ -233,30 +232,40 @@ def summary(manifest):
       f'; skipped {skipped.summary()}' if skipped else '')
 
 
-def _pack(config, directory, split, stream):
-  """The split's rows of model.max_len; a first-fit layout is read if stored, else computed
-  and stored (by process 0)."""
-  seq_len = config.model.max_len
+def pack(stream, config, seq_len=None):
+  """Rows of `seq_len` tokens (default model.max_len) from a split's stream, packed as
+  data.packing says. A first-fit layout is read from the stream's shard directory if stored
+  there for that length, else computed and stored (by process 0)."""
+  seq_len = seq_len or config.model.max_len
   if config.data.packing == 'split':
     return packing.PackedRows(stream, seq_len)
-  layout = store.load_layout(directory, split, seq_len)
+  stored = bool(stream.directory)
+  layout = store.load_layout(stream.directory, stream.split, seq_len) if stored else None
   try:
     rows = packing.FirstFitRows(stream, seq_len, layout)
   except ValueError as e:
-    raise ConfigError(f'{store.layout_path(directory, split, seq_len)} is not a packing layout '
-                      f'({e}); delete it and it is computed again') from e
-  if layout is None:
+    raise ConfigError(f'{store.layout_path(stream.directory, stream.split, seq_len)} is not a '
+                      f'packing layout ({e}); delete it and it is computed again') from e
+  if stored and layout is None:
     import jax
     if jax.process_index() == 0:
-      store.save_layout(directory, split, seq_len, rows.layout())
+      store.save_layout(stream.directory, stream.split, seq_len, rows.layout())
   return rows
+
+
+def repack(rows, config, seq_len):
+  """The same token streams as `rows` (rows of a Corpus, mixtures included) packed into rows
+  of another length, e.g. for a phase of training at a shorter sequence length."""
+  if isinstance(rows, packing.Mixture):
+    return packing.Mixture([repack(p, config, seq_len) for p in rows.parts], rows.weights)
+  return pack(rows.stream, config, seq_len)
 
 
 def _rows(config, tokenizer, directory, manifest):
   """(train rows, validation rows) of one tokenized source."""
   what = manifest['source']
   streams = store.open_streams(directory, manifest, tokenizer.vocab_size)
-  rows = tuple(_pack(config, directory, s, streams[s]) for s in store.SPLITS)
+  rows = tuple(pack(streams[s], config) for s in store.SPLITS)
   for split, part in zip(store.SPLITS, rows):
     if len(part) == 0:
       raise ConfigError(f'the {split} split of {what} has {len(part.stream.tokens)} tokens, '

@@ -28,6 +28,8 @@ OPEN_MAPS = 128  # Memory-mapped shards kept open (each holds a file descriptor)
 class TokenStream:
   tokens: np.ndarray  # [num_tokens] every document framed (BOS text EOS), back to back.
   starts: np.ndarray  # [num_documents + 1] offset of each document; the last is num_tokens.
+  directory: str = ''  # Of its shards (where packing layouts are stored), and which split.
+  split: str = ''
 
   @property
   def num_documents(self):
@@ -71,7 +73,7 @@ def open_streams(directory, manifest, vocab_size):
     if len(starts) != manifest[split]['documents'] + 1 or starts[-1] != len(tokens):
       raise ConfigError(f'{directory}/{split}.starts does not match its manifest (corrupted?); '
                         f'delete {directory} and the corpus is tokenized again')
-    streams[split] = TokenStream(tokens, starts)
+    streams[split] = TokenStream(tokens, starts, directory, split)
   return streams
 
 
