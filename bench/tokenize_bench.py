@@ -6,7 +6,7 @@ manifest present, and the rates against what llama_1b consumes on an H100 at 50%
 
 A run `SxP` tokenizes an S MB corpus with P processes (launch/local.sh's way: joined by
 jax.distributed on localhost). The corpus is JSONL files of 32 MB, documents drawn from a pool
-of random-word texts; the tokenizer (configs/gpt_tiny.py's: 4096 BPE pieces) is trained once
+of stretches of real text; the tokenizer (configs/gpt_tiny.py's: 4096 BPE pieces) is trained once
 by the first run, from its bounded sample, and then given to the others.
 """
 
@@ -21,23 +21,29 @@ import sys
 import tempfile
 import time
 
+from jaxlm.data import sources
 from table import print_table  # bench/table.py: scripts run from bench/.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILE_MB = 32
-# Runs `jaxlm` and reports its peak resident memory (the jaxlm command's allocator settings).
-MAIN = ('import resource, sys\nfrom jaxlm import cli, host_memory\nhost_memory.keep_host_memory()\n'
-        'code = cli.main(sys.argv[1:])\nprint("PEAK_RSS_MB", resource.getrusage('
-        'resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\nsys.exit(code)\n')
+# Runs `jaxlm` (with the jaxlm command's allocator settings) and reports its peak resident
+# memory: VmHWM, since ru_maxrss keeps the parent's resident set from before the exec.
+MAIN = ('import sys\nfrom jaxlm import cli, host_memory\nhost_memory.keep_host_memory()\n'
+        'code = cli.main(sys.argv[1:])\nhwm = [l for l in open("/proc/self/status") '
+        'if l.startswith("VmHWM")][0].split()[1]\n'
+        'print("PEAK_RSS_MB", int(hwm) / 1024, file=sys.stderr)\nsys.exit(code)\n')
 
 
 def make_corpus(folder, size_mb, seed=0):
-  """JSONL files of FILE_MB until `size_mb`; documents of 50-2000 words from a pool."""
+  """JSONL files of FILE_MB until `size_mb`; documents are random stretches (300-8000
+  characters) of the Python standard library's source: real text, drawn from a pool."""
   rng = random.Random(seed)
-  words = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(1, 9)))
-           for _ in range(20000)]
-  pool = [json.dumps({'text': ' '.join(rng.choices(words, k=rng.randint(50, 2000)))}) + '\n'
-          for _ in range(3000)]
+  _, files = sources.stdlib_files()
+  text = ''.join(open(f, encoding='utf-8', errors='replace').read() for f in files[:2000])
+  pool = []
+  for _ in range(3000):
+    start, length = rng.randrange(len(text) - 8000), rng.randint(300, 8000)
+    pool.append(json.dumps({'text': text[start:start + length]}) + '\n')
   os.makedirs(folder, exist_ok=True)
   written, index = 0, 0
   while written < size_mb * 2**20:
