@@ -53,11 +53,11 @@ def read_manifest(directory):
     return None
   try:
     manifest = json.loads(paths.read_text(path))
-    if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+    if (not isinstance(manifest, dict) or manifest.get('format') != FORMAT
+        or not {'shards', 'dtype', 'fingerprint', 'source', *SPLITS} <= manifest.keys()):
       raise ValueError('not a jaxlm token manifest of this version')
-    manifest['shards'], manifest['dtype']  # noqa: B018 - present?
     return manifest
-  except (ValueError, KeyError, UnicodeDecodeError, OSError) as e:
+  except (ValueError, UnicodeDecodeError, OSError) as e:
     raise ConfigError(f'token manifest {path} cannot be read ({first_line(e)}); delete '
                       f'{directory} and the corpus is tokenized again') from e
 
