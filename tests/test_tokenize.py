@@ -275,3 +275,21 @@ def test_compressed_jsonl_is_read_and_zstd_needs_its_module(tmp_path):
         zstandard.ZstdCompressor().compress(b'{"text": "inside zstd"}\n'))
     docs = sources.iter_documents(tiny_config(data__path=str(tmp_path / '*.zst')).data)
     assert [d.text for d in docs] == ['inside zstd']
+
+
+def test_tfds_record_ranges_are_units_and_give_the_stream_of_one(tmp_path, shared_data,
+                                                                   monkeypatch):
+  import tensorflow_datasets as tfds
+  config = tiny_config(data__path='', data__tfds_name='lm1b', model__max_len=16,
+                       data__validation_fraction=0.2,
+                       data__tokenizer=str(shared_data / 'tokenizer.model'))
+  streams = {}
+  with tfds.testing.mock_data(num_examples=60, policy=tfds.testing.MockPolicy.USE_CODE):
+    for per_unit in (16, 1000):
+      monkeypatch.setattr(shards, 'TFDS_RECORDS_PER_UNIT', per_unit)
+      config.data.cache_dir = str(tmp_path / str(per_unit))
+      _, [(_, _, manifest)] = data.tokenize(config, str(tmp_path))
+      corpus_ = data.prepare(config, str(tmp_path))
+      streams[per_unit] = (len(manifest['shards']), np.asarray(corpus_.train.stream.tokens))
+  assert streams[16][0] == 4 and streams[1000][0] == 1
+  np.testing.assert_array_equal(streams[16][1], streams[1000][1])
