@@ -81,6 +81,8 @@ def test_two_processes_write_the_shards_of_one_and_batches_match_for_1_2_4(corpu
   result = run_local(2, 'tokenize', f'--config={path}', f'--workdir={root}/run2', timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.splitlines()[-1])['sources'][0]['train'] == manifest['train']
+  assert 'tokens/s' in result.stderr and ' left' in result.stderr  # The progress line...
+  assert f'train {manifest["train"]["documents"]:,} documents' in result.stderr  # ... counts.
   [two] = [os.path.join(root, 'two', d) for d in os.listdir(root / 'two')]
   assert files_of(one) == files_of(two)  # Byte for byte, manifest included.
 
