@@ -162,8 +162,9 @@ def tokenize_command(config, workdir):
   if jax.process_index() == 0:
     save_tokenizer(tokenizer, workdir)
   return {'tokenizer': tokenizer.path or tokenizer_path(workdir), 'sources': [
-      {'source': m['source'], 'manifest': paths.join(d, shards.MANIFEST), 'shards': len(m['shards']),
-       'skipped': m['skipped'], **{s: m[s] for s in store.SPLITS}} for _, d, m in found]}
+      {'source': m['source'], 'manifest': paths.join(d, shards.MANIFEST),
+       'shards': len(m['shards']), 'skipped': m['skipped'], **{s: m[s] for s in store.SPLITS}}
+      for _, d, m in found]}
 
 
 def _what(source):
@@ -215,8 +216,9 @@ def _changed(directory, manifest, listing):
   """Which input differs from what a manifest's shards were made from, in words."""
   if listing is None:
     return 'the TFDS split\'s size changed'
-  known = {tuple(f[1:]) for s in manifest['shards']
-           for f in shards.read_index(shards.shard_files(directory, s['id'])[1])['unit']['files']}
+  indexes = [shards.read_index(shards.shard_files(directory, s['id'])[1])
+             for s in manifest['shards']]
+  known = {tuple(f[1:]) for index in indexes if index for f in index['unit']['files']}
   now = {tuple(f[1:]) for f in listing}
   if now - known:
     return f'{min(now - known)[0]} is new or changed'
