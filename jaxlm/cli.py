@@ -123,6 +123,14 @@ def _generate(args, overrides):
   return None
 
 
+def _tokenize(args, overrides):
+  config = _config(args, overrides)
+  _require_workdir(args)
+  _join(config, args)
+  from jaxlm import data
+  return data.tokenize_command(config, args.workdir)
+
+
 def _report(args, overrides):
   _require_workdir(args)
   if overrides:
@@ -222,6 +230,7 @@ COMMANDS = {
     'convert': (_convert, 'import a Hugging Face checkpoint as a run, or export a run to one'),
     'sweep': (_sweep, 'train every run of a scaling-law sweep (configs/scaling/)'),
     'fit': (_fit, 'fit scaling laws to the runs of a sweep; write fit.json and plots'),
+    'tokenize': (_tokenize, 'tokenize the corpus into shards and a manifest, on every process'),
     'report': (_report, 'summarise a run from --workdir: goodput, step times, PNG plots'),
 }
 

@@ -219,7 +219,8 @@ def validate(config):
                'model.num_layers', 'model.emb_dim', 'model.num_heads', 'model.num_kv_heads',
                'model.head_dim', 'model.mlp_dim', 'model.vocab_size', 'model.max_len',
                'optimizer.grad_accum_steps', 'checkpoint.save_every_steps', 'checkpoint.keep',
-               'data.num_threads', 'data.prefetch', 'data.tokenizer_sample_bytes'):
+               'data.num_threads', 'data.prefetch', 'data.tokenizer_sample_bytes',
+               'data.shard_bytes'):
     _check(config, name, lambda v: v > 0, 'must be positive')
   for name in ('eval_every_steps', 'z_loss', 'optimizer.warmup_steps', 'optimizer.weight_decay',
                'optimizer.grad_clip', 'optimizer.eps', 'data.max_documents', 'model.norm_eps',

@@ -183,6 +183,8 @@ def defaults(family='gpt2'):
   d.tokenizer_sample_bytes = 20_000_000  # Text sampled from the corpus to train it.
   d.validation_fraction = 0.02  # Share of documents held out (chosen by a hash of their name).
   d.cache_dir = ''  # Where the tokenized corpus is cached; '' = <workdir>/data.
+  # Input bytes per token shard: the unit of work of a tokenizing process, and of resuming.
+  d.shard_bytes = 256_000_000
   # How documents fill rows: 'split' concatenates and cuts (no padding, most documents cut);
   # 'first_fit' places whole documents (long ones in max_len pieces) first-fit decreasing.
   d.packing = 'split'

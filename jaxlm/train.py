@@ -13,7 +13,7 @@ from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
 
 log = logging.getLogger('jaxlm')
-DATA_PREPARED = 'process 0 has prepared the data (tokenizer, token cache)'
+DATA_PREPARED = 'the data is prepared (tokenizer, token shards) and the workdir locked'
 
 
 def train(config, workdir, devices=None):
@@ -41,15 +41,14 @@ def _train(config, workdir, devices, held):
   if resuming:
     resume.check_compatible(workdir, config)
   source = run_lib.init_source(s)
-  # The chief trains the tokenizer and fills the token cache; the others then read them.
-  if not chief:
-    distributed.barrier(DATA_PREPARED)
+  # Every process tokenizes its share of the corpus unless its manifest exists (the chief
+  # trains the tokenizer first, if there is none), then opens the shards.
   corpus = data.prepare(config, workdir)
   if chief:
     held.append(lock.acquire(workdir))
     if not resuming:  # A resumed run's config.json changes once its new save is good.
       workdir_lib.save_config(workdir, config)
-    distributed.barrier(DATA_PREPARED)
+  distributed.barrier(DATA_PREPARED)
   prepare = objectives.build(config, corpus.tokenizer)
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
   eval_set = data.eval_batches(corpus.validation, config, *process)

@@ -89,7 +89,7 @@ def test_corpus_split_is_deterministic_and_disjoint(config, workdir):
   np.testing.assert_array_equal(again.train.stream.tokens, corpus.train.stream.tokens)
 
 
-def test_cache_is_rebuilt_when_the_source_changes(tmp_path, shared_data):
+def test_a_changed_source_is_refused_until_tokenized_again(tmp_path, shared_data):
   corpus_dir = tmp_path / 'corpus'
   corpus_dir.mkdir()
   for i in range(30):
@@ -99,10 +99,17 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path, shared_data):
                        data__validation_fraction=0.2)
   first = data.prepare(config, str(tmp_path))
   (corpus_dir / 'doc99.txt').write_text('a new document ' * 50)
+  with pytest.raises(ConfigError, match=r'changed since it was tokenized into .*\(doc99.txt is '
+                                        r'new or changed\); run `jaxlm tokenize`'):
+    data.prepare(config, str(tmp_path))  # Never silently a different stream under a run.
+  data.tokenize(config, str(tmp_path), refresh=True)
   second = data.prepare(config, str(tmp_path))
   assert (second.train.stream.num_documents + second.validation.stream.num_documents ==
           first.train.stream.num_documents + first.validation.stream.num_documents + 1)
   assert not [f for f in os.listdir(tmp_path / 'data') if '.tmp' in f]  # No half-written files.
+  (corpus_dir / 'doc3.txt').unlink()
+  with pytest.raises(ConfigError, match=r'doc3.txt was removed'):
+    data.prepare(config, str(tmp_path))
 
 
 def test_jsonl_documents_and_bad_lines_are_counted(tmp_path):
@@ -313,7 +320,7 @@ def test_a_mixture_of_sources_is_prepared_from_the_config(tmp_path, shared_data)
       (1, os.path.join(STDLIB, 'logging/*.py'))))
   corpus = data.prepare(config, str(tmp_path))
   assert isinstance(corpus.train, packing.Mixture) and len(corpus.train.parts) == 2
-  assert len(list((tmp_path / 'data').glob('train-*.tokens.npy'))) == 2  # A cache per source.
+  assert len(list((tmp_path / 'data').glob('*/manifest.json'))) == 2  # Shards per source.
   rows = [corpus.validation[i] for i in range(min(8, len(corpus.validation)))]
   assert all(r['tokens'].shape == (64,) for r in rows)
   for bad, message in [(((0, 'x'),), 'must be \\(positive weight, source\\)'),

@@ -127,7 +127,7 @@ def test_a_run_lives_entirely_in_a_bucket(tmp_path, shared_data, gcs, capsys):
   for step in range(saved[-1] + 1, steps + 1):  # Bit for bit: the same floats in the JSON.
     assert got[step]['loss'] == expected[step]['loss'], step
   assert got[steps]['eval_loss'] == expected[steps]['eval_loss']
-  assert paths.glob(f'{run}/data/train-*.tokens.npy')  # The token cache is in the bucket.
+  assert paths.glob(f'{run}/data/*/manifest.json')  # The token shards are in the bucket.
   assert paths.glob(f'{run}/tensorboard/*')
 
   # The other commands in this process (a jax start each would double the test's time).

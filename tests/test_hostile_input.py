@@ -251,7 +251,7 @@ def corrupt(path, rng, how):
 FUZZ = [
     ('config.json', ['eval'], ('replace', 'truncate', 'flip') * 3),
     ('tokenizer.model', ['eval'], ('replace', 'truncate')),
-    ('data/*.tokens.npy', ['eval'], ('replace', 'truncate')),
+    ('data/*/shards/*.tokens', ['eval'], ('replace', 'truncate')),
     ('checkpoints/4/state/**/d/*', ['eval'], ('replace', 'flip')),
     ('runs.jsonl', ['fit'], ('replace', 'truncate', 'flip') * 3),
 ]

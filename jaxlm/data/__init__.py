@@ -1,4 +1,4 @@
-"""Input: documents -> sentencepiece -> cached token streams -> packed rows -> batches.
+"""Input: documents -> sentencepiece -> token shards + manifest -> packed rows -> batches.
 
 The order of training batches is a pure function of (seed, step): a grain MapDataset shuffles
 the packed rows (reshuffling every epoch), so resuming at step s starts at batch s without
@@ -12,10 +12,10 @@ import math
 import grain
 import numpy as np
 
-from jaxlm import paths
+from jaxlm import distributed, paths
 from jaxlm.config import is_causal
 from jaxlm.errors import ConfigError
-from jaxlm.data import labeled, packing, sources, store
+from jaxlm.data import labeled, packing, shards, sources, store
 from jaxlm.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger('jaxlm')
@@ -83,17 +83,25 @@ def check_tokenizer(config, tokenizer):
 
 
 def _tokenizer_sample(config):
-  """An unbiased sample from all over the corpus: each training document with probability
-  sample_bytes / corpus bytes, decided by a hash of its name (in a mixture, each source
-  contributes in proportion to its weight)."""
+  """A bounded sample of the corpus: from each source its weight's share of
+  data.tokenizer_sample_bytes, read from prefixes of a few files chosen by the seed (all of a
+  source no larger than its share)."""
   components = sources.components(config.data)
   total = sum(w for w, _ in components)
   for weight, source in components:
-    share = (weight / total * config.data.tokenizer_sample_bytes /
-             max(1, sources.approximate_bytes(source)))
-    yield from (d for d in sources.iter_documents(source)
-                if not sources.sampled(d.name, config.data.validation_fraction)
-                and sources.sampled('tokenizer:' + d.name, share))
+    yield from sources.sample_documents(
+        source, weight / total * config.data.tokenizer_sample_bytes, config.seed)
+
+
+def _shared_tokenizer(config, workdir, sample=None):
+  """get_tokenizer; with several processes, process 0 gets it (training it if need be) and
+  saves it in the workdir, and the others then load that file."""
+  import jax
+  if jax.process_count() == 1:
+    return get_tokenizer(config, workdir, sample)
+  distributed.on_chief('tokenizer', lambda: save_tokenizer(
+      get_tokenizer(config, workdir, sample), workdir))
+  return get_tokenizer(config, workdir)
 
 
 def save_tokenizer(tokenizer, workdir):
@@ -111,17 +119,17 @@ def frame(config, tokenizer):
 
 
 def prepare(config, workdir):
-  """Tokenizer and packed train/validation rows, building the token caches if needed (or, to
-  fine-tune a classifier, the labeled examples). With `data.mixture`, each source has its own
-  cache and rows, mixed by weight (packing.Mixture).
+  """Tokenizer and packed train/validation rows, tokenizing the corpus first if its manifest
+  is missing (or, to fine-tune a classifier, the labeled examples). With `data.mixture`, each
+  source has its own shards and rows, mixed by weight (packing.Mixture). Every process of a
+  job calls it: each tokenizes its share.
 
-  A new tokenizer and token cache are written only once the corpus has been found usable.
+  A new tokenizer is saved only once the corpus has been found usable (with one process).
   """
   if config.objective == 'classify':
     return _prepare_labeled(config, workdir)
-  tokenizer = get_tokenizer(config, workdir)
-  parts = [(weight, _rows(config, source, tokenizer, workdir))
-           for weight, source in sources.components(config.data)]
+  tokenizer, parts = tokenize(config, workdir)
+  parts = [(weight, _rows(config, tokenizer, *found)) for weight, *found in parts]
   save_tokenizer(tokenizer, workdir)
   if len(parts) == 1:
     return Corpus(tokenizer, *parts[0][1])
@@ -130,32 +138,141 @@ def prepare(config, workdir):
                 packing.Mixture([r[1] for _, r in parts], weights))
 
 
-def _rows(config, source, tokenizer, workdir):
-  """(train rows, validation rows) of one source (a data config), from its token cache."""
-  what = source.tfds_name or source.path or 'the Python standard library'
+def tokenize(config, workdir, refresh=False):
+  """Tokenizes each source of the config into token shards (this process's share; see
+  shards.py) unless its manifest exists. Returns (tokenizer, [(weight, directory, manifest)]).
+
+  A source whose files changed since its manifest was written is a ConfigError, unless
+  `refresh` (jaxlm tokenize): then the changed files are tokenized again and the manifest
+  replaced, the shards of unchanged files kept.
+  """
+  tokenizer = _shared_tokenizer(config, workdir)
   ids = frame(config, tokenizer)
-  key = store.cache_key(sources.fingerprint(source), tokenizer, config, ids)
   cache_dir = config.data.cache_dir or paths.join(workdir, 'data')
-  streams = store.load(cache_dir, key)
-  built = streams is None
-  if built:
-    skipped = sources.Skipped()
-    log.info('tokenizing %s', what)
-    streams = store.build(
-        sources.iter_documents(source, skipped), tokenizer,
-        lambda name: sources.sampled(name, config.data.validation_fraction), ids)
-    if skipped:
-      log.warning('%s: skipped %s', what, skipped.summary())
-  pack = {'split': packing.PackedRows, 'first_fit': packing.FirstFitRows}[config.data.packing]
-  rows = tuple(pack(streams[s], config.model.max_len) for s in store.SPLITS)
+  found = [(weight, *_tokenize_source(config, source, tokenizer, ids, cache_dir, refresh))
+           for weight, source in sources.components(config.data)]
+  return tokenizer, found
+
+
+def tokenize_command(config, workdir):
+  """`jaxlm tokenize`: tokenizes (or finishes, or updates after the files changed) every
+  source; returns the counts of each manifest."""
+  tokenizer, found = tokenize(config, workdir, refresh=True)
+  import jax
+  if jax.process_index() == 0:
+    save_tokenizer(tokenizer, workdir)
+  return {'tokenizer': tokenizer.path or tokenizer_path(workdir), 'sources': [
+      {'source': m['source'], 'manifest': paths.join(d, shards.MANIFEST),
+       'shards': len(m['shards']), 'skipped': m['skipped'], **{s: m[s] for s in store.SPLITS}}
+      for _, d, m in found]}
+
+
+def _what(source):
+  return source.tfds_name or source.path or 'the Python standard library'
+
+
+def _tokenize_source(config, source, tokenizer, ids, cache_dir, refresh):
+  import jax
+  what = _what(source)
+  directory = paths.join(cache_dir, store.cache_key(source, tokenizer, config, ids))
+  manifest = store.read_manifest(directory)
+  listing = None if source.tfds_name else sources.list_signatures(source.path)
+  fingerprint = sources.fingerprint(source, listing)
+  if manifest is not None and manifest.get('fingerprint') == fingerprint:
+    return directory, manifest
+  units = shards.plan(source, config.data.shard_bytes, listing)
+  if manifest is not None and not refresh:
+    raise ConfigError(f'{what} changed since it was tokenized into {directory} '
+                      f'({_changed(directory, manifest, listing)}); '
+                      f'run `jaxlm tokenize` with this config to tokenize the changes (shards '
+                      f'of unchanged files are kept), or restore the files')
+  index, count = jax.process_index(), jax.process_count()
+  dtype = 'uint16' if tokenizer.vocab_size <= 2 ** 16 else 'uint32'
+  log.info('tokenizing %s into %s: %d shards, %d processes', what, directory, len(units), count)
+  args = (source, tokenizer, ids, dtype, what)
+  if source.max_documents:  # A prefix of the corpus: in order, by process 0.
+    units = shards.tokenize_serially(directory, units, *args) if index == 0 else None
+  else:
+    shards.tokenize_share(directory, units, shards.assign(units, count)[index], *args)
+  distributed.barrier(f'every process has tokenized its share of {what}')
+
+  def finish():
+    if fingerprint != sources.fingerprint(source):
+      raise ConfigError(f'{what} changed while it was being tokenized; run `jaxlm tokenize` '
+                        f'again (shards of unchanged files are kept)')
+    header = {'format': store.FORMAT, 'source': what, 'dtype': dtype, 'frame': list(ids),
+              'vocab_size': tokenizer.vocab_size}
+    done = shards.write_manifest(directory, units, fingerprint, header)
+    log.info('%s: %s', what, summary(done))
+    if config.data.packing == 'first_fit':  # Stored now, so that training starts at once.
+      for stream in store.open_streams(directory, done, tokenizer.vocab_size).values():
+        pack(stream, config)
+
+  distributed.on_chief(f'manifest of {what}', finish)
+  return directory, store.read_manifest(directory)
+
+
+def _changed(directory, manifest, listing):
+  """Which input differs from what a manifest's shards were made from, in words."""
+  if listing is None:
+    return 'the TFDS split\'s size changed'
+  indexes = [shards.read_index(shards.shard_files(directory, s['id'])[1])
+             for s in manifest['shards']]
+  known = {tuple(f[1:]) for index in indexes if index for f in index['unit']['files']}
+  now = {tuple(f[1:]) for f in listing}
+  if now - known:
+    return f'{min(now - known)[0]} is new or changed'
+  return f'{min(known - now)[0]} was removed'
+
+
+def summary(manifest):
+  """The counts of a manifest, in words."""
+  counts = ', '.join(f'{s} {manifest[s]["documents"]:,} documents / {manifest[s]["tokens"]:,} '
+                     f'tokens' for s in store.SPLITS)
+  skipped = sources.Skipped(manifest.get('skipped', {}))
+  return f'{counts}; {len(manifest["shards"])} shards' + (
+      f'; skipped {skipped.summary()}' if skipped else '')
+
+
+def pack(stream, config, seq_len=None):
+  """Rows of `seq_len` tokens (default model.max_len) from a split's stream, packed as
+  data.packing says. A first-fit layout is read from the stream's shard directory if stored
+  there for that length, else computed and stored (by process 0)."""
+  seq_len = seq_len or config.model.max_len
+  if config.data.packing == 'split':
+    return packing.PackedRows(stream, seq_len)
+  stored = bool(stream.directory)
+  layout = store.load_layout(stream.directory, stream.split, seq_len) if stored else None
+  try:
+    rows = packing.FirstFitRows(stream, seq_len, layout)
+  except ValueError as e:
+    raise ConfigError(f'{store.layout_path(stream.directory, stream.split, seq_len)} is not a '
+                      f'packing layout ({e}); delete it and it is computed again') from e
+  if stored and layout is None:
+    import jax
+    if jax.process_index() == 0:
+      store.save_layout(stream.directory, stream.split, seq_len, rows.layout())
+  return rows
+
+
+def repack(rows, config, seq_len):
+  """The same token streams as `rows` (rows of a Corpus, mixtures included) packed into rows
+  of another length, e.g. for a phase of training at a shorter sequence length."""
+  if isinstance(rows, packing.Mixture):
+    return packing.Mixture([repack(p, config, seq_len) for p in rows.parts], rows.weights)
+  return pack(rows.stream, config, seq_len)
+
+
+def _rows(config, tokenizer, directory, manifest):
+  """(train rows, validation rows) of one tokenized source."""
+  what = manifest['source']
+  streams = store.open_streams(directory, manifest, tokenizer.vocab_size)
+  rows = tuple(pack(streams[s], config) for s in store.SPLITS)
   for split, part in zip(store.SPLITS, rows):
     if len(part) == 0:
       raise ConfigError(f'the {split} split of {what} has {len(part.stream.tokens)} tokens, '
                         f'fewer than one row of model.max_len={config.model.max_len}; use more '
                         f'data or change data.validation_fraction')
-  if built:
-    store.save(streams, cache_dir, key)
-    log.info('cached the tokenized corpus in %s', cache_dir)
   log.info('%s: %d train rows (%d documents), %d validation rows (%d documents) of %d tokens',
            what, len(rows[0]), rows[0].stream.num_documents, len(rows[1]),
            rows[1].stream.num_documents, config.model.max_len)
@@ -173,8 +290,8 @@ def _prepare_labeled(config, workdir):
     log.warning('finetune.validation is empty: reporting accuracy on the train split')
   if skipped:
     log.warning('skipped %s', skipped.summary())
-  tokenizer = get_tokenizer(config, workdir, (sources.Document(str(i), text)
-                                              for i, (text, _) in enumerate(train)))
+  tokenizer = _shared_tokenizer(config, workdir, (sources.Document(str(i), text)
+                                                  for i, (text, _) in enumerate(train)))
   ids = frame(config, tokenizer)
   corpus = Corpus(tokenizer, labeled.rows(train, tokenizer, config, ids, 'train'),
                   labeled.rows(validation, tokenizer, config, ids, 'validation'))

@@ -47,8 +47,17 @@ class PackedRows:
 class FirstFitRows:
   """Random-access rows like PackedRows', filled by first-fit decreasing."""
 
-  def __init__(self, stream, seq_len):
+  def __init__(self, stream, seq_len, layout=None):
+    """`layout`: what `layout()` returned for this stream and length, instead of placing
+    every piece again (a pass over all documents)."""
     self.stream, self.seq_len = stream, seq_len
+    if layout is not None:
+      pieces, rows = int(layout[0]), int(layout[1])
+      parts = np.split(np.asarray(layout[2:]), np.cumsum([pieces] * 3))
+      if len(parts[3]) != rows + 1:
+        raise ValueError(f'a first-fit layout of {len(layout)} values is not one')
+      self.piece_start, self.piece_length, self.row_pieces, self.row_ptr = parts
+      return
     doc_lengths = np.diff(np.asarray(stream.starts, np.int64))
     pieces = np.maximum(1, -(-doc_lengths // seq_len))  # T-token pieces per document.
     first = np.repeat(np.asarray(stream.starts[:-1], np.int64), pieces)
@@ -63,6 +72,11 @@ class FirstFitRows:
     # Pieces grouped by row (CSR), each row's pieces in the order they were placed.
     self.row_pieces = order[np.argsort(rows, kind='stable')]
     self.row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows))])
+
+  def layout(self):
+    """The placement of every piece as one int64 array, to store (see __init__)."""
+    return np.concatenate([[len(self.piece_start), len(self.row_ptr) - 1], self.piece_start,
+                           self.piece_length, self.row_pieces, self.row_ptr]).astype(np.int64)
 
   def __len__(self):
     return len(self.row_ptr) - 1

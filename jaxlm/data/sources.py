@@ -1,24 +1,31 @@
 """Where documents come from: the Python standard library's source, the user's files (text,
-JSONL, Parquet), or a TFDS dataset read through its ArrayRecord data source.
+JSONL - plain, gzip or zstd -, Parquet), or a TFDS dataset read through its ArrayRecord data
+source.
 
 A document is (name, text). Its name is stable across machines and runs, because the train /
 validation split is decided by hashing it.
 """
 
 import collections
+import contextlib
 import dataclasses
 import fnmatch
 import glob
+import gzip
 import hashlib
 import json
 import os
+import random
 import sysconfig
+import zlib
 
 from jaxlm import paths
 from jaxlm.errors import ConfigError, first_line
 
 JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
 PARQUET_SUFFIXES = ('.parquet', '.pq')
+COMPRESSED_SUFFIXES = ('.gz', '.zst', '.zstd')
+MAX_SAMPLE_FILES = 64  # Files (or a TFDS split's records / 1000) a tokenizer sample reads from.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,18 +102,24 @@ def components(data_config):
   return parts
 
 
-def fingerprint(data_config):
+def fingerprint(data_config, listing=None):
   """Changes when any file is added, removed, resized or touched (or the TFDS dataset, split
-  or size changes)."""
+  or size changes). `listing`: the source's `listing`, if already made."""
   h = hashlib.sha256()
   if data_config.tfds_name:
     source = tfds_source(data_config)
     h.update(f'tfds\0{data_config.tfds_name}\0{data_config.tfds_split}\0{len(source)}'.encode())
     return h.hexdigest()[:16]
-  for f in list_files(data_config.path)[1]:
-    size, mtime = paths.signature(f)
+  for f, _, size, mtime in listing or list_signatures(data_config.path):
     h.update(f'{f}\0{size}\0{mtime}\n'.encode())
   return h.hexdigest()[:16]
+
+
+def list_signatures(path):
+  """[(location, name, size, modification time)] of the files of a data.path, in order; the
+  name (relative to their common folder) is what documents are named after."""
+  root, files = list_files(path)
+  return [(f, paths.relative(f, root), *paths.signature(f)) for f in files]
 
 
 def approximate_bytes(data_config):
@@ -180,24 +193,77 @@ def iter_documents(data_config, skipped=None):
 
 def _all_documents(data_config, skipped):
   if data_config.tfds_name:
-    source = tfds_source(data_config)
-    for i in range(len(source)):
-      text = _tfds_text(source[i], data_config.text_field)
+    yield from tfds_documents(data_config, 0, len(tfds_source(data_config)), skipped)
+    return
+  root, files = list_files(data_config.path)
+  for path in files:
+    yield from file_documents(path, paths.relative(path, root), data_config.text_field, skipped)
+
+
+def tfds_documents(data_config, start, stop, skipped, source=None):
+  """The documents of records [start, stop) of the TFDS split, read a batch at a time."""
+  source = source or tfds_source(data_config)
+  batch = 256
+  for first in range(start, stop, batch):
+    indices = list(range(first, min(stop, first + batch)))
+    try:  # ArrayRecord reads a batch of records in one call.
+      records = source.__getitems__(indices)
+    except (AttributeError, TypeError):  # Sources without it (tfds's mock data) one by one.
+      records = [source[i] for i in indices]
+    for i, record in zip(indices, records):
+      text = _tfds_text(record, data_config.text_field)
       if not isinstance(text, str):
         skipped[f'TFDS records without a text feature {data_config.text_field!r}'] += 1
       elif text.strip():
         yield Document(f'{data_config.tfds_name}/{data_config.tfds_split}:{i}', text)
-    return
-  root, files = list_files(data_config.path)
-  for path in files:
-    name = paths.relative(path, root)
-    reader = (_jsonl_documents if path.endswith(JSONL_SUFFIXES) else
-              _parquet_documents if path.endswith(PARQUET_SUFFIXES) else _text_document)
-    yield from reader(path, name, data_config.text_field, skipped)
+
+
+def file_documents(path, name, field, skipped):
+  """The documents of one file (text, JSONL or Parquet; text and JSONL may be compressed)."""
+  base = _uncompressed_name(path)
+  reader = (_jsonl_documents if base.endswith(JSONL_SUFFIXES) else
+            _parquet_documents if base.endswith(PARQUET_SUFFIXES) else _text_document)
+  try:
+    yield from reader(path, name, field, skipped)
+  except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # The documents before are kept.
+    skipped[f'compressed files cut short or corrupt ({type(e).__name__})'] += 1
+  except _zstd_error():
+    skipped['compressed files cut short or corrupt (zstd)'] += 1
+
+
+def _uncompressed_name(path):
+  return next((path[:-len(s)] for s in COMPRESSED_SUFFIXES if path.endswith(s)), path)
+
+
+def _zstd_error():
+  try:
+    import zstandard
+    return zstandard.ZstdError
+  except ImportError:
+    return ()
+
+
+@contextlib.contextmanager
+def open_bytes(path):
+  """A binary file, decompressed as it is read when its name ends in .gz or .zst."""
+  with paths.open(path, 'rb') as raw:
+    if path.endswith('.gz'):
+      with gzip.GzipFile(fileobj=raw) as f:
+        yield f
+    elif path.endswith(('.zst', '.zstd')):
+      try:
+        import zstandard
+      except ImportError:
+        raise ConfigError(f'{path} is zstd-compressed and the zstandard module is not '
+                          f'installed: pip install zstandard (or decompress it)') from None
+      with zstandard.ZstdDecompressor().stream_reader(raw) as f:
+        yield f
+    else:
+      yield raw
 
 
 def _text_document(path, name, _, skipped):
-  with paths.open(path, 'rb') as f:
+  with open_bytes(path) as f:
     raw = f.read()
   try:
     text = raw.decode('utf-8')
@@ -213,8 +279,8 @@ def _text_document(path, name, _, skipped):
 def jsonl_records(path, skipped):
   """(line number, dict) for each JSON object line of a file; lines that are not UTF-8 JSON
   are counted in `skipped`, and other JSON values come as {}."""
-  with paths.open(path, 'rb') as f:
-    for line_no, raw in enumerate(f, 1):
+  with open_bytes(path) as f:
+    for line_no, raw in enumerate(_lines(f), 1):
       if not raw.strip():
         continue
       try:
@@ -223,6 +289,19 @@ def jsonl_records(path, skipped):
         skipped['JSONL lines not valid UTF-8 JSON'] += 1
         continue
       yield line_no, record if isinstance(record, dict) else {}
+
+
+def _lines(f):
+  """Lines of a binary file (zstd's reader has no line iteration of its own)."""
+  if hasattr(f, 'readline') and not type(f).__module__.startswith('zstandard'):
+    yield from f
+    return
+  rest = b''
+  while chunk := f.read(1 << 20):
+    *lines, rest = (rest + chunk).split(b'\n')
+    yield from (line + b'\n' for line in lines)
+  if rest:
+    yield rest
 
 
 def _jsonl_documents(path, name, field, skipped):
@@ -259,3 +338,47 @@ def sampled(name, fraction):
   """True for a deterministic `fraction` of names: held-out documents, tokenizer samples."""
   digest = hashlib.sha256(name.encode('utf-8', 'surrogatepass')).digest()
   return int.from_bytes(digest[:8], 'little') / 2 ** 64 < fraction
+
+
+def sample_documents(data_config, max_bytes, seed):
+  """Training documents to fit a tokenizer to, reading at most about `max_bytes` of text: the
+  whole source when it is no larger, else a prefix of each of up to MAX_SAMPLE_FILES files
+  (of a TFDS split: as many records) chosen by `seed`, never the whole corpus."""
+  held_out = lambda d: sampled(d.name, data_config.validation_fraction)
+  if data_config.tfds_name:
+    source = tfds_source(data_config)
+    count = len(source)
+    if approximate_bytes(data_config) > max_bytes:
+      rng = random.Random(seed)
+      picks = sorted(set(rng.randrange(count) for _ in range(MAX_SAMPLE_FILES * 1000)))
+      picked = (d for i in picks for d in tfds_documents(data_config, i, i + 1, Skipped(),
+                                                          source))
+    else:
+      picked = tfds_documents(data_config, 0, count, Skipped(), source)
+    yield from _up_to(( d for d in picked if not held_out(d)), max_bytes)
+    return
+  listing = list_signatures(data_config.path)
+  if sum(size for _, _, size, _ in listing) <= max_bytes:
+    chosen, each = listing, max_bytes
+  else:
+    chosen = sorted(random.Random(seed).sample(listing, min(len(listing), MAX_SAMPLE_FILES)))
+    each = max_bytes / len(chosen)
+  total = 0
+  for path, name, _, _ in chosen:
+    documents = file_documents(path, name, data_config.text_field, Skipped())
+    for doc in _up_to((d for d in documents if not held_out(d)), min(each, max_bytes - total)):
+      total += len(doc.text)
+      yield doc
+    documents.close()  # Stops reading the file: only its prefix is read.
+    if total >= max_bytes:
+      return
+
+
+def _up_to(documents, max_bytes):
+  """The documents until `max_bytes` of text has been yielded."""
+  total = 0
+  for doc in documents:
+    if total >= max_bytes:
+      return
+    total += len(doc.text)
+    yield doc

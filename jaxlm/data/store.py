@@ -1,114 +1,176 @@
-"""The tokenized corpus on disk: one flat token stream per split plus document start offsets.
+"""The tokenized corpus on disk, as training reads it: a manifest, token shards and the
+document starts of each split (written by shards.py), opened without reading the corpus.
 
-Tokenizing is the slow part of input, so it happens once per (source, tokenizer) fingerprint;
-later runs memory-map the arrays (read them whole from an object store). Files are written
-atomically (paths.atomic_write), so an interrupted build never leaves a half-written cache.
+A split's token stream is its shards' token files end to end; slices read only the files they
+cover, through memory maps locally and range reads on an object store, so each host reads
+just the rows of its part of each batch. Packing layouts (first-fit) are stored beside them,
+one per row length, and computed once for a length not stored yet.
 """
 
+import collections
 import dataclasses
 import hashlib
 import io
 import json
+import threading
 
 import numpy as np
 
 from jaxlm import paths
+from jaxlm.data.shards import MANIFEST, SPLITS, shard_files
 from jaxlm.errors import ConfigError, first_line
 
-SPLITS = ('train', 'validation')
+FORMAT = 1  # Of the files below; part of the cache key.
+OPEN_MAPS = 128  # Memory-mapped shards kept open (each holds a file descriptor).
 
 
 @dataclasses.dataclass
 class TokenStream:
   tokens: np.ndarray  # [num_tokens] every document framed (BOS text EOS), back to back.
   starts: np.ndarray  # [num_documents + 1] offset of each document; the last is num_tokens.
+  directory: str = ''  # Of its shards (where packing layouts are stored), and which split.
+  split: str = ''
 
   @property
   def num_documents(self):
     return len(self.starts) - 1
 
 
-def cache_key(source_fingerprint, tokenizer, config, frame):
+def cache_key(source, tokenizer, config, frame):
+  """Names the directory of a source's shards: what the tokens depend on except the files'
+  contents (a change there is reported, see data.tokenize, not silently re-tokenized)."""
+  what = ['tfds', source.tfds_name, source.tfds_split] if source.tfds_name else [source.path]
   h = hashlib.sha256(tokenizer.data)
-  h.update(json.dumps([source_fingerprint, config.data.validation_fraction,
-                       config.data.max_documents, config.data.text_field, list(frame)]).encode())
+  h.update(json.dumps([FORMAT, what, config.data.validation_fraction, config.data.max_documents,
+                       config.data.text_field, list(frame)]).encode())
   return h.hexdigest()[:16]
 
 
-def _paths(cache_dir, key, split):
-  base = paths.join(cache_dir, f'{split}-{key}')
-  return f'{base}.tokens.npy', f'{base}.starts.npy'
-
-
-def load(cache_dir, key):
-  """The cached streams for this key, memory-mapped, or None if any file is missing. A file
-  that is not a consistent token cache is a one-line error naming it (it is never rebuilt
-  over silently: the cache may be shared with other runs)."""
-  files = [p for split in SPLITS for p in _paths(cache_dir, key, split)]
-  if not all(paths.exists(p) for p in files):
+def read_manifest(directory):
+  """The manifest of a tokenized source (dict), or None if tokenizing has not finished."""
+  path = paths.join(directory, MANIFEST)
+  if not paths.exists(path):
     return None
+  try:
+    manifest = json.loads(paths.read_text(path))
+    if (not isinstance(manifest, dict) or manifest.get('format') != FORMAT
+        or not {'shards', 'dtype', 'fingerprint', 'source', *SPLITS} <= manifest.keys()):
+      raise ValueError('not a jaxlm token manifest of this version')
+    return manifest
+  except (ValueError, UnicodeDecodeError, OSError) as e:
+    raise ConfigError(f'token manifest {path} cannot be read ({first_line(e)}); delete '
+                      f'{directory} and the corpus is tokenized again') from e
+
+
+def open_streams(directory, manifest, vocab_size):
+  """{split: TokenStream} of a tokenized source; nothing is read but the document starts."""
   streams = {}
   for split in SPLITS:
-    arrays = []
-    for path in _paths(cache_dir, key, split):
-      try:
-        arrays.append(_load(path))
-      except (ValueError, OSError, EOFError) as e:
-        raise ConfigError(f'token cache file {path} cannot be read ({first_line(e)}); delete it '
-                          f'and the corpus is tokenized again') from e
-    stream = TokenStream(*arrays)
-    if not _consistent(stream):
-      raise ConfigError(f'token cache files {_paths(cache_dir, key, split)[0]} and .starts.npy '
-                        f'do not form a token stream (corrupted?); delete them and the corpus '
-                        f'is tokenized again')
-    streams[split] = stream
+    counts = [s[split]['tokens'] for s in manifest['shards']]
+    files = [shard_files(directory, s['id'])[0][f'{split}.tokens'] for s in manifest['shards']]
+    tokens = ShardedTokens(files, counts, manifest['dtype'], vocab_size, directory)
+    starts = _array(paths.join(directory, f'{split}.starts'), np.int64, directory)
+    if len(starts) != manifest[split]['documents'] + 1 or starts[-1] != len(tokens):
+      raise ConfigError(f'{directory}/{split}.starts does not match its manifest (corrupted?); '
+                        f'delete {directory} and the corpus is tokenized again')
+    streams[split] = TokenStream(tokens, starts, directory, split)
   return streams
 
 
-def _consistent(stream):
-  tokens, starts = stream.tokens, stream.starts
-  return (tokens.ndim == 1 and starts.ndim == 1 and len(starts) >= 1
-          and tokens.dtype in (np.uint16, np.uint32) and starts.dtype == np.int64
-          and starts[0] == 0 and starts[-1] == len(tokens) and bool(np.all(np.diff(starts) >= 0)))
+def _array(path, dtype, directory, count=None):
+  """A whole binary file as an array: memory-mapped locally, read on an object store."""
+  try:
+    if paths.is_remote(path):
+      array = np.frombuffer(paths.read_bytes(path), dtype)
+    else:
+      size = paths.size(path)
+      array = (np.memmap(paths.normalize(path), dtype, 'r') if size else np.zeros(0, dtype))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'token file {path} cannot be read ({first_line(e)}); delete '
+                      f'{directory} and the corpus is tokenized again') from e
+  if count is not None and len(array) != count:
+    raise ConfigError(f'token file {path} holds {len(array)} values, its manifest says {count} '
+                      f'(cut short?); delete {directory} and the corpus is tokenized again')
+  return array
 
 
-def _load(path):
-  if paths.is_remote(path):
-    return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
-  return np.load(paths.normalize(path), mmap_mode='r', allow_pickle=False)
+class ShardedTokens:
+  """Shard token files end to end as one read-only 1-D array. Slices check every id against
+  the vocabulary: a damaged shard is an error naming it, never garbage fed to the model."""
+  ndim = 1
+
+  def __init__(self, files, counts, dtype, vocab_size, directory):
+    self.files, self.dtype, self.vocab_size = files, np.dtype(dtype), vocab_size
+    self.directory = directory
+    self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    self.shape = (int(self.offsets[-1]),)
+    self._maps, self._lock = collections.OrderedDict(), threading.Lock()
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __array__(self, dtype=None, copy=None):
+    return self[:].astype(dtype or self.dtype, copy=False)
+
+  def __getitem__(self, key):
+    if not isinstance(key, slice):
+      index = int(key) + (len(self) if int(key) < 0 else 0)
+      if not 0 <= index < len(self):
+        raise IndexError(key)
+      return self[index:index + 1][0]
+    start, stop, step = key.indices(len(self))
+    if step != 1:
+      raise IndexError('token streams are read in contiguous slices')
+    pieces = []
+    shard = int(np.searchsorted(self.offsets, start, side='right')) - 1
+    while start < stop:
+      end = min(stop, int(self.offsets[shard + 1]))
+      if end > start:
+        pieces.append(self._read(shard, start - self.offsets[shard], end - self.offsets[shard]))
+      start, shard = end, shard + 1
+    out = np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
+    if out.size and int(out.max()) >= self.vocab_size:
+      raise ConfigError(f'the token shards in {self.directory} hold id {int(out.max())}, beyond '
+                        f'the tokenizer\'s {self.vocab_size} (corrupted, or another '
+                        f'tokenizer\'s?); delete {self.directory} and tokenize again')
+    return out
+
+  def _read(self, shard, a, b):
+    path = self.files[shard]
+    if paths.is_remote(path):  # One ranged GET; stateless, so threads may share it.
+      import fsspec
+      fs, name = fsspec.core.url_to_fs(path)
+      size = self.dtype.itemsize
+      return np.frombuffer(fs.cat_file(name, start=int(a) * size, end=int(b) * size), self.dtype)
+    with self._lock:
+      array = self._maps.pop(shard, None)
+      if array is None:
+        count = int(self.offsets[shard + 1] - self.offsets[shard])
+        array = _array(path, self.dtype, self.directory, count)
+      self._maps[shard] = array
+      if len(self._maps) > OPEN_MAPS:
+        self._maps.popitem(last=False)
+    return np.asarray(array[a:b])
 
 
-def build(documents, tokenizer, is_validation, frame, chunk=256):
-  """Tokenizes documents into per-split streams, in memory, each document wrapped in the
-  (first, last) ids of `frame`: BOS/EOS for causal LMs, [CLS]/[SEP] for masked ones."""
-  pieces = {s: [] for s in SPLITS}
-  lengths = {s: [] for s in SPLITS}
-  dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
-  batch = []
-
-  def flush():
-    for (split, _), ids in zip(batch, tokenizer.encode(text for _, text in batch)):
-      pieces[split].append(np.asarray([frame[0], *ids, frame[1]], dtype))
-      lengths[split].append(len(ids) + 2)
-    batch.clear()
-
-  for doc in documents:
-    batch.append(('validation' if is_validation(doc.name) else 'train', doc.text))
-    if len(batch) == chunk:
-      flush()
-  flush()
-  streams = {}
-  for split in SPLITS:
-    tokens = np.concatenate(pieces[split]) if pieces[split] else np.zeros((0,), dtype)
-    starts = np.concatenate([[0], np.cumsum(lengths[split], dtype=np.int64)])
-    streams[split] = TokenStream(tokens, starts)
-  return streams
+def layout_path(directory, split, seq_len):
+  return paths.join(directory, f'first_fit-{seq_len}.{split}.npy')
 
 
-def save(streams, cache_dir, key):
-  """Writes each array atomically."""
-  paths.makedirs(cache_dir)
-  for split, stream in streams.items():
-    for path, array in zip(_paths(cache_dir, key, split), (stream.tokens, stream.starts)):
-      with paths.atomic_file(path) as f:
-        np.save(f, array, allow_pickle=False)
+def load_layout(directory, split, seq_len):
+  """A stored first-fit layout (packing.FirstFitRows.layout), or None."""
+  path = layout_path(directory, split, seq_len)
+  if not paths.exists(path):
+    return None
+  try:
+    if paths.is_remote(path):
+      return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
+    return np.load(paths.normalize(path), mmap_mode='r', allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise ConfigError(f'packing layout {path} cannot be read ({first_line(e)}); delete it and '
+                      f'it is computed again') from e
+
+
+def save_layout(directory, split, seq_len, layout):
+  with paths.atomic_file(layout_path(directory, split, seq_len)) as f:
+    np.save(f, layout, allow_pickle=False)
