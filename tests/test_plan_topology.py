@@ -31,14 +31,14 @@ def test_accelerator_types_map_to_the_slices_gcloud_creates():
       topology.parse(bad)
 
 
-@pytest.mark.parametrize('accelerator_type, kind, hbm_gib', [('v5p-8', 'TPU v5', 95),
-                                                             ('v5e-4', 'TPU v5 lite', 16)])
+@pytest.mark.parametrize('accelerator_type, kind, hbm_gib, quick', [
+    ('v5p-8', 'TPU v5', 95, []), ('v5e-4', 'TPU v5 lite', 16, ['--quick'])])
 def test_a_small_llama_compiles_for_the_slice_and_its_memory_holds_the_state(
-    accelerator_type, kind, hbm_gib, capsys, tmp_path):
+    accelerator_type, kind, hbm_gib, quick, capsys, tmp_path):
   assert cli.main(['plan', '--config=configs/llama_10m_cpu.py', f'--topology={accelerator_type}',
                    '--config.model.dtype=bfloat16', '--config.model.scan_layers=true',
                    '--config.model.num_heads=2',  # Heads of 128 = the TPU's lanes: no padding.
-                   f'--json={tmp_path / "plan.json"}']) == 0
+                   f'--json={tmp_path / "plan.json"}', *quick]) == 0
   out = capsys.readouterr().out.splitlines()
   report = json.loads(out[-1])  # The last stdout line, as for every plan.
   assert report == json.loads((tmp_path / 'plan.json').read_text())
@@ -57,6 +57,7 @@ def test_a_small_llama_compiles_for_the_slice_and_its_memory_holds_the_state(
   assert report['xla_flops_per_step_per_device'] > 0
   assert report['xla_flops_counts_loop_bodies_once']  # The scanned layers.
   assert f'verdict: fits: {report["bytes_needed_per_chip"] / GiB:.2f} of {hbm_gib} GiB' in out[-2]
+  assert report['quick'] == bool(quick)
 
 
 def test_a_model_that_cannot_fit_exits_2_with_the_shortfall(capsys, tmp_path):
