@@ -5,8 +5,7 @@ hooks are given) and `on_end(loop)`; `Hook` has no-op defaults. Hooks see and ch
 `Loop`: the state, the steps done, the row of metrics logged at this step, the result to return,
 and `stop`, which ends the run after the current step (preemption); at a step boundary a hook
 may also replace `setup`, `batches` and `train_step` (a length phase, jaxlm/phases.py). The
-hooks themselves live
-in jaxlm/hooks.py, jaxlm/goodput.py and jaxlm/profile.py.
+hooks themselves live in jaxlm/hooks.py, jaxlm/goodput.py and jaxlm/profile.py.
 
 The loop adds every second to a goodput bucket (jaxlm/goodput.py): the wait for the next batch,
 the step, and each hook's time to the hook's `bucket` (None: the step's own bucket, for a hook
