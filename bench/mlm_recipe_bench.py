@@ -20,6 +20,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 from concurrent import futures
 
 from table import print_table  # bench/table.py: scripts run from bench/.
@@ -170,9 +171,7 @@ def main():
   prepare_shared(args.workdir)
   cpus = args.cpus.split(',')
   with futures.ThreadPoolExecutor(len(cpus)) as pool:
-    free = list(cpus)
-    import threading
-    lock = threading.Lock()
+    free, lock = list(cpus), threading.Lock()  # A core is lent to one run at a time.
 
     def run(name):
       with lock:
