@@ -4,8 +4,9 @@
       --config.finetune.train=train.jsonl --config.finetune.validation=dev.jsonl --workdir=/tmp/cls
 
 The model fields must match the pretrained run's (these match configs/bert_tiny.py; for
-another model pass its --config.model.* values); its tokenizer is used. A masked LM is read
-at its [CLS] token, a causal one (finetune.backbone=causal) at its last token. With a TFDS
+another model pass its --config.model.* values, e.g. for configs/bert_tiny_classic.py
+--config.model.family=bert --config.model.mlp_dim=768); its tokenizer is used. A masked LM is
+read at its [CLS] token, a causal one (finetune.backbone=causal) at its last token. With a TFDS
 dataset prepared on this machine: --config.finetune.train=tfds:imdb_reviews:train.
 """
 
@@ -13,7 +14,7 @@ from jaxlm.config import defaults
 
 
 def get_config():
-  c = defaults('bert')
+  c = defaults('modernbert')
   c.objective = 'classify'
   c.finetune.backbone = 'masked'
   c.train_steps = 300
@@ -24,7 +25,7 @@ def get_config():
   c.model.num_layers = 4
   c.model.emb_dim = 192
   c.model.num_heads = 4
-  c.model.mlp_dim = 768
+  c.model.mlp_dim = 512
   c.model.vocab_size = 2048
   c.model.max_len = 128
   c.model.type_vocab_size = 2

@@ -16,6 +16,7 @@ import os
 
 import ml_collections
 
+from jaxlm import phases
 from jaxlm.errors import ConfigError, first_line  # noqa: F401 (ConfigError re-exported)
 # Config files import `defaults` from here, the public place for it.
 from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults, sweep_defaults  # noqa: F401
@@ -241,6 +242,7 @@ def validate(config):
   for name in ('profile.start_step', 'profile.num_steps', 'profile.every_steps'):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check_mixture(config.data)
+  phases.check(config)
   if config.data.path and config.data.tfds_name:
     raise ConfigError(f'data.path={config.data.path!r} and data.tfds_name='
                       f'{config.data.tfds_name!r} are both set; keep one')

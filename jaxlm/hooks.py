@@ -45,26 +45,31 @@ class Metrics(Hook):
 
   def on_start(self, loop):
     config = loop.config
-    self.tokens_per_step = config.batch_size * config.model.max_len
-    self.flops_per_token = flops.of_run(config)
+    self.tokens = self.flops = 0  # Since the last row; a length phase changes them per step.
+    self.shape = None
     if self.peak is None:
       self.peak, source = flops.device_peak_flops()
       log.info('MFU is relative to %.4g TFLOP/s per device (%s)', self.peak / 1e12, source)
-    self.last_step = loop.start
     self.bar = metrics.progress(config.train_steps, loop.start,
                                 enabled=jax.process_index() == 0)
 
   def on_step(self, loop):
     self.pending.append(loop.step_metrics)  # Device arrays: no host sync until the log step.
+    shape = loop.setup.config  # The current length phase's rows.
+    if shape is not self.shape:
+      self.shape, self.flops_per_token = shape, flops.of_run(shape)
+    self.tokens += shape.batch_size * shape.model.max_len
+    self.flops += shape.batch_size * shape.model.max_len * self.flops_per_token
     self.bar.update(1)
     done, config = loop.step, loop.config
     if done % config.log_every_steps and done != config.train_steps:
       return
     row = interval_row(jax.device_get(self.pending))
     elapsed = time.perf_counter() - loop.interval_start
-    row['tokens_per_s'] = (done - self.last_step) * self.tokens_per_step / elapsed
-    row['tflops_per_device'] = row['tokens_per_s'] * self.flops_per_token / self.num_devices / 1e12
-    row['mfu'] = flops.mfu(row['tokens_per_s'], self.flops_per_token, self.num_devices, self.peak)
+    row['tokens_per_s'] = self.tokens / elapsed
+    row['tflops_per_device'] = self.flops / elapsed / self.num_devices / 1e12
+    row['mfu'] = flops.mfu(row['tokens_per_s'], self.flops / self.tokens, self.num_devices,
+                           self.peak)
     self.writer.write(done, row)
     self.bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{row["tokens_per_s"]:,.0f}')
     if self.bar.disable:  # No bar on screen: say it in the log.
@@ -72,7 +77,7 @@ class Metrics(Hook):
                row['tokens_per_s'], 100 * row['mfu'])
     loop.result.update(row)
     loop.row = row
-    self.pending, self.last_step = [], done
+    self.pending, self.tokens, self.flops = [], 0, 0
 
   def on_end(self, loop):
     self.bar.close()
@@ -137,6 +142,24 @@ class Checkpointing(Hook):
     self.save(loop)
     self.checkpoints.wait()
     loop.result['step'] = loop.step
+
+
+class LengthPhases(Hook):
+  """At the end of a length phase that does not end the run (jaxlm/phases.py): save the
+  state, then enter the next phase (its rows packed, its step compiled), so that the next step
+  runs at the new length. A resumed run starts in its step's phase (train.py)."""
+
+  bucket = 'compile'
+
+  def __init__(self, stages, checkpointing):
+    self.stages = stages  # run.Phases
+    self.checkpointing = checkpointing
+
+  def on_step(self, loop):
+    if loop.step == self.stages.current.end and loop.step < loop.config.train_steps:
+      self.checkpointing.save(loop)  # A resume never repeats the phase's last steps.
+      phase = self.stages.enter(loop.step)
+      loop.setup, loop.batches, loop.train_step = phase.setup, phase.batches, phase.train_step
 
 
 class NonFinite(Hook):

@@ -3,8 +3,9 @@
 A hook is an object with `on_start(loop)`, `on_step(loop)` (after every step, in the order the
 hooks are given) and `on_end(loop)`; `Hook` has no-op defaults. Hooks see and change the
 `Loop`: the state, the steps done, the row of metrics logged at this step, the result to return,
-and `stop`, which ends the run after the current step (preemption). The hooks themselves live
-in jaxlm/hooks.py, jaxlm/goodput.py and jaxlm/profile.py.
+and `stop`, which ends the run after the current step (preemption); at a step boundary a hook
+may also replace `setup`, `batches` and `train_step` (a length phase, jaxlm/phases.py). The
+hooks themselves live in jaxlm/hooks.py, jaxlm/goodput.py and jaxlm/profile.py.
 
 The loop adds every second to a goodput bucket (jaxlm/goodput.py): the wait for the next batch,
 the step, and each hook's time to the hook's `bucket` (None: the step's own bucket, for a hook
@@ -37,8 +38,12 @@ class Hook:
 class Loop:
   """What the hooks share: the run's setup, its state and step, and what it has logged."""
 
-  def __init__(self, s, state, start, batches, clock=None):
-    self.setup, self.config = s, s.config
+  def __init__(self, s, state, start, batches, clock=None, step_setup=None):
+    self.config = s.config  # The run's config.
+    # The setup the steps now run with: the run's, or its current length phase's (whose
+    # config.model.max_len is the phase's row length; run.Phases).
+    self.setup = step_setup or s
+    self.train_step = None  # The compiled step (set by run_loop; a hook may replace it).
     self.state = state
     self.start = self.step = start  # The first step of this process, then the steps done.
     self.batches = batches  # The data iterator (checkpointed with the state).
@@ -69,6 +74,7 @@ def _call(loop, hook, method):
 def run_loop(loop, train_step, hooks):
   """Runs steps `loop.start`..config.train_steps (or until a hook stops it); returns the result."""
   loop.clock.claim_rest('startup')  # Everything before the loop that no bucket claimed.
+  loop.train_step = train_step
   for hook in hooks:
     _call(loop, hook, 'on_start')
   if loop.start >= loop.config.train_steps:
@@ -79,7 +85,7 @@ def run_loop(loop, train_step, hooks):
     begin = time.perf_counter()
     batch = run_lib.to_device(next(loop.batches), loop.setup.batch_sharding)
     queued = time.perf_counter()
-    loop.state, loop.step_metrics = train_step(loop.state, batch)
+    loop.state, loop.step_metrics = loop.train_step(loop.state, batch)
     loop.step, loop.row = step + 1, None
     if previous is not None:  # Step n is queued: waiting for n-1 leaves the device busy.
       jax.block_until_ready(previous)

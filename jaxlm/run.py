@@ -10,13 +10,14 @@ fill-mask, convert and sweep; it never trains.
 import contextlib
 import dataclasses
 import logging
+import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, errors, flops, optim, paths, resume, steps
+from jaxlm import checkpoint, data, errors, flops, objectives, optim, paths, phases, resume, steps
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
@@ -72,6 +73,77 @@ def setup(config, devices=None):
     mesh_lib.check_divisible(f'parameter {name}', shape, spec, mesh, names)
   return Setup(config, mesh, rules, model, tx, lr_schedule, abstract, shardings,
                state_lib.batch_shardings(mesh, rules, config))
+
+
+def phase_config(config, length):
+  """The run's config with rows of `length` tokens: what one length phase's steps and data are
+  built from (jaxlm/phases.py). Its model is the run's (the longest phase's position table)."""
+  config = config_lib.from_json(config_lib.to_json(config))
+  config.data.phases, config.model.max_len = (), length
+  return config_lib.validate(config)
+
+
+@dataclasses.dataclass
+class Phase:
+  """What one length phase (the whole run when it has one) steps with."""
+  index: int
+  end: int  # The step count at which it ends.
+  setup: Setup  # The run's model and state; the phase's config and batch shapes.
+  prepare: object  # The objective (a masked LM's predictions per row follow the length).
+  batches: object  # Train iterator over the corpus packed at the phase's length.
+  eval_set: list
+  train_step: object  # Compiled ahead of time for the phase's shapes.
+  eval_step: object
+
+
+class Phases:
+  """The run's length phases, each built (data re-packed, steps compiled) when the run enters
+  it; only the current one is held."""
+
+  def __init__(self, s, corpus, workdir, token_bytes=None, process=(0, 1)):
+    self.s, self.corpus, self.workdir = s, corpus, workdir
+    self.token_bytes, self.process = token_bytes, process
+    self.spans = phases.spans(s.config)
+    self.configs = ([s.config] if len(self.spans) == 1 else
+                    [phase_config(s.config, length) for *_, length in self.spans])
+    for config in self.configs:  # A mesh that cannot split some phase's rows fails now.
+      mesh_lib.check_batch(config, s.mesh)
+    self.current = None
+
+  def enter(self, step):
+    """The phase that runs step `step` (from 0), its iterator positioned at that step."""
+    index = phases.index_at(self.s.config, step)
+    if self.current is not None and self.current.index == index:
+      return self.current
+    self.current = None  # Free the previous phase's iterator and executables first.
+    config = self.configs[index]
+    start, end, length = self.spans[index]
+    if len(self.spans) > 1:
+      log.info('length phase %d of %d: steps %d-%d on rows of %d tokens', index + 1,
+               len(self.spans), start, end, length)
+    corpus = (self.corpus if length == self.s.config.model.max_len else
+              data.prepare(config, self.workdir))  # The cached token stream, re-packed.
+    s = dataclasses.replace(self.s, config=config, batch_sharding=state_lib.batch_shardings(
+        self.s.mesh, self.s.rules, config))
+    prepare = objectives.build(config, corpus.tokenizer)
+    batches = data.train_iterator(data.train_dataset(corpus.train, config, *self.process),
+                                  config)
+    batches.set_state({'next_index': step})  # Batch s is element s: a function of the step.
+    compile_start = time.perf_counter()
+    train_step = compile_train_step(s, prepare)
+    log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
+    log_summary(s, train_step)
+    eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare, self.token_bytes),
+                        in_shardings=(s.shardings.params, s.batch_sharding))
+    self.current = Phase(index, end, s, prepare, batches,
+                         data.eval_batches(corpus.validation, config, *self.process),
+                         train_step, eval_step)
+    return self.current
+
+  def evaluate(self, params):
+    """Held-out metrics at the current phase's length."""
+    p = self.current
+    return evaluate(p.eval_step, params, p.eval_set, p.setup.batch_sharding)
 
 
 def inference_setup(config, batch_size=1, devices=None):

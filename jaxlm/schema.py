@@ -188,6 +188,10 @@ def defaults(family='gpt2'):
   # How documents fill rows: 'split' concatenates and cuts (no padding, most documents cut);
   # 'first_fit' places whole documents (long ones in max_len pieces) first-fit decreasing.
   d.packing = 'split'
+  # Row length by phase of the run (jaxlm/phases.py): ((end, length), ...), each phase running
+  # until `end` (a fraction of train_steps) on rows of `length` tokens, e.g. BERT's
+  # ((0.9, 128), (1.0, 512)); the last ends at 1.0, the longest is model.max_len. () = one phase.
+  d.phases = ()
   d.max_documents = 0  # Use at most this many documents (0 = all); for quick experiments.
   d.num_threads = 2  # Threads reading and assembling batches ahead of the step.
   d.prefetch = 4  # Batches prepared ahead of the step.

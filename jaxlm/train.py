@@ -2,12 +2,11 @@
 metrics - and hands it to the loop (jaxlm/loop.py) with its hooks (jaxlm/hooks.py)."""
 
 import logging
-import time
 
 import jax
 
 from jaxlm import (checkpoint, data, distributed, goodput, hooks, lock, metrics, objectives,
-                   paths, preemption, profile, resume, steps)
+                   paths, preemption, profile, resume)
 from jaxlm import loop as loop_lib
 from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
@@ -49,12 +48,9 @@ def _train(config, workdir, devices, held):
     if not resuming:  # A resumed run's config.json changes once its new save is good.
       workdir_lib.save_config(workdir, config)
   distributed.barrier(DATA_PREPARED)
-  prepare = objectives.build(config, corpus.tokenizer)
+  # What a checkpoint's data position is restored into; each length phase (run.Phases) then
+  # makes its own iterator at that position.
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
-  eval_set = data.eval_batches(corpus.validation, config, *process)
-  if config.objective == 'masked':
-    log.info('masked-token accuracy of always guessing the most frequent token: %.4f',
-             objectives.unigram_accuracy(data.eval_tokens(eval_set), prepare.special))
   checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
   if chief and resuming:
     checkpoints.on_saved = lambda step: workdir_lib.save_config(workdir, config)
@@ -63,26 +59,26 @@ def _train(config, workdir, devices, held):
     with s.active(), preemption.Watcher() as preempted:
       state, start = clock.timed('checkpoint', run_lib.initial_state, s, checkpoints, batches,
                                  source)
-      compile_start = time.perf_counter()
-      compiled = clock.timed('compile', run_lib.compile_train_step, s, prepare)
-      log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
-      run_lib.log_summary(s, compiled)
-      eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare,
-                                               run_lib.token_bytes(config, corpus.tokenizer)),
-                          in_shardings=(s.shardings.params, s.batch_sharding))
+      stages = run_lib.Phases(s, corpus, workdir, run_lib.token_bytes(config, corpus.tokenizer),
+                              process)
+      phase = clock.timed('compile', stages.enter, start)
+      if config.objective == 'masked':
+        log.info('masked-token accuracy of always guessing the most frequent token: %.4f',
+                 objectives.unigram_accuracy(data.eval_tokens(phase.eval_set),
+                                             phase.prepare.special))
       saving = hooks.Checkpointing(checkpoints)
       loop_hooks = [
           hooks.Metrics(writer, s.mesh.size),
           hooks.NonFinite(saving),
           hooks.Preemption(preempted, saving),
-          hooks.Evaluation(lambda params: run_lib.evaluate(eval_step, params, eval_set,
-                                                       s.batch_sharding), writer),
+          hooks.Evaluation(stages.evaluate, writer),
           saving,
+          hooks.LengthPhases(stages, saving),
           profile.Profiler(config.profile, workdir, chief),
           goodput.Goodput(writer, workdir_lib.metrics_path(workdir)),
       ]
-      return loop_lib.run_loop(loop_lib.Loop(s, state, start, batches, clock), compiled,
-                               loop_hooks)
+      return loop_lib.run_loop(loop_lib.Loop(s, state, start, phase.batches, clock, phase.setup),
+                               phase.train_step, loop_hooks)
   finally:
     writer.close()
     checkpoints.close()

@@ -287,13 +287,14 @@ def finetune_config(tmp_path, **overrides):
   return masked_config(**{**defaults, **overrides})
 
 
-def test_finetuning_a_pretrained_encoder_learns_the_labels(tmp_path, shared_data):
+@pytest.mark.parametrize('family', ['bert', 'modernbert'])
+def test_finetuning_a_pretrained_encoder_learns_the_labels(tmp_path, shared_data, family):
   from jaxlm import train
   pretrained = tmp_path / 'pretrained'
   pretrained.mkdir()
   (pretrained / 'tokenizer.model').write_bytes((shared_data / 'tokenizer.model').read_bytes())
-  train.train(masked_config(train_steps=6), str(pretrained), one_device())
-  config = finetune_config(tmp_path, init_from=str(pretrained))
+  train.train(masked_config(train_steps=6, model__family=family), str(pretrained), one_device())
+  config = finetune_config(tmp_path, init_from=str(pretrained), model__family=family)
   result = train.train(config, str(tmp_path / 'cls'), one_device())
   assert config.finetune.labels == ('bad', 'good')
   assert result['eval_accuracy'] > 0.9, result  # Chance is 0.5.

@@ -1,0 +1,67 @@
+"""Sequence-length phases: one run that trains on short rows first, then long ones.
+
+`data.phases = ((0.9, 128), (1.0, 512))` is BERT's schedule: steps [0, 0.9 N) on rows of 128
+tokens, then [0.9 N, N) on rows of 512 (N = train_steps). Attention's cost grows with the row,
+so most steps run at the cheap length, and the model still meets the long one before the end.
+
+The model is one model: model.max_len must be the longest phase's length (the learned
+position table's size), and each phase runs the same parameters at its own length. The
+corpus is re-packed at each phase's length (the same token stream, data.packing's layout),
+batches stay `batch_size` rows (so a 512 phase has 4x the tokens of a 128 one per step, as in
+BERT), and the batch of step s in a phase is element s of that phase's shuffled rows: a pure
+function of (seed, step), whether the run got there straight or resumed.
+
+Pure config arithmetic (no jax); jaxlm/run.py builds each phase's steps and data, and
+hooks.LengthPhases switches at the boundaries.
+"""
+
+from jaxlm.errors import ConfigError
+
+EXAMPLE = 'e.g. ((0.9, 128), (1.0, 512))'
+
+
+def spans(config):
+  """[(first step, end step, row length)] of every phase; one phase when data.phases is ()."""
+  n, phases = config.train_steps, config.data.phases
+  if not phases:
+    return [(0, n, config.model.max_len)]
+  ends = [round(end * n) for end, _ in phases]
+  starts = [0] + ends[:-1]
+  return [(start, end, length) for start, end, (_, length) in zip(starts, ends, phases)]
+
+
+def index_at(config, step):
+  """The phase that runs step `step` (counting from 0); the last one from its start on."""
+  return next((i for i, (_, end, _) in enumerate(spans(config)) if step < end),
+              len(spans(config)) - 1)
+
+
+def check(config):
+  """One-line ConfigErrors for data.phases (called by config.validate)."""
+  phases = config.data.phases
+  if not phases:
+    return
+  for entry in phases:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+        or isinstance(entry[0], bool) or not isinstance(entry[0], (int, float))
+        or not 0 < entry[0] <= 1 or isinstance(entry[1], bool)
+        or not isinstance(entry[1], int) or entry[1] <= 0):
+      raise ConfigError(f'data.phases entry {entry!r} must be (end as a fraction of '
+                        f'train_steps in (0, 1], row length in tokens), {EXAMPLE}')
+  ends = [end for end, _ in phases]
+  if any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1:
+    raise ConfigError(f'data.phases ends {ends} must increase and the last must be 1.0 (the '
+                      f'end of the run), {EXAMPLE}')
+  longest = max(length for _, length in phases)
+  if longest != config.model.max_len:
+    raise ConfigError(f'data.phases: the longest phase is {longest} tokens; set model.max_len='
+                      f'{longest} (the position table is sized for it)')
+  if config.objective == 'classify':
+    raise ConfigError('data.phases is for pretraining; leave it empty to fine-tune')
+  for start, end, length in spans(config):
+    if config.loss_chunk and length % config.loss_chunk:
+      raise ConfigError(f'data.phases: loss_chunk={config.loss_chunk} must divide every '
+                        f'phase\'s length ({length})')
+    if end <= start:
+      raise ConfigError(f'data.phases: the phase of {length}-token rows has no steps at '
+                        f'train_steps={config.train_steps}; raise train_steps or drop it')
