@@ -28,9 +28,7 @@ GiB = 2 ** 30
 
 
 def run(config, topology='', num_slices=1, json_path=''):
-  if config.objective == 'classify':
-    from jaxlm.data import labeled
-    labeled.resolve_labels(config)  # The classifier's size.
+  objectives.get(config).complete()  # E.g. a classifier's labels: the model's size.
   slice_ = topology_lib.parse(topology) if topology else None
   devices = topology_lib.devices(slice_, num_slices) if slice_ else None
   s = run_lib.setup(config, devices)

@@ -8,6 +8,8 @@ never a silent no-op. Loading, overrides and validation live in `jaxlm/config.py
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from jaxlm import objectives
+
 # Outermost first: 'data' changes slowest over the device list, 'tensor' fastest, so tensor
 # parallelism (the most communication per step) lands on the closest devices.
 MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
@@ -40,7 +42,7 @@ FAMILIES = {
 }
 
 CHOICES = {
-    'objective': ('causal', 'masked', 'classify'),
+    'objective': objectives.REGISTRY,  # Its names; a registered objective is a choice.
     'nonfinite': ('skip', 'stop'),
     'model.family': tuple(FAMILIES),
     'model.norm': ('layernorm', 'rmsnorm'),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import mesh as mesh_lib
+from jaxlm import objectives
 
 
 @flax.struct.dataclass
@@ -64,10 +65,7 @@ def initialize(model, tx, config, shardings):
 
 def batch_features(config):
   """The logical axes of every feature of an input batch (all int32)."""
-  features = {k: ('batch', 'length') for k in ('tokens', 'segment_ids', 'positions')}
-  if config.objective == 'classify':
-    features['label'] = ('batch',)
-  return features
+  return objectives.get(config).features()
 
 
 def batch_shardings(mesh, rules, config):

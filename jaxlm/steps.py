@@ -6,6 +6,7 @@ import optax
 
 from jaxlm import model as model_lib
 from jaxlm import objectives
+from jaxlm.objectives import base as objectives_base
 from jaxlm.model import layers
 from jaxlm.state import TrainState
 
@@ -53,19 +54,15 @@ def apply(model, params, batch, **kwargs):
 
 def model_loss(model, params, batch, config, z_loss=0.0, **kwargs):
   """(objective, stats) of the model on a prepared batch; with config.loss_chunk the output
-  layer and the loss run chunk by chunk (objectives.chunked_loss) where the predicted
+  layer and the loss run chunk by chunk (objectives.base.chunked_loss) where the predicted
   positions (max_len, or a masked LM's gathered predictions) make more than one chunk."""
-  chunk = config.loss_chunk
-  if config.objective != 'classify':
-    positions = batch['targets'].shape[1]
-    # One chunk or fewer: chunking would only add the backward pass's recomputation (the TPU
-    # compiler also gave BERT's 128 gathered predictions more memory in one chunk than none).
-    chunk = chunk if chunk and positions > chunk and positions % chunk == 0 else 0
+  objective = objectives.get(config)
+  chunk = objective.loss_chunk(batch)
   if not chunk:
-    return objectives.loss(apply(model, params, batch, **kwargs), batch, z_loss)
+    return objective.loss(apply(model, params, batch, **kwargs), batch, z_loss)
   hidden = apply(model, params, batch, project=False, **kwargs)
   kernel, bias = model_lib.output_layer(params, config.model)
-  return objectives.chunked_loss(hidden, kernel, bias, batch, z_loss, chunk)
+  return objectives_base.chunked_loss(hidden, kernel, bias, batch, z_loss, chunk)
 
 
 def all_finite(tree):
@@ -78,7 +75,7 @@ EVAL_KEY = 0x5eed
 
 
 def make_train_step(model, tx, lr_schedule, config, prepare):
-  """(state, batch) -> (state, metrics). `prepare` is the objective (see objectives.py).
+  """(state, batch) -> (state, metrics). `prepare` is the objective's (objectives.build).
 
   Dropout and masks derive from (seed, step): no RNG state to carry or checkpoint. Masks are
   drawn for the whole batch before it is split into micro-batches, so they do not depend on

@@ -29,8 +29,8 @@ def train(config, workdir, devices=None):
 
 def _train(config, workdir, devices, held):
   clock = goodput.Clock()
-  if config.objective == 'classify':
-    data.labeled.resolve_labels(config)  # The classifier's size, before the model is built.
+  objective = objectives.get(config)
+  objective.complete()  # E.g. a classifier's labels, before the model is built.
   s = run_lib.setup(config, devices)
   distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
   process = (jax.process_index(), jax.process_count())
@@ -50,12 +50,10 @@ def _train(config, workdir, devices, held):
     if not resuming:  # A resumed run's config.json changes once its new save is good.
       workdir_lib.save_config(workdir, config)
     distributed.barrier(DATA_PREPARED)
-  prepare = objectives.build(config, corpus.tokenizer)
+  prepare = objective.prepare(corpus.tokenizer)
   batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
   eval_set = data.eval_batches(corpus.validation, config, *process)
-  if config.objective == 'masked':
-    log.info('masked-token accuracy of always guessing the most frequent token: %.4f',
-             objectives.unigram_accuracy(data.eval_tokens(eval_set), prepare.special))
+  objective.log_baseline(data.eval_tokens(eval_set), prepare)
   checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
   if chief and resuming:
     checkpoints.on_saved = lambda step: workdir_lib.save_config(workdir, config)
@@ -69,7 +67,7 @@ def _train(config, workdir, devices, held):
       log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
       run_lib.log_summary(s, compiled)
       eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare,
-                                               run_lib.token_bytes(config, corpus.tokenizer)),
+                                               objective.token_bytes(corpus.tokenizer)),
                           in_shardings=(s.shardings.params, s.batch_sharding))
       saving = hooks.Checkpointing(checkpoints)
       loop_hooks = [
