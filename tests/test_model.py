@@ -180,3 +180,31 @@ def test_dropout_is_active_only_in_training():
   train = [apply(params, jax.random.key(s)) for s in (1, 2)]
   assert np.abs(train[0] - train[1]).max() > 1e-3
   np.testing.assert_array_equal(logits(model, params, tokens), logits(model, params, tokens))
+
+
+# ------------------------------------------------------------- the model contract of the step
+
+
+class SowingAuxLoss(nn.Module):
+  """The model, plus an auxiliary loss of 0.5 sown as a layer would (a MoE's balance loss)."""
+  inner: nn.Module
+
+  @nn.compact
+  def __call__(self, *args, **kwargs):
+    self.sow(model_lib.AUX_LOSS, 'balance', jnp.float32(0.5))
+    return self.inner(*args, **kwargs)
+
+
+def test_a_sown_auxiliary_loss_counts_once_per_target():
+  from jaxlm import objectives, steps
+  config, model, _, tokens = build()
+  batch = objectives.build(config)({'tokens': tokens, 'segment_ids': jnp.ones_like(tokens),
+                                    'positions': jnp.broadcast_to(jnp.arange(tokens.shape[1]),
+                                                                  tokens.shape)})
+  sowing = SowingAuxLoss(model)
+  params = nn.unbox(sowing.init(jax.random.key(0), tokens)['params'])
+  plain, plain_stats = steps.model_loss(model, params['inner'], batch, config)
+  value, stats = steps.model_loss(sowing, params, batch, config)
+  assert 'aux_loss_sum' not in plain_stats  # Nothing sown: the step is what it was.
+  np.testing.assert_allclose(value - plain, 0.5 * stats['weight'], rtol=1e-5)
+  np.testing.assert_allclose(stats['aux_loss_sum'], 0.5 * stats['weight'], rtol=1e-6)

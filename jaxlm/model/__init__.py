@@ -3,7 +3,7 @@
 import ml_collections
 
 from jaxlm import objectives
-from jaxlm.model.transformer import CLASSIFIER_PARAMS, Transformer, output_layer  # noqa: F401
+from jaxlm.model.transformer import AUX_LOSS, CLASSIFIER_PARAMS, Transformer  # noqa: F401
 
 
 def build(config):
