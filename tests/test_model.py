@@ -182,6 +182,37 @@ def test_dropout_is_active_only_in_training():
   np.testing.assert_array_equal(logits(model, params, tokens), logits(model, params, tokens))
 
 
+# ------------------------------------------------------------- the injectable matmul
+
+
+MATMUL_KERNELS = []
+
+
+def doubling_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                         preferred_element_type=None):
+  """A toy matmul kind: lax.dot_general, doubled, noting the kernel it multiplies by."""
+  MATMUL_KERNELS.append(rhs.shape)
+  return 2 * jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+
+
+@pytest.mark.parametrize('family', ['llama', 'bert'])
+def test_every_dense_layer_runs_the_registered_matmul(family, monkeypatch):
+  """A new kind is one function plus one registry line, and every Dense kernel (the blocks',
+  an untied output layer's, BERT's head transform) goes through it."""
+  from jaxlm import matmuls
+  monkeypatch.setitem(matmuls.REGISTRY, 'doubling', f'{__name__}:doubling_dot_general')
+  overrides = dict(model__family=family, model__scan_layers=False, model__tied_embeddings=False)
+  _, default, params, tokens = build(**overrides)
+  config = tiny_config(model__matmul='doubling', **overrides)
+  doubled = model_lib.build(config)
+  MATMUL_KERNELS.clear()
+  out = doubled.apply({'params': params}, tokens)
+  kernels = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+             if path[-1].key == 'kernel']
+  assert sorted(MATMUL_KERNELS) == sorted(kernels) and len(kernels) > 10
+  assert np.abs(out - default.apply({'params': params}, tokens)).max() > 1e-3
+
+
 # ------------------------------------------------------------- the model contract of the step
 
 
