@@ -53,7 +53,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions=None, segment_ids=None, token_types=None,
                deterministic=True, project=True, decode=False, predict_positions=None):
     """predict_positions [B, P]: run the head at these positions only (a masked LM's chosen
-    tokens; objectives.Masking), giving [B, P, vocab].
+    tokens; objectives.masked.Masking), giving [B, P, vocab].
     project=False stops before the output layer: the final states [B, T, embed], for a
     loss that projects them itself (objectives.base.chunked_loss, with `lm_head`).
     decode=True reads and extends the key/value cache (layers.Attention; generate.py)."""
