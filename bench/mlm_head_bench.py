@@ -17,7 +17,7 @@ import io
 import os
 import sys
 
-from jaxlm import cli, plan
+from jaxlm import cli, objectives, plan
 from jaxlm import config as config_lib
 from jaxlm.errors import ConfigError
 from table import print_table  # bench/table.py: scripts run from bench/.
@@ -39,7 +39,7 @@ def measure(name, max_predictions, topology, overrides):
   config = config_lib.load(path, [('masking.max_predictions', str(max_predictions)),
                                   *overrides])
   row = {'config': name,
-         'max_predictions': config_lib.max_predictions(config) or f'all {config.model.max_len}',
+         'max_predictions': objectives.get(config).predictions() or f'all {config.model.max_len}',
          'topology': topology}
   try:
     with contextlib.redirect_stdout(io.StringIO()):  # plan's own report; the table is ours.

@@ -169,9 +169,10 @@ class Checkpointer:
       if verdict not in ('ok', 'unverified'):
         self._set_aside(step, verdict)
         continue
+      target = self._state_target(step, _target(abstract_state, shardings))
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=_restore_args(_target(abstract_state, shardings))))
+            state=_restore_args(target)))
       except Exception as e:  # Orbax/tensorstore raise many types for unreadable files.
         raise RunError(f'checkpoint {step} in {self.directory} cannot be read '
                        f'({type(e).__name__}: {first_line(e)}); nothing was renamed or '
@@ -181,8 +182,22 @@ class Checkpointer:
         self._set_aside(step, f'non-finite values in {bad}')
         continue
       self._restore_data(step, data_iterator)
-      return restored['state'], step
+      state = restored['state']
+      if isinstance(state, dict):  # See _state_target.
+        state = abstract_state.replace(**state, extra={})
+      return state, step
     return None, 0
+
+  def _state_target(self, step, target):
+    """What to restore of checkpoint `step` into `target` (a TrainState): all of it, or, from a
+    checkpoint written before TrainState.extra existed, its other fields as a dict."""
+    if 'extra' in self.manager.item_metadata(step)['state'].tree:
+      return target
+    if jax.tree.leaves(target.extra):
+      raise ConfigError(f'checkpoint {step} in {self.directory} predates the model\'s variable '
+                        f'collections {", ".join(target.extra)}; start a new --workdir, with '
+                        f'init_from pointing at this one for its parameters')
+    return {'step': target.step, 'params': target.params, 'opt_state': target.opt_state}
 
   def _restore_data(self, step, data_iterator):
     """The iterator's saved position; recomputed from the step when the process count changed

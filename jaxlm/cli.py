@@ -52,8 +52,7 @@ def _join(config, args):
 def _train(args, overrides):
   config = _config(args, overrides)
   _require_workdir(args)
-  if config.objective == 'classify':
-    raise ConfigError("objective='classify' trains a classifier: run it with jaxlm finetune")
+  _check_command(config, 'train')
   _join(config, args)
   compile_cache.enable(config)
   from jaxlm import train
@@ -63,13 +62,24 @@ def _train(args, overrides):
 def _finetune(args, overrides):
   config = _config(args, overrides)
   _require_workdir(args)
-  if config.objective != 'classify':
-    raise ConfigError(f"jaxlm finetune trains a classifier and needs objective='classify' "
-                      f"(see configs/finetune_cls.py), not {config.objective!r}")
+  _check_command(config, 'finetune')
   _join(config, args)
   compile_cache.enable(config)
   from jaxlm import train
   return train.train(config, args.workdir)
+
+
+def _check_command(config, command):
+  """Each objective is trained by one command (a classifier by finetune)."""
+  from jaxlm import objectives
+  objective = objectives.get(config)
+  if objective.command == command:
+    return
+  if command == 'finetune':
+    raise ConfigError(f"jaxlm finetune trains a classifier and needs objective='classify' "
+                      f"(see configs/finetune_cls.py), not {objective.name!r}")
+  raise ConfigError(f"objective={objective.name!r} is not trained by jaxlm {command}: run it "
+                    f"with jaxlm {objective.command}")
 
 
 def _eval(args, overrides):

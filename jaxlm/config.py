@@ -252,8 +252,6 @@ def validate(config):
     raise ConfigError(f'masking.mask_fraction + masking.random_fraction = '
                       f'{config.masking.mask_fraction + config.masking.random_fraction:g} '
                       f'must be at most 1')
-  if config.objective == 'masked' and config.masking.rate == 0:
-    raise ConfigError('masking.rate=0 masks nothing: objective=masked needs a rate in (0, 1)')
   _check(config, 'masking.max_predictions', lambda v: v >= -1,
          'must be a count of positions per row, 0 (sized from masking.rate) or -1 (all)')
 
@@ -302,31 +300,6 @@ def _check_mixture(d):
                         f"(0.7, '/data/web/*.jsonl') or (0.3, 'tfds:lm1b')")
   if d.mixture and (d.path or d.tfds_name):
     raise ConfigError('data.mixture replaces data.path and data.tfds_name; leave those empty')
-
-
-def is_causal(config):
-  """Whether the model attends only to the past: causal LMs and classifiers built on them.
-  Works on a ConfigDict or on a saved config's dict (which may predate the finetune fields)."""
-  objective = config.get('objective', 'causal')
-  if objective == 'classify':
-    return config.get('finetune', {}).get('backbone', 'masked') == 'causal'
-  return objective == 'causal'
-
-
-def max_predictions(config):
-  """Positions per row a masked LM predicts (gathered before its head), or None for every
-  position: masking.max_predictions, or with 0 the mean chosen count plus six standard
-  deviations of it (a binomial's; doubled for whole words, whose pieces are chosen together),
-  rounded up to a multiple of 8. A row exceeds that about once in 10^9: 48 of 128 positions,
-  128 of 512 at the usual 15%."""
-  if config.objective != 'masked' or config.masking.max_predictions == -1:
-    return None
-  length = config.model.max_len
-  if config.masking.max_predictions:
-    return min(config.masking.max_predictions, length)
-  rate = config.masking.rate
-  spread = 6 * math.sqrt(length * rate * (1 - rate)) * (2 if config.masking.whole_word else 1)
-  return min(length, 8 * math.ceil((length * rate + spread) / 8))
 
 
 def get_field(config, name):

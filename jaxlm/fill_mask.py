@@ -42,14 +42,15 @@ def encode(tokenizer, text, max_len):
 
 def run(config, workdir, texts, top_k=5, step=None):
   """Prints, for each [MASK] of each text, the top_k fillers with their probabilities."""
-  if config.objective != 'masked':
-    raise ConfigError(f'--workdir={workdir} holds a {config.objective!r} model; fill-mask needs '
+  objective = objectives.get(config)
+  if not objective.fills_masks:
+    raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; fill-mask needs '
                       f'a masked LM (objective=masked)')
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_specials()
   # Texts go through one at a time, on one device.
   s, params, step = run_lib.restore_for_inference(config, workdir, step)
-  special = objectives.Masking.for_tokenizer(config, tokenizer).special  # Never a filler.
+  special = objective.prepare(tokenizer).special  # Never a filler.
   mask_id = tokenizer.special_id(MASK)
   with s.active():
 

@@ -75,8 +75,8 @@ def flops_per_token(m, seq_len=None, causal_halved=False, embeddings=True, head_
 
 def of_run(config, **kwargs):
   """flops_per_token of a run's model and objective (see `head_fraction`)."""
-  from jaxlm import config as config_lib
-  predictions = config_lib.max_predictions(config)
+  from jaxlm import objectives  # Here: the objective modules import jax.
+  predictions = objectives.get(config).predictions()
   fraction = 1 if predictions is None else predictions / config.model.max_len
   return flops_per_token(config.model, head_fraction=fraction, **kwargs)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import data
+from jaxlm import data, objectives
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -204,8 +204,9 @@ def reference_beam(model, params, prompt, num_beams, max_new_tokens, length_pena
 def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
         seed=0, step=None, num_beams=1, length_penalty=1.0):
   """Continues each prompt; returns [{'prompt', 'completion', 'tokens'}] (stop token dropped)."""
-  if config.objective != 'causal':
-    raise ConfigError(f'--workdir={workdir} holds a {config.objective!r} model; generate needs '
+  objective = objectives.get(config)
+  if not objective.generates:
+    raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; generate needs '
                       f'a causal LM (objective=causal)')
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_causal()

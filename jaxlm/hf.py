@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from jaxlm import objectives
 from jaxlm.errors import ConfigError
 from jaxlm.schema import FAMILIES
 
@@ -259,8 +260,9 @@ def exportable(config):
     raise ConfigError(f'model.family={m.family!r} has no Hugging Face layout (families '
                       f'with one: {", ".join(BY_FAMILY)})')
   layout = BY_FAMILY[m.family]
-  if config.objective != layout.objective:
-    raise ConfigError(f'objective={config.objective!r}: a Hugging Face {layout.architecture} '
+  name = objectives.name(config)
+  if name != layout.objective:
+    raise ConfigError(f'objective={name!r}: a Hugging Face {layout.architecture} '
                       f'is a {layout.objective} model; only those export')
   for field, value in layout.fixed().items():
     if m[field] != value:

@@ -56,8 +56,6 @@ def check(config):
   if longest != config.model.max_len:
     raise ConfigError(f'data.phases: the longest phase is {longest} tokens; set model.max_len='
                       f'{longest} (the position table is sized for it)')
-  if config.objective == 'classify':
-    raise ConfigError('data.phases is for pretraining; leave it empty to fine-tune')
   for start, end, length in spans(config):
     if config.loss_chunk and length % config.loss_chunk:
       raise ConfigError(f'data.phases: loss_chunk={config.loss_chunk} must divide every '

@@ -34,9 +34,7 @@ QUICK_HEADROOM = 0.10  # Measured: a quick compile's memory is within 7% of the 
 
 
 def run(config, topology='', num_slices=1, json_path='', quick=False):
-  if config.objective == 'classify':
-    from jaxlm.data import labeled
-    labeled.resolve_labels(config)  # The classifier's size.
+  objectives.get(config).complete()  # E.g. a classifier's labels: the model's size.
   slice_ = topology_lib.parse(topology) if topology else None
   devices = topology_lib.devices(slice_, num_slices) if slice_ else None
   s = run_lib.setup(config, devices)

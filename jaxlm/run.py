@@ -58,6 +58,7 @@ def setup(config, devices=None):
   Every parameter dimension must split evenly over the mesh axes the rules give it, so a
   mesh that does not fit the model fails here, before anything is compiled.
   """
+  objectives.get(config).check()
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch(config, mesh)
   if config.model.remat_policy == 'offload' and mesh.devices.flat[0].platform == 'cpu':
@@ -264,12 +265,8 @@ def init_source(s):
     return None
   source, step = checkpoint.find(s.config.init_from)
   saved = source.saved_config(step)
-  if saved is not None and config_lib.is_causal(saved) != config_lib.is_causal(s.config):
-    objective = 'causal' if config_lib.is_causal(saved) else 'masked'
-    wanted = 'finetune.backbone' if s.config.objective == 'classify' else 'objective'
-    raise errors.ConfigError(
-        f'init_from={s.config.init_from!r} was trained with objective {objective!r}; set '
-        f'--config.{wanted}={objective} (its attention direction must match)')
+  if saved is not None:
+    objectives.get(s.config).check_init_from(objectives.get(saved), s.config.init_from)
   source.check_params(step, s.abstract_state.params, model_lib.CLASSIFIER_PARAMS)
   return source, step
 
@@ -295,9 +292,3 @@ def initial_state(s, checkpoints, batches, source):
     state = state.replace(params={**state.params, **restored})
   return state, imported or 0
 
-
-def token_bytes(config, tokenizer):
-  """The byte table of bits per byte, for objectives whose targets are tokens."""
-  if config.objective == 'classify':
-    return None
-  return tokenizer.token_bytes(config.model.vocab_size)

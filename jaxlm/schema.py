@@ -8,6 +8,8 @@ never a silent no-op. Loading, overrides and validation live in `jaxlm/config.py
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from jaxlm import matmuls, objectives
+
 # Outermost first: 'data' changes slowest over the device list, 'tensor' fastest, so tensor
 # parallelism (the most communication per step) lands on the closest devices.
 MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
@@ -40,7 +42,7 @@ FAMILIES = {
 }
 
 CHOICES = {
-    'objective': ('causal', 'masked', 'classify'),
+    'objective': objectives.REGISTRY,  # Its names; a registered objective is a choice.
     'nonfinite': ('skip', 'stop'),
     'model.family': tuple(FAMILIES),
     'model.norm': ('layernorm', 'rmsnorm'),
@@ -51,6 +53,7 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention': ('auto', 'xla', 'cudnn', 'splash'),
+    'model.matmul': matmuls.REGISTRY,  # Its names; a registered kind is a choice.
     'model.remat_policy': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims', 'minimal',
                            'save_qkv_proj', 'offload'),
     'data.tokenizer_type': ('bpe', 'unigram'),
@@ -118,6 +121,7 @@ def defaults(family='gpt2'):
   m.init_std = 0.02  # Std of the normal init; residual output projections get /sqrt(2 L).
   m.dtype = 'float32'  # Compute dtype of activations ('bfloat16' on accelerators).
   m.param_dtype = 'float32'  # Storage dtype of parameters (the optimizer's master copy).
+  m.matmul = 'default'  # Every Dense layer's matmul (jaxlm/matmuls): 'default' = lax's.
   # Attention kernel (jaxlm/model/attention.py): 'xla' (materialises the scores), 'cudnn'
   # (flash attention, NVIDIA GPUs), 'splash' (Pallas, TPU; interpret mode elsewhere, slow);
   # 'auto' = splash on TPU, cudnn on NVIDIA GPUs for 16-bit compute, xla otherwise.

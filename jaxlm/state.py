@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import mesh as mesh_lib
+from jaxlm import objectives
+from jaxlm.model import AUX_LOSS
 
 
 @flax.struct.dataclass
@@ -21,6 +23,9 @@ class TrainState:
   step: jax.Array  # Number of optimizer updates applied so far.
   params: Any
   opt_state: Any
+  # The model's other variable collections (e.g. an fp8 matmul's scales), checkpointed with
+  # the parameters; none today. Checkpoints written before it existed restore with it empty.
+  extra: Any = flax.struct.field(default_factory=dict)
 
 
 def _is_box(x):
@@ -41,8 +46,11 @@ def init_inputs(config, batch=1):
 def boxed_state(model, tx, config, rng):
   """A fresh state whose parameters (and optimizer moments) carry logical axis names."""
   tokens, positions, segments = init_inputs(config)
-  params = model.init({'params': rng}, tokens, positions, segments)['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  variables = dict(model.init({'params': rng}, tokens, positions, segments))
+  params = variables.pop('params')
+  variables.pop(AUX_LOSS, None)  # Outputs of a step, not state.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    extra=variables)
 
 
 def abstract_state(model, tx, config):
@@ -64,10 +72,7 @@ def initialize(model, tx, config, shardings):
 
 def batch_features(config):
   """The logical axes of every feature of an input batch (all int32)."""
-  features = {k: ('batch', 'length') for k in ('tokens', 'segment_ids', 'positions')}
-  if config.objective == 'classify':
-    features['label'] = ('batch',)
-  return features
+  return objectives.get(config).features()
 
 
 def batch_shardings(mesh, rules, config):

@@ -6,8 +6,8 @@ import optax
 
 from jaxlm import model as model_lib
 from jaxlm import objectives
+from jaxlm.objectives import base as objectives_base
 from jaxlm.model import layers
-from jaxlm.state import TrainState
 
 
 def accumulate_gradients(loss_fn, params, batch, num_micro, rng):
@@ -45,27 +45,33 @@ def accumulate_gradients(loss_fn, params, batch, num_micro, rng):
   return total
 
 
-def apply(model, params, batch, **kwargs):
-  return model.apply({'params': params}, batch['tokens'], batch['positions'],
+def apply(model, params, batch, extra=None, **kwargs):
+  """The model on a batch; `extra`: its variable collections besides the parameters
+  (TrainState.extra)."""
+  return model.apply({'params': params, **(extra or {})}, batch['tokens'], batch['positions'],
                      batch['segment_ids'], batch.get('token_types'),
                      predict_positions=batch.get('predict_positions'), **kwargs)
 
 
-def model_loss(model, params, batch, config, z_loss=0.0, **kwargs):
+def model_loss(model, params, batch, config, z_loss=0.0, extra=None, **kwargs):
   """(objective, stats) of the model on a prepared batch; with config.loss_chunk the output
-  layer and the loss run chunk by chunk (objectives.chunked_loss) where the predicted
-  positions (max_len, or a masked LM's gathered predictions) make more than one chunk."""
-  chunk = config.loss_chunk
-  if config.objective != 'classify':
-    positions = batch['targets'].shape[1]
-    # One chunk or fewer: chunking would only add the backward pass's recomputation (the TPU
-    # compiler also gave BERT's 128 gathered predictions more memory in one chunk than none).
-    chunk = chunk if chunk and positions > chunk and positions % chunk == 0 else 0
+  layer and the loss run chunk by chunk (objectives.base.chunked_loss) where the predicted
+  positions (max_len, or a masked LM's gathered predictions) make more than one chunk.
+  Auxiliary losses the model sows (model.AUX_LOSS), each a mean, count once per target."""
+  objective = objectives.get(config)
+  chunk = objective.loss_chunk(batch)
+  out, sown = apply(model, params, batch, extra, project=not chunk, mutable=[model_lib.AUX_LOSS],
+                    **kwargs)
   if not chunk:
-    return objectives.loss(apply(model, params, batch, **kwargs), batch, z_loss)
-  hidden = apply(model, params, batch, project=False, **kwargs)
-  kernel, bias = model_lib.output_layer(params, config.model)
-  return objectives.chunked_loss(hidden, kernel, bias, batch, z_loss, chunk)
+    value, stats = objective.loss(out, batch, z_loss)
+  else:
+    kernel, bias = model.apply({'params': params}, method='lm_head')
+    value, stats = objectives_base.chunked_loss(out, kernel, bias, batch, z_loss, chunk)
+  aux = jax.tree.leaves(sown.get(model_lib.AUX_LOSS, {}))
+  if aux:  # Only then: without one, the step is exactly what it was before they existed.
+    stats['aux_loss_sum'] = sum(jnp.sum(a) for a in aux) * stats['weight']
+    value += stats['aux_loss_sum']
+  return value, stats
 
 
 def all_finite(tree):
@@ -78,17 +84,17 @@ EVAL_KEY = 0x5eed
 
 
 def make_train_step(model, tx, lr_schedule, config, prepare):
-  """(state, batch) -> (state, metrics). `prepare` is the objective (see objectives.py).
+  """(state, batch) -> (state, metrics). `prepare` is the objective's (objectives.build).
 
   Dropout and masks derive from (seed, step): no RNG state to carry or checkpoint. Masks are
   drawn for the whole batch before it is split into micro-batches, so they do not depend on
-  optimizer.grad_accum_steps.
+  optimizer.grad_accum_steps. The state's extra collections are read, and carried unchanged.
   """
-  def loss_fn(params, batch, rng):
-    return model_loss(model, params, batch, config, config.z_loss, deterministic=False,
-                      rngs={'dropout': rng})
-
   def train_step(state, batch):
+    def loss_fn(params, batch, rng):
+      return model_loss(model, params, batch, config, config.z_loss, state.extra,
+                        deterministic=False, rngs={'dropout': rng})
+
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     dropout_rng, prepare_rng = jax.random.split(rng)
     batch = prepare(batch, prepare_rng)
@@ -113,7 +119,7 @@ def make_train_step(model, tx, lr_schedule, config, prepare):
     }
     if config.z_loss:
       metrics['z_loss'] = stats['z_loss_sum'] / weight
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 

@@ -28,8 +28,8 @@ def train(config, workdir, devices=None):
 
 def _train(config, workdir, devices, held):
   clock = goodput.Clock()
-  if config.objective == 'classify':
-    data.labeled.resolve_labels(config)  # The classifier's size, before the model is built.
+  objective = objectives.get(config)
+  objective.complete()  # E.g. a classifier's labels, before the model is built.
   s = run_lib.setup(config, devices)
   distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
   process = (jax.process_index(), jax.process_count())
@@ -59,13 +59,10 @@ def _train(config, workdir, devices, held):
     with s.active(), preemption.Watcher() as preempted:
       state, start = clock.timed('checkpoint', run_lib.initial_state, s, checkpoints, batches,
                                  source)
-      stages = run_lib.Phases(s, corpus, workdir, run_lib.token_bytes(config, corpus.tokenizer),
+      stages = run_lib.Phases(s, corpus, workdir, objective.token_bytes(corpus.tokenizer),
                               process)
       phase = clock.timed('compile', stages.enter, start)
-      if config.objective == 'masked':
-        log.info('masked-token accuracy of always guessing the most frequent token: %.4f',
-                 objectives.unigram_accuracy(data.eval_tokens(phase.eval_set),
-                                             phase.prepare.special))
+      objective.log_baseline(data.eval_tokens(phase.eval_set), phase.prepare)
       saving = hooks.Checkpointing(checkpoints)
       loop_hooks = [
           hooks.Metrics(writer, s.mesh.size),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import flax.struct
 import jax
 import numpy as np
 import pytest
@@ -217,3 +218,45 @@ def test_init_from_a_different_shape_names_the_parameter(tmp_path, shared_data):
   with pytest.raises(ConfigError, match='holds no jaxlm checkpoint'):
     train.train(shared(shared_data, init_from=str(tmp_path / 'nothing')),
                 str(tmp_path / 'other'), devices=one_device())
+
+
+@flax.struct.dataclass
+class StateBeforeExtra:
+  """TrainState as it was before `extra`: what older checkpoints hold."""
+  step: jax.Array
+  params: object
+  opt_state: object
+
+
+def test_extra_collections_are_checkpointed_and_older_checkpoints_restore_without_them(
+    tmp_path):
+  config = tiny_config()
+  s = run_lib.setup(config, one_device())
+  with s.active():
+    state = state_lib.initialize(s.model, s.tx, config, s.shardings)
+  assert state.extra == {}  # No layer has a non-parameter collection today.
+  rows_ = data.packing.PackedRows(data.store.TokenStream(np.arange(4096) % 500,
+                                                         np.array([0, 4096])), 64)
+  batches = lambda: data.train_iterator(data.train_dataset(rows_, config), config)
+  at_step_1 = batches()
+  next(at_step_1)
+  scales = {'scales': {'amax': jax.numpy.arange(3.0)}}  # E.g. an fp8 matmul's history.
+  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+  for name, saved, abstract, shardings in (
+      ('extra', state.replace(extra=scales),
+       s.abstract_state.replace(extra=jax.eval_shape(lambda: scales)),
+       s.shardings.replace(extra={'scales': {'amax': replicated}})),
+      ('before', StateBeforeExtra(state.step, state.params, state.opt_state),
+       s.abstract_state, s.shardings)):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / name), config)
+    ckpt.save(1, saved, at_step_1, config)
+    ckpt.wait()
+    restored, step = ckpt.restore_latest(abstract, shardings, batches())
+    ckpt.close()
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                 jax.device_get(state.params))
+    if name == 'extra':
+      np.testing.assert_array_equal(restored.extra['scales']['amax'], [0.0, 1.0, 2.0])
+    else:
+      assert restored.extra == {}

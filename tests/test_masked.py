@@ -13,6 +13,7 @@ from conftest import one_device, tiny_config
 from jaxlm import cli, data, model as model_lib, objectives, state as state_lib
 from jaxlm.config import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.objectives import base, masked
 
 VOCAB = 512
 SPECIAL = np.arange(VOCAB) < 7  # Ids 0-6 play pad/unk/bos/eos/[CLS]/[SEP]/[MASK].
@@ -37,7 +38,7 @@ def masking(word_start=None, **masking_overrides):
   masking_overrides = {'max_predictions': -1, **masking_overrides}
   config = masked_config(**{f'masking__{k}': v for k, v in masking_overrides.items()})
   starts = np.zeros(VOCAB, bool) if word_start is None else word_start
-  return objectives.Masking(config, SPECIAL, starts, MASK_ID)
+  return masked.Masking(config, SPECIAL, starts, MASK_ID)
 
 
 def test_masking_rates_match_the_config_over_many_draws():
@@ -93,9 +94,9 @@ def test_whole_word_masking_masks_every_piece_of_a_chosen_word():
 def test_the_loss_counts_masked_positions_only():
   batch = masking()(random_batch(), jax.random.key(0))
   logits = jax.random.normal(jax.random.key(1), (*batch['tokens'].shape, VOCAB))
-  _, stats = objectives.loss(logits, batch)
+  _, stats = base.loss(logits, batch)
   unmasked = jnp.where(batch['weights'][..., None] > 0, 0.0, 100.0)
-  _, changed = objectives.loss(logits + jax.random.normal(jax.random.key(2), logits.shape)
+  _, changed = base.loss(logits + jax.random.normal(jax.random.key(2), logits.shape)
                                * unmasked, batch)
   assert stats['weight'] == batch['weights'].sum() > 0
   np.testing.assert_allclose(changed['loss_sum'], stats['loss_sum'], rtol=1e-6)
@@ -116,7 +117,7 @@ def test_the_gathered_head_equals_predicting_every_position(cap):
   config = masked_config(masking__max_predictions=cap, model__max_len=128)
   batch = random_batch(shape=(8, 128))
   key = jax.random.key(5)
-  gathered = objectives.Masking(config, SPECIAL, np.zeros(VOCAB, bool), MASK_ID)(batch, key)
+  gathered = masked.Masking(config, SPECIAL, np.zeros(VOCAB, bool), MASK_ID)(batch, key)
   every = masking()(batch, key)  # The same draw, uncapped, at every position.
   chosen, weights = np.asarray(every['weights']) > 0, gathered['weights']
   assert gathered['predict_positions'].shape == weights.shape == (8, cap)
@@ -136,21 +137,21 @@ def test_the_gathered_head_equals_predicting_every_position(cap):
   args = (gathered['tokens'], gathered['positions'], gathered['segment_ids'])
   head = model.apply({'params': params}, *args, predict_positions=gathered['predict_positions'])
   assert head.shape == (8, cap, config.model.vocab_size)
-  _, ours = objectives.loss(head, gathered)
+  _, ours = base.loss(head, gathered)
   reference = {**gathered, 'targets': batch['tokens'], 'weights': jnp.asarray(kept, jnp.float32)}
-  _, theirs = objectives.loss(model.apply({'params': params}, *args), reference)
+  _, theirs = base.loss(model.apply({'params': params}, *args), reference)
   for name in ('loss_sum', 'correct', 'weight'):
     np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, err_msg=name)
 
 
 def test_max_predictions_is_sized_from_the_rate_with_headroom():
-  from jaxlm import config as config_lib, flops
-  sized = lambda **o: config_lib.max_predictions(masked_config(**o))
+  from jaxlm import flops
+  sized = lambda **o: masked.max_predictions(masked_config(**o))
   assert sized(model__max_len=128) == 48 and sized(model__max_len=512) == 128
   assert sized(model__max_len=128, masking__whole_word=True) > 48
   assert sized(model__max_len=128, masking__max_predictions=20) == 20
   assert sized(model__max_len=128, masking__max_predictions=-1) is None
-  assert config_lib.max_predictions(tiny_config(objective='causal')) is None
+  assert objectives.get(tiny_config(objective='causal')).predictions() is None
   # The head's FLOPs follow: a 48-of-128 head costs 48/128 of every-position prediction.
   c = masked_config(model__max_len=128)
   m = c.model
@@ -208,7 +209,7 @@ def test_masked_lm_trains_and_fill_mask_answers(tmp_path, shared_data, capsys):
   result = train.train(config, str(tmp_path), one_device())
   corpus = data.prepare(config, str(tmp_path))
   special = objectives.build(config, corpus.tokenizer).special
-  baseline = objectives.unigram_accuracy(
+  baseline = masked.unigram_accuracy(
       data.eval_tokens(data.eval_batches(corpus.validation, config)), special)
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   accuracy = [r['eval_accuracy'] for r in rows if 'eval_accuracy' in r]

@@ -180,3 +180,62 @@ def test_dropout_is_active_only_in_training():
   train = [apply(params, jax.random.key(s)) for s in (1, 2)]
   assert np.abs(train[0] - train[1]).max() > 1e-3
   np.testing.assert_array_equal(logits(model, params, tokens), logits(model, params, tokens))
+
+
+# ------------------------------------------------------------- the injectable matmul
+
+
+MATMUL_KERNELS = []
+
+
+def doubling_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                         preferred_element_type=None):
+  """A toy matmul kind: lax.dot_general, doubled, noting the kernel it multiplies by."""
+  MATMUL_KERNELS.append(rhs.shape)
+  return 2 * jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+
+
+@pytest.mark.parametrize('family', ['llama', 'bert'])
+def test_every_dense_layer_runs_the_registered_matmul(family, monkeypatch):
+  """A new kind is one function plus one registry line, and every Dense kernel (the blocks',
+  an untied output layer's, BERT's head transform) goes through it."""
+  from jaxlm import matmuls
+  monkeypatch.setitem(matmuls.REGISTRY, 'doubling', f'{__name__}:doubling_dot_general')
+  overrides = dict(model__family=family, model__scan_layers=False, model__tied_embeddings=False)
+  _, default, params, tokens = build(**overrides)
+  config = tiny_config(model__matmul='doubling', **overrides)
+  doubled = model_lib.build(config)
+  MATMUL_KERNELS.clear()
+  out = doubled.apply({'params': params}, tokens)
+  kernels = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+             if path[-1].key == 'kernel']
+  assert sorted(MATMUL_KERNELS) == sorted(kernels) and len(kernels) > 10
+  assert np.abs(out - default.apply({'params': params}, tokens)).max() > 1e-3
+
+
+# ------------------------------------------------------------- the model contract of the step
+
+
+class SowingAuxLoss(nn.Module):
+  """The model, plus an auxiliary loss of 0.5 sown as a layer would (a MoE's balance loss)."""
+  inner: nn.Module
+
+  @nn.compact
+  def __call__(self, *args, **kwargs):
+    self.sow(model_lib.AUX_LOSS, 'balance', jnp.float32(0.5))
+    return self.inner(*args, **kwargs)
+
+
+def test_a_sown_auxiliary_loss_counts_once_per_target():
+  from jaxlm import objectives, steps
+  config, model, _, tokens = build()
+  batch = objectives.build(config)({'tokens': tokens, 'segment_ids': jnp.ones_like(tokens),
+                                    'positions': jnp.broadcast_to(jnp.arange(tokens.shape[1]),
+                                                                  tokens.shape)})
+  sowing = SowingAuxLoss(model)
+  params = nn.unbox(sowing.init(jax.random.key(0), tokens)['params'])
+  plain, plain_stats = steps.model_loss(model, params['inner'], batch, config)
+  value, stats = steps.model_loss(sowing, params, batch, config)
+  assert 'aux_loss_sum' not in plain_stats  # Nothing sown: the step is what it was.
+  np.testing.assert_allclose(value - plain, 0.5 * stats['weight'], rtol=1e-5)
+  np.testing.assert_allclose(stats['aux_loss_sum'], 0.5 * stats['weight'], rtol=1e-6)

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import tiny_config
 from jaxlm import objectives
+from jaxlm.objectives import base, causal
 
 
 def batch_of(segments, loss_mask=None):
@@ -20,7 +21,7 @@ def batch_of(segments, loss_mask=None):
 
 def test_targets_are_next_tokens_within_a_document_only():
   batch = batch_of([[1, 1, 1, 2, 2, 0, 0]])
-  targets, weights = objectives.causal_targets(batch)
+  targets, weights = causal.causal_targets(batch)
   np.testing.assert_array_equal(targets[0, :6], batch['tokens'][0, 1:])
   # Position 2 ends document 1 and 4 ends document 2; padding and the row's end predict nothing.
   np.testing.assert_array_equal(weights[0], [1, 1, 0, 1, 0, 0, 0])
@@ -28,18 +29,18 @@ def test_targets_are_next_tokens_within_a_document_only():
 
 def test_loss_mask_removes_targets():
   batch = batch_of([[1, 1, 1, 1, 1]], loss_mask=[[1, 1, 0, 0, 1]])
-  _, weights = objectives.causal_targets(batch)
+  _, weights = causal.causal_targets(batch)
   np.testing.assert_array_equal(weights[0], [1, 0, 0, 1, 0])  # Targets 2 and 3 are masked out.
 
 
 def test_masked_positions_cannot_change_the_loss():
   batch = batch_of([[1, 1, 1, 2, 2, 2, 0, 0]])
   logits = jax.random.normal(jax.random.key(0), (1, 8, 7))
-  loss, stats = objectives.loss(logits, objectives.causal(batch))
+  loss, stats = base.loss(logits, causal.prepare(batch))
   # Positions with weight 0 (document ends, padding) may predict anything.
-  _, weights = objectives.causal_targets(batch)
+  _, weights = causal.causal_targets(batch)
   noise = jnp.where(weights[..., None] == 0, 100 * jax.random.normal(jax.random.key(1), logits.shape), 0)
-  loss2, _ = objectives.loss(logits + noise, objectives.causal(batch))
+  loss2, _ = base.loss(logits + noise, causal.prepare(batch))
   assert float(loss) == pytest.approx(float(loss2), rel=1e-6)
   assert float(stats['weight']) == 4
 
@@ -47,7 +48,7 @@ def test_masked_positions_cannot_change_the_loss():
 def test_loss_is_the_summed_negative_log_likelihood():
   batch = batch_of([[1, 1, 1]])
   logits = jax.random.normal(jax.random.key(0), (1, 3, 7))
-  loss, stats = objectives.loss(logits, objectives.causal(batch))
+  loss, stats = base.loss(logits, causal.prepare(batch))
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   tokens = batch['tokens'][0]
   expected = -(log_probs[0, 0, tokens[1]] + log_probs[0, 1, tokens[2]])
@@ -57,8 +58,8 @@ def test_loss_is_the_summed_negative_log_likelihood():
 def test_z_loss_adds_the_squared_log_normaliser():
   batch = batch_of([[1, 1, 1]])
   logits = jax.random.normal(jax.random.key(0), (1, 3, 7)) + 3.0
-  plain, _ = objectives.loss(logits, objectives.causal(batch))
-  with_z, stats = objectives.loss(logits, objectives.causal(batch), z_loss=1e-2)
+  plain, _ = base.loss(logits, causal.prepare(batch))
+  with_z, stats = base.loss(logits, causal.prepare(batch), z_loss=1e-2)
   log_z = jax.nn.logsumexp(logits[0, :2], axis=-1)
   assert float(with_z - plain) == pytest.approx(float(1e-2 * jnp.sum(log_z ** 2)), rel=1e-5)
   assert float(stats['z_loss_sum']) == pytest.approx(float(with_z - plain), rel=1e-5)
@@ -113,3 +114,97 @@ def test_chunked_output_layer_never_holds_the_whole_batchs_logits():
     temporaries[chunk] = compiled.memory_analysis().temp_size_in_bytes
   logits_bytes = 4 * 256 * 32768 * 4
   assert temporaries[0] - temporaries[32] > logits_bytes, temporaries
+
+
+# ------------------------------------------------------------- objectives as modules
+
+
+import ast
+import os
+import textwrap
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'jaxlm')
+
+
+def objective_branches(source, where):
+  """Places in `source` that read a config's objective or compare against an objective's name:
+  outside jaxlm/objectives/ both are branches the objective's module should answer."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    # hf.Layout.objective is the Hugging Face architecture's kind, not a config's field.
+    if (isinstance(node, ast.Attribute) and node.attr == 'objective'
+        and isinstance(node.ctx, ast.Load)
+        and not (isinstance(node.value, ast.Name) and node.value.id == 'layout')):
+      found.append(f'{where}:{node.lineno}: .objective')
+    elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and (
+        node.slice.value == 'objective'):
+      found.append(f'{where}:{node.lineno}: [objective]')
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == 'get' and node.args and isinstance(node.args[0], ast.Constant)
+          and node.args[0].value == 'objective'):
+      found.append(f"{where}:{node.lineno}: .get('objective')")
+    elif isinstance(node, ast.Compare) and any(
+        isinstance(x, ast.Constant) and x.value in objectives.REGISTRY
+        for x in (node.left, *node.comparators)):
+      found.append(f'{where}:{node.lineno}: compares with an objective name')
+  return found
+
+
+def test_only_the_objectives_package_reads_or_branches_on_the_objective():
+  found = []
+  for directory, _, files in os.walk(PACKAGE):
+    if os.path.relpath(directory, PACKAGE).split(os.sep)[0] == 'objectives':
+      continue
+    for name in files:
+      if name.endswith('.py'):
+        path = os.path.join(directory, name)
+        with open(path) as f:
+          found += objective_branches(f.read(), os.path.relpath(path, PACKAGE))
+  assert not found, 'ask objectives.get(config) instead:\n' + '\n'.join(found)
+  # And the scan does see the branches it forbids.
+  assert len(objective_branches(textwrap.dedent("""
+      if config.objective == 'masked': pass
+      if saved.get('objective') != 'x': pass
+      backbone = finetune['objective']
+      """), 'example')) == 4
+
+
+TOY = '''
+"""A causal LM scored on the second half of each row only: one module, one registry line."""
+from jaxlm.objectives import causal
+
+
+def prepare(batch, rng=None):
+  batch = causal.prepare(batch)
+  half = batch['tokens'].shape[1] // 2
+  return {**batch, 'weights': batch['weights'].at[:, :half].set(0)}
+
+
+class Objective(causal.Objective):
+  name = 'second_half'
+
+  def prepare(self, tokenizer=None):
+    return prepare
+'''
+
+
+def test_a_new_objective_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
+  from conftest import one_device
+  from jaxlm import run as run_lib, state as state_lib, steps
+  (tmp_path / 'second_half_objective.py').write_text(TOY)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setitem(objectives.REGISTRY, 'second_half', 'second_half_objective')
+  config = tiny_config(objective='second_half', batch_size=2, model__max_len=32)
+  s = run_lib.setup(config, one_device())
+  T = config.model.max_len
+  tokens = jax.random.randint(jax.random.key(0), (2, T), 7, 500)
+  batch = {'tokens': tokens, 'segment_ids': jnp.ones_like(tokens),
+           'positions': jnp.broadcast_to(jnp.arange(T), tokens.shape)}
+  with s.active():
+    state = state_lib.initialize(s.model, s.tx, config, s.shardings)
+    eval_stats = jax.jit(steps.make_eval_step(s.model, config, objectives.build(config)))(
+        state.params, batch)
+    state, metrics = run_lib.compile_train_step(s, objectives.build(config))(state, batch)
+  # Targets T/2 .. T-1 of each row (the last position predicts nothing), and a step trains.
+  assert float(eval_stats['weight']) == 2 * (T // 2 - 1)
+  assert np.isfinite(float(metrics['loss'])) and int(state.step) == 1

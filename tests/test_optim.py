@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from conftest import tiny_config
-from jaxlm import model as model_lib, objectives, optim, steps
+from jaxlm import model as model_lib, optim, steps
+from jaxlm.objectives import base, causal
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_end_fraction():
@@ -77,7 +78,7 @@ def test_gradient_accumulation_equals_the_full_batch():
 
   def loss_fn(p, b, _):
     logits = model.apply({'params': p}, b['tokens'], b['positions'], b['segment_ids'])
-    return objectives.loss(logits, objectives.causal(b))
+    return base.loss(logits, causal.prepare(b))
 
   def grads(num_micro):
     g, stats = steps.accumulate_gradients(loss_fn, params, batch, num_micro, jax.random.key(0))
@@ -86,7 +87,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   full, full_stats = jax.jit(lambda: grads(1))()
   accum, accum_stats = jax.jit(lambda: grads(4))()
   assert float(full_stats['weight']) == float(accum_stats['weight']) == float(
-      objectives.causal_targets(batch)[1].sum())
+      causal.causal_targets(batch)[1].sum())
   np.testing.assert_allclose(full_stats['loss_sum'], accum_stats['loss_sum'], rtol=1e-6)
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(full))
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(accum)):  # float32 reassociation only.

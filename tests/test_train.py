@@ -69,6 +69,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_over_bytes_per_target(sh
   import jax.numpy as jnp
   import numpy as np
   from jaxlm import model as model_lib, objectives, steps
+  from jaxlm.objectives import causal
   from jaxlm.data import tokenizer as tokenizer_lib
   config = tiny_config()
   tok = tokenizer_lib.load(str(shared_data / 'tokenizer.model'))
@@ -82,8 +83,8 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_over_bytes_per_target(sh
   model = model_lib.build(config)
   params = nn.unbox(model.init(jax.random.key(0), batch['tokens'])['params'])
   params = jax.tree.map(jnp.zeros_like, params)
-  eval_step = steps.make_eval_step(model, config, objectives.causal,
-                                   run_lib.token_bytes(config, tok))
+  eval_step = steps.make_eval_step(model, config, causal.prepare,
+                                   objectives.get(config).token_bytes(tok))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   row = run_lib.evaluate(eval_step, params, [jax.device_get(batch)], {k: one for k in batch})
   # Targets are tokens 1..n-1: the text after the first token.

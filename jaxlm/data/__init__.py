@@ -12,8 +12,7 @@ import math
 import grain
 import numpy as np
 
-from jaxlm import distributed, paths
-from jaxlm.config import is_causal
+from jaxlm import distributed, objectives, paths
 from jaxlm.errors import ConfigError
 from jaxlm.data import labeled, packing, shards, sources, store
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -76,10 +75,7 @@ def check_tokenizer(config, tokenizer):
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'tokenizer\'s {tokenizer.vocab_size} pieces ({tokenizer.path})')
-  if is_causal(config):
-    tokenizer.check_causal()
-  if config.objective != 'causal':
-    tokenizer.check_specials()
+  objectives.get(config).check_tokenizer(tokenizer)
 
 
 def _tokenizer_sample(config):
@@ -111,11 +107,8 @@ def save_tokenizer(tokenizer, workdir):
 
 
 def frame(config, tokenizer):
-  """The ids around every document: BOS/EOS for a decoder; [CLS]/[SEP] for an encoder, whose
-  first token is the one a classifier reads."""
-  if is_causal(config):
-    return tokenizer.bos_id, tokenizer.eos_id
-  return tokenizer.special_id('[CLS]'), tokenizer.special_id('[SEP]')
+  """The ids around every document (objectives.base.Objective.frame)."""
+  return objectives.get(config).frame(tokenizer)
 
 
 def prepare(config, workdir):
@@ -126,7 +119,7 @@ def prepare(config, workdir):
 
   A new tokenizer is saved only once the corpus has been found usable (with one process).
   """
-  if config.objective == 'classify':
+  if objectives.get(config).labeled:
     return _prepare_labeled(config, workdir)
   tokenizer, parts = tokenize(config, workdir)
   parts = [(weight, _rows(config, tokenizer, *found)) for weight, *found in parts]

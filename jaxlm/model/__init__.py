@@ -2,13 +2,13 @@
 
 import ml_collections
 
-from jaxlm.config import is_causal
-from jaxlm.model.transformer import CLASSIFIER_PARAMS, Transformer, output_layer  # noqa: F401
+from jaxlm import objectives
+from jaxlm.model.transformer import AUX_LOSS, CLASSIFIER_PARAMS, Transformer  # noqa: F401
 
 
 def build(config):
-  """The model `config.objective` trains: a decoder ('causal'), an encoder ('masked'), or
-  either one with a classification head ('classify', one class per finetune.labels)."""
-  num_labels = len(config.finetune.labels) if config.objective == 'classify' else 0
-  return Transformer(ml_collections.FrozenConfigDict(config.model), causal=is_causal(config),
-                     num_labels=num_labels)
+  """The model the config's objective trains: a decoder, an encoder, or either one with a
+  classification head (objectives.base.Objective: causal, num_labels)."""
+  objective = objectives.get(config)
+  return Transformer(ml_collections.FrozenConfigDict(config.model), causal=objective.causal,
+                     num_labels=objective.num_labels)

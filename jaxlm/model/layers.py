@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlm import matmuls
 from jaxlm.model import attention
 
 NORMS = {'layernorm': nn.LayerNorm, 'rmsnorm': nn.RMSNorm}
@@ -44,6 +45,7 @@ class Dense(nn.Module):
   use_bias: bool
   dtype: str
   param_dtype: str
+  matmul: str = 'default'  # The kind of matrix multiplication (jaxlm/matmuls).
 
   @nn.compact
   def __call__(self, x):
@@ -58,7 +60,8 @@ class Dense(nn.Module):
     if len(rows) > 1 and not _sharded('length'):
       x = x.reshape(-1, *x.shape[-num_in:])
     contract = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    dot_general = matmuls.get(self.matmul)
+    y = dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     y = y.reshape(*rows, *self.features)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
@@ -79,7 +82,8 @@ def dense(cfg, features, kernel_axes, name, std=None, bias=None):
   """A Dense layer configured by the model config."""
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   return Dense(features, kernel_axes, cfg.init_std if std is None else std,
-               cfg.use_bias if bias is None else bias, cfg.dtype, cfg.param_dtype, name=name)
+               cfg.use_bias if bias is None else bias, cfg.dtype, cfg.param_dtype, cfg.matmul,
+               name=name)
 
 
 def norm(cfg, name):

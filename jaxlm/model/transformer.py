@@ -34,13 +34,10 @@ REMAT_POLICIES = {
 CLASSIFIER_PARAMS = ('pooler', 'classifier')
 
 
-def output_layer(params, cfg):
-  """(kernel [embed, vocab], bias [vocab] or None) of the model's output layer."""
-  if cfg.tied_embeddings:
-    kernel = params['token_embed']['embedding'].T
-  else:
-    kernel = params['unembed']['kernel']
-  return kernel, params.get('output_bias')
+# The collection a layer sows auxiliary losses into (`self.sow(AUX_LOSS, name, value)`, e.g. a
+# mixture of experts' load balance): each is a mean over the batch, which the step weighs by
+# its target count and adds to the objective (steps.model_loss). No layer sows one today.
+AUX_LOSS = 'aux_loss'
 
 
 class Transformer(nn.Module):
@@ -56,9 +53,9 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions=None, segment_ids=None, token_types=None,
                deterministic=True, project=True, decode=False, predict_positions=None):
     """predict_positions [B, P]: run the head at these positions only (a masked LM's chosen
-    tokens; objectives.Masking), giving [B, P, vocab].
+    tokens; objectives.masked.Masking), giving [B, P, vocab].
     project=False stops before the output layer: the final states [B, T, embed], for a
-    loss that projects them itself (objectives.chunked_loss, with `output_layer`).
+    loss that projects them itself (objectives.base.chunked_loss, with `lm_head`).
     decode=True reads and extends the key/value cache (layers.Attention; generate.py)."""
     cfg = self.cfg
     if positions is None:
@@ -100,6 +97,17 @@ class Transformer(nn.Module):
                            layers.dtype(cfg.param_dtype)).astype(logits.dtype)
     return layers.constrain(logits, ('batch', length_axis, 'vocab'))
 
+  def lm_head(self):
+    """(kernel [embed, vocab], bias [vocab] or None) of the output layer, for a loss that
+    projects the final states itself: the step asks the model (`model.apply(variables,
+    method='lm_head')`) instead of knowing its parameter names."""
+    params = self.variables['params']
+    if self.cfg.tied_embeddings:
+      kernel = params['token_embed']['embedding'].T
+    else:
+      kernel = params['unembed']['kernel']
+    return kernel, params.get('output_bias')
+
   def embedding(self, num, name, axis=None):
     cfg = self.cfg
     return nn.Embed(num, cfg.emb_dim, name=name, dtype=layers.dtype(cfg.dtype),
@@ -128,7 +136,8 @@ class Transformer(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, length=cfg.num_layers, variable_axes={'params': 0, 'cache': 0},
+      stack = nn.scan(block, length=cfg.num_layers,
+                      variable_axes={'params': 0, 'cache': 0, AUX_LOSS: 0},
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast),
                       metadata_params={nn.PARTITION_NAME: 'layers'})
