@@ -1,7 +1,7 @@
 """A 1.1B Llama (TinyLlama's shape) on a TPU v6e-16 slice (16 chips, 32 GB HBM each). NOT RUN
 HERE: no TPU was available to jaxlm's developers; the settings follow MaxText-class recipes
 and the memory arithmetic below; `jaxlm plan --config=configs/llama_1b_tpu_v6e.py
---topology=v6e-16` (the TPU compiler) gives 17.7 GiB per chip for the train step.
+--topology=v6e-16` (the TPU compiler) gives 18.8 GiB per chip for the train step.
 
     launch/tpu_pod.sh --name lm --zone ZONE --accelerator v6e-16 --mount BUCKET:/mnt/jaxlm \
       -- train --config=configs/llama_1b_tpu_v6e.py --config.data.path=... --workdir=/mnt/jaxlm/runs/NAME
@@ -10,7 +10,7 @@ and the memory arithmetic below; `jaxlm plan --config=configs/llama_1b_tpu_v6e.p
 - bfloat16 compute; remat 'minimal' keeps every projection's output (no second forward pass
   through the matmuls). Splash attention (no [batch, heads, 2048, 2048] scores in HBM) is what
   affords it: with XLA's attention 'save_qkv_proj' (q, k, v kept) needed 15.0 GiB per chip; with
-  splash it needs 9.7 GiB and 'minimal' 17.7 GiB of the 32, by the TPU compiler; no remat at
+  splash it needs 9.7 GiB and 'minimal' 18.8 GiB of the 32, by the TPU compiler; no remat at
   all would need 52 GiB (the compiler refuses it).
 - 128 sequences of 2048 (0.26M tokens) per step; a 32k vocabulary's logits are computed
   512 positions at a time (loss_chunk) instead of all 16k tokens of a chip at once.
