@@ -8,15 +8,10 @@ first phase has a quarter of the tokens and far less attention work; the positio
 sized for 512. Needs an accelerator, like bert_base.
 """
 
-import importlib.util
-import os
+from jaxlm.config import based_on
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bert_base.py')
-  spec = importlib.util.spec_from_file_location('_bert_base', path)
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  c = base.get_config()
+  c = based_on(__file__, 'bert_base.py')
   c.data.phases = ((0.9, 128), (1.0, 512))
   return c

@@ -7,16 +7,11 @@ compares the two at the same CPU cost).
 Fine-tune it with configs/finetune_cls.py and --config.model.family=bert --config.model.mlp_dim=768.
 """
 
-import importlib.util
-import os
+from jaxlm.config import based_on
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bert_tiny.py')
-  spec = importlib.util.spec_from_file_location('_bert_tiny', path)
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  c = tiny.get_config()
+  c = based_on(__file__, 'bert_tiny.py')
   c.model.family = 'bert'
   for field in ('norm', 'norm_eps', 'norm_position', 'position', 'mlp_activation', 'gated_mlp',
                 'use_bias', 'tied_embeddings', 'head_transform', 'output_bias'):

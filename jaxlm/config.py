@@ -29,6 +29,12 @@ def load(path, overrides=()):
   return validate(config)
 
 
+def based_on(config_file, name):
+  """The config of file `name` beside `config_file` (a config file's __file__), for a config
+  that changes a few fields of another: `c = based_on(__file__, 'bert_base.py')`."""
+  return _load_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
 def load_sweep(path, overrides=()):
   """Loads a sweep file (`sweep_defaults()`, see configs/scaling/) with overrides, validated;
   its base run config is checked as each run's config is built from it (jaxlm/sweep.py)."""
