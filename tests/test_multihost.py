@@ -108,15 +108,19 @@ def test_when_a_peer_dies_the_survivor_exits_nonzero_within_the_bound(runs, tmp_
          '--config.checkpoint.save_every_steps=100000', '--config.optimizer.warmup_steps=1',
          f'--config.distributed.heartbeat_timeout_s={timeout_s}'],
         cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-  deadline = time.time() + 180
-  while not (os.path.exists(f'{tmp_path}/run/metrics.jsonl') and losses(f'{tmp_path}/run')):
-    assert time.time() < deadline and all(p.poll() is None for p in processes)
-    time.sleep(0.2)
-  processes[1].send_signal(signal.SIGKILL)
-  killed = time.time()
-  code = processes[0].wait(timeout=6 * timeout_s)
-  elapsed = time.time() - killed
-  err = processes[0].stderr.read()
+  try:
+    deadline = time.time() + 180
+    while not (os.path.exists(f'{tmp_path}/run/metrics.jsonl') and losses(f'{tmp_path}/run')):
+      assert time.time() < deadline and all(p.poll() is None for p in processes)
+      time.sleep(0.2)
+    processes[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    code = processes[0].wait(timeout=6 * timeout_s)
+    elapsed = time.time() - killed
+    err = processes[0].stderr.read()
+  finally:  # A failed wait must not leave a 100000-step run behind.
+    for p in processes:
+      p.kill()
   assert code != 0
   assert elapsed < 6 * timeout_s
   assert 'another task died' in err or 'unhealthy' in err, err[-2000:]
