@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import cli, goodput, hooks, objectives
+from jaxlm import cli, goodput, hooks
 from jaxlm import config as config_lib
 from jaxlm import loop as loop_lib
 from jaxlm import run as run_lib
@@ -80,7 +80,7 @@ def main(argv):
   s = run_lib.setup(config, jax.devices()[:1])
   row = {'config': args.config}
   if args.steps:
-    compiled = run_lib.compile_train_step(s, objectives.build(config))
+    compiled = run_lib.compile_train_step(s, s.objective.prepare())
     shape = (config.batch_size, config.model.max_len)
     rng = np.random.default_rng(0)
     batch = {'tokens': rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),

@@ -57,7 +57,8 @@ class Metrics(Hook):
     self.pending.append(loop.step_metrics)  # Device arrays: no host sync until the log step.
     shape = loop.setup.config  # The current length phase's rows.
     if shape is not self.shape:
-      self.shape, self.flops_per_token = shape, flops.of_run(shape)
+      self.shape, self.flops_per_token = shape, flops.of_run(
+          shape, loop.setup.objective.predictions(shape.model.max_len))
     self.tokens += shape.batch_size * shape.model.max_len
     self.flops += shape.batch_size * shape.model.max_len * self.flops_per_token
     self.bar.update(1)

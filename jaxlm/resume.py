@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import optim, paths
+from jaxlm import objectives, optim, paths
 from jaxlm import model as model_lib
 from jaxlm import state as state_lib
 from jaxlm import workdir as workdir_lib
@@ -36,23 +36,35 @@ MANIFEST = 'jaxlm_checksums.json'
 REQUIRED = ('_CHECKPOINT_METADATA', 'state/_METADATA')
 
 
-def state_signature(config):
-  """{path: (shape, dtype)} of the train state `config` builds, without allocating it."""
-  tx, _ = optim.optimizer(config)
-  abstract = state_lib.strip_boxes(
-      state_lib.abstract_state(model_lib.build(config), tx, config))
+def saved_objective(config):
+  """The objective of a run's saved config (the run `init_from` names, a workdir being
+  resumed): besides the run builder (run.setup), the one place that makes an objective."""
+  return objectives.get(config)
+
+
+def signature(abstract_state):
+  """{path: (shape, dtype)} of an (unboxed) abstract train state."""
   return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+          for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
 
 
-def check_compatible(workdir, config, new_signature=None):
-  """A ConfigError (exit 2) if the run saved in `workdir` cannot be resumed with `config`:
-  names the first state leaf that differs and the config fields that changed."""
+def state_signature(config):
+  """The signature of the train state a saved `config` builds, without allocating it."""
+  objective = saved_objective(config)
+  tx, _ = optim.optimizer(config)
+  model = model_lib.build(config.model, objective.causal, objective.num_labels)
+  return signature(state_lib.strip_boxes(state_lib.abstract_state(model, tx, config)))
+
+
+def check_compatible(workdir, config, abstract_state):
+  """A ConfigError (exit 2) if the run saved in `workdir` cannot be resumed with `config`,
+  whose (unboxed) abstract state is `abstract_state`: names the first state leaf that differs
+  and the config fields that changed."""
   previous = workdir_lib.read_config(workdir)
   if previous is None:
     return
   old = state_signature(previous)
-  new = new_signature or state_signature(config)
+  new = signature(abstract_state)
   if _parameters_only(workdir):  # An imported model (jaxlm convert): no optimizer state yet.
     old, new = ({k: v for k, v in sig.items() if k.startswith('.params')} for sig in (old, new))
   if old == new:

@@ -32,6 +32,7 @@ log = logging.getLogger('jaxlm')
 class Setup:
   """Everything a run builds before its first step, in the order it is built."""
   config: object
+  objective: object  # The run's objective (objectives.base.Objective), built here once.
   mesh: object
   rules: tuple
   model: object
@@ -53,27 +54,31 @@ class Setup:
 
 
 def setup(config, devices=None):
-  """Builds the mesh, model, optimizer and the state's shardings (nothing is allocated).
+  """Builds the objective, mesh, model, optimizer and the state's shardings (nothing is
+  allocated). The objective first completes the config (a classifier's labels: the model's
+  size) and checks it.
 
   Every parameter dimension must split evenly over the mesh axes the rules give it, so a
   mesh that does not fit the model fails here, before anything is compiled.
   """
-  objectives.get(config).check()
+  objective = objectives.get(config)
+  objective.complete()
+  objective.check()
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch(config, mesh)
   if config.model.remat_policy == 'offload' and mesh.devices.flat[0].platform == 'cpu':
     raise errors.ConfigError("model.remat_policy='offload' keeps activations in pinned host "
                              "memory, which needs a GPU or TPU; use 'minimal' on CPU")
   rules = mesh_lib.rules(config)
-  model = model_lib.build(config)
+  model = model_lib.build(config.model, objective.causal, objective.num_labels)
   tx, lr_schedule = optim.optimizer(config)
   with nn.logical_axis_rules(rules):
     abstract = state_lib.abstract_state(model, tx, config)
     shardings = state_lib.state_shardings(abstract, mesh, rules)
   for name, shape, names, spec in state_lib.param_table(abstract, shardings):
     mesh_lib.check_divisible(f'parameter {name}', shape, spec, mesh, names)
-  return Setup(config, mesh, rules, model, tx, lr_schedule, abstract, shardings,
-               state_lib.batch_shardings(mesh, rules, config))
+  return Setup(config, objective, mesh, rules, model, tx, lr_schedule, abstract, shardings,
+               state_lib.batch_shardings(mesh, rules, objective.features()))
 
 
 def phase_config(config, length):
@@ -123,10 +128,9 @@ class Phases:
       log.info('length phase %d of %d: steps %d-%d on rows of %d tokens', index + 1,
                len(self.spans), start, end, length)
     corpus = (self.corpus if length == self.s.config.model.max_len else
-              data.prepare(config, self.workdir))  # The cached token stream, re-packed.
-    s = dataclasses.replace(self.s, config=config, batch_sharding=state_lib.batch_shardings(
-        self.s.mesh, self.s.rules, config))
-    prepare = objectives.build(config, corpus.tokenizer)
+              data.prepare(config, self.workdir, self.s.objective.frame))  # Re-packed.
+    s = dataclasses.replace(self.s, config=config)
+    prepare = s.objective.prepare(corpus.tokenizer, length)
     batches = data.train_iterator(data.train_dataset(corpus.train, config, *self.process),
                                   config)
     batches.set_state({'next_index': step})  # Batch s is element s: a function of the step.
@@ -134,7 +138,7 @@ class Phases:
     train_step = compile_train_step(s, prepare)
     log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
     log_summary(s, train_step)
-    eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare, self.token_bytes),
+    eval_step = jax.jit(steps.make_eval_step(s.model, s.objective, prepare, self.token_bytes),
                         in_shardings=(s.shardings.params, s.batch_sharding))
     self.current = Phase(index, end, s, prepare, batches,
                          data.eval_batches(corpus.validation, config, *self.process),
@@ -195,14 +199,15 @@ def compile_train_step(s, prepare, compiler_options=None):
   shardings of `s`. Lowered from shapes alone, so it also plans meshes whose devices are not
   all real. `compiler_options`: XLA's, e.g. plan.QUICK.
   """
-  step = jax.jit(steps.make_train_step(s.model, s.tx, s.lr_schedule, s.config, prepare),
+  step = jax.jit(steps.make_train_step(s.model, s.objective, s.tx, s.lr_schedule, s.config,
+                                       prepare),
                  in_shardings=(s.shardings, s.batch_sharding),
                  out_shardings=(s.shardings, None), donate_argnums=0)
   state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                        s.abstract_state, s.shardings)
   shape = (s.config.batch_size, s.config.model.max_len)
   batch = {k: jax.ShapeDtypeStruct(shape[:len(axes)], jnp.int32, sharding=s.batch_sharding[k])
-           for k, axes in state_lib.batch_features(s.config).items()}
+           for k, axes in s.objective.features().items()}
   with s.active():
     return step.lower(state, batch).compile(compiler_options)
 
@@ -244,9 +249,11 @@ def log_summary(s, compiled):
   log.info('mesh %s', mesh_lib.describe(s.mesh))
   log.info('parameters: %s total, %s in matmuls, %s embeddings', f'{counts["total"]:,}',
            f'{counts["matmul"]:,}', f'{counts["embedding"]:,}')
+  predictions = s.objective.predictions(m.max_len)
+  per_token = flops.of_run(s.config, predictions)
   log.info('FLOPs per token: %.4g (6N + 12LHQT), %.4g causal-halved; %.4g per step',
-           flops.of_run(s.config), flops.of_run(s.config, causal_halved=True),
-           flops.of_run(s.config) * s.config.batch_size * m.max_len)
+           per_token, flops.of_run(s.config, predictions, causal_halved=True),
+           per_token * s.config.batch_size * m.max_len)
   log.info('%-36s %-18s %-34s %s', 'parameter', 'shape', 'logical axes', 'mesh axes')
   for name, shape, names, spec in state_lib.param_table(s.abstract, s.shardings):
     log.info('%-36s %-18s %-34s %s', name, shape, names, tuple(spec))
@@ -266,7 +273,7 @@ def init_source(s):
   source, step = checkpoint.find(s.config.init_from)
   saved = source.saved_config(step)
   if saved is not None:
-    objectives.get(s.config).check_init_from(objectives.get(saved), s.config.init_from)
+    s.objective.check_init_from(resume.saved_objective(saved), s.config.init_from)
   source.check_params(step, s.abstract_state.params, model_lib.CLASSIFIER_PARAMS)
   return source, step
 

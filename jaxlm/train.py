@@ -5,8 +5,8 @@ import logging
 
 import jax
 
-from jaxlm import (checkpoint, data, distributed, goodput, hooks, lock, metrics, objectives,
-                   paths, preemption, profile, resume)
+from jaxlm import (checkpoint, data, distributed, goodput, hooks, lock, metrics, paths,
+                   preemption, profile, resume)
 from jaxlm import loop as loop_lib
 from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
@@ -28,9 +28,7 @@ def train(config, workdir, devices=None):
 
 def _train(config, workdir, devices, held):
   clock = goodput.Clock()
-  objective = objectives.get(config)
-  objective.complete()  # E.g. a classifier's labels, before the model is built.
-  s = run_lib.setup(config, devices)
+  s = run_lib.setup(config, devices)  # The objective completes the config (a classifier's labels).
   distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
   process = (jax.process_index(), jax.process_count())
   chief = process[0] == 0
@@ -38,11 +36,11 @@ def _train(config, workdir, devices, held):
   resuming = any(paths.name(p).isdigit()
                  for p in paths.glob(paths.join(workdir_lib.checkpoint_dir(workdir), '*')))
   if resuming:
-    resume.check_compatible(workdir, config)
+    resume.check_compatible(workdir, config, s.abstract_state)
   source = run_lib.init_source(s)
   # Every process tokenizes its share of the corpus unless its manifest exists (the chief
   # trains the tokenizer first, if there is none), then opens the shards.
-  corpus = data.prepare(config, workdir)
+  corpus = data.prepare(config, workdir, s.objective.frame, s.objective.labeled)
   if chief:
     held.append(lock.acquire(workdir))
     if not resuming:  # A resumed run's config.json changes once its new save is good.
@@ -59,10 +57,10 @@ def _train(config, workdir, devices, held):
     with s.active(), preemption.Watcher() as preempted:
       state, start = clock.timed('checkpoint', run_lib.initial_state, s, checkpoints, batches,
                                  source)
-      stages = run_lib.Phases(s, corpus, workdir, objective.token_bytes(corpus.tokenizer),
+      stages = run_lib.Phases(s, corpus, workdir, s.objective.token_bytes(corpus.tokenizer),
                               process)
       phase = clock.timed('compile', stages.enter, start)
-      objective.log_baseline(data.eval_tokens(phase.eval_set), phase.prepare)
+      s.objective.log_baseline(data.eval_tokens(phase.eval_set), corpus.tokenizer)
       saving = hooks.Checkpointing(checkpoints)
       loop_hooks = [
           hooks.Metrics(writer, s.mesh.size),

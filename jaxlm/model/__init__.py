@@ -1,14 +1,13 @@
-"""Flax Linen models. `build(config)` is the one way the rest of jaxlm makes a model."""
+"""Flax Linen models. `build(...)` is the one way the rest of jaxlm makes a model."""
 
 import ml_collections
 
-from jaxlm import objectives
 from jaxlm.model.transformer import AUX_LOSS, CLASSIFIER_PARAMS, Transformer  # noqa: F401
 
 
-def build(config):
-  """The model the config's objective trains: a decoder, an encoder, or either one with a
-  classification head (objectives.base.Objective: causal, num_labels)."""
-  objective = objectives.get(config)
-  return Transformer(ml_collections.FrozenConfigDict(config.model), causal=objective.causal,
-                     num_labels=objective.num_labels)
+def build(model_config, causal=True, num_labels=0):
+  """The Transformer of `model_config` (config.model): a decoder (causal) or an encoder, with
+  a classification head when num_labels > 0 - what the run's objective trains
+  (objectives.base.Objective: causal, num_labels)."""
+  return Transformer(ml_collections.FrozenConfigDict(model_config), causal=causal,
+                     num_labels=num_labels)
