@@ -71,7 +71,7 @@ def counting_steps(marks):
       return compiled(*a)
     step.memory_analysis = compiled.memory_analysis
     return step
-  run_lib.compile_train_step = compile_and_count  # What run.Phases calls to compile.
+  run_lib.compile_train_step = compile_and_count  # What each phase calls to compile.
 
 
 def child(args):
@@ -106,12 +106,13 @@ def child(args):
 def held_out(config, workdir, rows):
   """Masked accuracy at 15% masking on `rows` held-out rows of the run's final parameters."""
   import jax
-  from jaxlm import config as config_lib, data, run as run_lib, steps
+  from jaxlm import config as config_lib, data, resume, steps
+  from jaxlm import mesh as mesh_lib
   config = config_lib.from_json(config_lib.to_json(config))
   config.masking.rate, config.masking.max_predictions = 0.15, 0
   config.masking.mask_fraction, config.masking.random_fraction = 0.8, 0.1
   config.batch_size, config.eval_batches = 64, rows // 64
-  s, params, _ = run_lib.restore_for_inference(config, workdir, batch_size=64)
+  s, params, _ = resume.restore_for_inference(config, workdir, batch_size=64)
   corpus = data.prepare(config, workdir, s.objective.frame)
   prepare = s.objective.prepare(corpus.tokenizer)
   eval_step = jax.jit(steps.make_eval_step(s.model, s.objective, prepare))
@@ -119,7 +120,7 @@ def held_out(config, workdir, rows):
   totals = {}
   with s.active():
     for batch in batches:
-      stats = jax.device_get(eval_step(params, run_lib.to_device(batch, s.batch_sharding)))
+      stats = jax.device_get(eval_step(params, mesh_lib.to_device(batch, s.batch_sharding)))
       totals = {k: totals.get(k, 0.0) + float(v) for k, v in stats.items()}
   masked, accuracy = totals['weight'], totals['correct'] / totals['weight']
   # Binomial standard error over the masked tokens (masks within a row are nearly independent).

@@ -31,7 +31,7 @@ import tempfile
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, hf, paths
+from jaxlm import checkpoint, hf, paths, resume
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import run as run_lib
@@ -282,7 +282,7 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   tokenizer_file = config.data.tokenizer or data.tokenizer_path(workdir)
   tokenizer = tokenizer_lib.load(tokenizer_file) if paths.exists(tokenizer_file) else None
   s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
-  params, step = run_lib.restore_params(s, workdir, step, host=True)
+  params, step = resume.restore_params(s, workdir, step, host=True)
   m = config.model
   dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
   entries = hf.entries(layout, params, m.scan_layers, m.num_layers)

@@ -4,8 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import steps
-from jaxlm import data
+from jaxlm import data, resume, steps
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -48,7 +47,7 @@ def run(config, workdir, texts, top_k=5, step=None):
                       f'a masked LM (objective=masked)')
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_specials()
-  params, step = run_lib.restore_params(s, workdir, step)
+  params, step = resume.restore_params(s, workdir, step)
   special = tokenizer.special_table(config.model.vocab_size)  # Never a filler.
   mask_id = tokenizer.special_id(MASK)
   with s.active():

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import data
+from jaxlm import data, resume
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -217,7 +217,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
     raise ConfigError(f'the longest prompt ({longest} tokens) plus --max_new_tokens='
                       f'{max_new_tokens} exceeds model.max_len={config.model.max_len}, the '
                       f'length of its learned position table')
-  params, _ = run_lib.restore_params(s, workdir, step)
+  params, _ = resume.restore_params(s, workdir, step)
   tokens = np.zeros((len(prompts), longest), np.int32)
   for row, ids in enumerate(encoded):
     tokens[row, :len(ids)] = ids

@@ -84,7 +84,7 @@ def run_steps(config, devices):
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
     losses = []
     for batch in synthetic_batches(config):
-      state, metrics = compiled(state, run_lib.to_device(batch, s.batch_sharding))
+      state, metrics = compiled(state, mesh_lib.to_device(batch, s.batch_sharding))
       losses.append(float(metrics['loss']))
   return s, state, losses
 

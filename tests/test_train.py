@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxlm import cli, run as run_lib, train, workdir as workdir_lib
+from jaxlm import cli, evaluate, train, workdir as workdir_lib
 from jaxlm.config import ConfigError
 from conftest import one_device, tiny_config
 
@@ -86,7 +86,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_over_bytes_per_target(sh
   params = jax.tree.map(jnp.zeros_like, params)
   eval_step = steps.make_eval_step(model, objective, causal.prepare, objective.token_bytes(tok))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  row = run_lib.evaluate(eval_step, params, [jax.device_get(batch)], {k: one for k in batch})
+  row = evaluate.evaluate(eval_step, params, [jax.device_get(batch)], {k: one for k in batch})
   # Targets are tokens 1..n-1: the text after the first token.
   target_bytes = len(text.encode()) - len(tok.decode(ids[:1]).encode())
   expected = (len(ids) - 1) * np.log2(config.model.vocab_size) / target_bytes

@@ -18,8 +18,8 @@ def max_predictions(config, length=None):
   """Positions per row of `length` tokens (default model.max_len) a masked LM predicts
   (gathered before its head), or None for every position: masking.max_predictions, or with
   0 the mean chosen count plus six standard deviations of it (a binomial's; doubled for whole
-  words, whose pieces are chosen together), rounded up to a multiple of 8. A row exceeds that about once in 10^9: 48 of 128 positions,
-  128 of 512 at the usual 15%."""
+  words, whose pieces are chosen together), rounded up to a multiple of 8. A row exceeds that
+  about once in 10^9: 48 of 128 positions, 128 of 512 at the usual 15%."""
   if config.masking.max_predictions == -1:
     return None
   length = length or config.model.max_len
