@@ -218,13 +218,44 @@ class Objective(causal.Objective):
 '''
 
 
-def test_a_new_objective_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
+TOY_KINDS = '''
+"""A toy attention kernel and matmul kind: one module, and one registry line each."""
+import jax
+from jaxlm.model import attention
+
+TRACED = set()
+
+
+def attend(q, k, v, segment_ids, causal, cfg):
+  TRACED.add('attention')
+  return attention.xla(q, k, v, segment_ids, causal, cfg)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  TRACED.add('matmul')
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+'''
+
+
+def test_a_new_objective_kernel_or_matmul_is_one_module_and_one_registry_line(tmp_path,
+                                                                               monkeypatch):
+  """Each registry owns its names: the config schema reads them (a kind registered here is a
+  valid value; an unknown one is refused naming the registered ones), and a tiny model with
+  the toy objective, attention kernel and matmul trains and evaluates."""
+  import importlib
   from conftest import one_device
-  from jaxlm import run as run_lib, state as state_lib, steps
+  from jaxlm import matmuls, model as model_lib, run as run_lib, state as state_lib
+  from jaxlm.config import ConfigError
   (tmp_path / 'second_half_objective.py').write_text(TOY)
+  (tmp_path / 'toy_kinds.py').write_text(TOY_KINDS)
   monkeypatch.syspath_prepend(str(tmp_path))
   monkeypatch.setitem(objectives.REGISTRY, 'second_half', 'second_half_objective')
-  config = tiny_config(objective='second_half', batch_size=2, model__max_len=32)
+  monkeypatch.setitem(model_lib.ATTENTION, 'toy', 'toy_kinds:attend')
+  monkeypatch.setitem(matmuls.REGISTRY, 'toy', 'toy_kinds:dot_general')
+  with pytest.raises(ConfigError, match="model.attention='flash' is not one of .*'toy'"):
+    tiny_config(model__attention='flash')
+  config = tiny_config(objective='second_half', model__attention='toy', model__matmul='toy',
+                       batch_size=2, model__max_len=32)
   s = run_lib.setup(config, one_device())
   T = config.model.max_len
   tokens = jax.random.randint(jax.random.key(0), (2, T), 7, 500)
@@ -232,9 +263,9 @@ def test_a_new_objective_is_one_module_and_one_registry_line(tmp_path, monkeypat
            'positions': jnp.broadcast_to(jnp.arange(T), tokens.shape)}
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
-    eval_stats = jax.jit(steps.make_eval_step(s.model, s.objective, s.objective.prepare()))(
-        state.params, batch)
-    state, metrics = run_lib.compile_train_step(s, s.objective.prepare())(state, batch)
+  eval_stats = run_lib.compile_eval_step(s, s.objective.prepare())(state.params, batch)
+  state, metrics = run_lib.compile_train_step(s, s.objective.prepare())(state, batch)
   # Targets T/2 .. T-1 of each row (the last position predicts nothing), and a step trains.
   assert float(eval_stats['weight']) == 2 * (T // 2 - 1)
   assert np.isfinite(float(metrics['loss'])) and int(state.step) == 1
+  assert importlib.import_module('toy_kinds').TRACED == {'attention', 'matmul'}
