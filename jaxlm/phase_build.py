@@ -37,8 +37,10 @@ class Phase:
   batches: object  # Train iterator over the corpus packed at the phase's length, at `start`.
   eval_set: list
   train_step: object  # Compiled ahead of time for the phase's shapes.
-  eval_step: object
   flops_per_token: float  # Of the model on rows of the phase's length (flops.of_run).
+  prepare: object  # The objective's batch preparation at the phase's length.
+  token_bytes: object  # The tokenizer's byte table (bits per byte), or None.
+  eval_step: object = None  # Compiled at the phase's first evaluation (a phase may have none).
 
   @property
   def batch_sharding(self):
@@ -50,6 +52,8 @@ class Phase:
 
   def evaluate(self, params):
     """Held-out metrics at the phase's length."""
+    if self.eval_step is None:
+      self.eval_step = run_lib.compile_eval_step(self.setup, self.prepare, self.token_bytes)
     return evaluate.evaluate(self.eval_step, params, self.eval_set, self.batch_sharding)
 
 
@@ -100,11 +104,10 @@ class Phases:
     train_step = run_lib.compile_train_step(s, prepare)
     log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
     log_summary(s, train_step)
-    eval_step = run_lib.compile_eval_step(s, prepare, self.token_bytes)
     self.current = Phase(index, step, end, s, batches,
                          data.eval_batches(corpus.validation, config, *self.process),
-                         train_step, eval_step,
-                         flops.of_run(config, s.objective.predictions(length)))
+                         train_step, flops.of_run(config, s.objective.predictions(length)),
+                         prepare, self.token_bytes)
     return self.current
 
 
