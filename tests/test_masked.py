@@ -195,7 +195,7 @@ def test_a_tokenizer_without_mask_pieces_is_refused(tmp_path, shared_data):
   (tmp_path / 'plain.model').write_bytes(proto.getvalue())
   config = masked_config(data__tokenizer=str(tmp_path / 'plain.model'))
   with pytest.raises(ConfigError, match=r'plain.model has no \[PAD\] piece; masked LMs need'):
-    data.get_tokenizer(config, str(tmp_path / 'run'))
+    data.prepare(config, str(tmp_path / 'run'), objectives.get(config).frame)
 
 
 def test_masked_lm_trains_and_fill_mask_answers(tmp_path, shared_data, capsys):
@@ -357,7 +357,8 @@ def test_tfds_labeled_data_is_read_through_its_data_source(tmp_path, shared_data
     (tmp_path / 'w').mkdir()
     (tmp_path / 'w' / 'tokenizer.model').write_bytes(
         (shared_data / 'tokenizer.model').read_bytes())
-    corpus = data.prepare(config, str(tmp_path / 'w'), objectives.get(config).frame)
+    objective = objectives.get(config)
+    corpus = data.prepare(config, str(tmp_path / 'w'), objective.frame, objective.labeled)
   assert set(config.finetune.labels) <= {'0', '1'} and len(corpus.train) == 20
   row = corpus.train[0]
   assert row['tokens'][0] == corpus.tokenizer.special_id('[CLS]') and row['label'] in (0, 1)
