@@ -24,11 +24,11 @@ GiB = 2 ** 30
 def compile_case(config_path, topology, overrides):
   """Runs in the child process: {memory, cost} of the compiled train step."""
   sys.path.insert(0, ROOT)
-  from jaxlm import config as config_lib, objectives, run, topology as topology_lib
+  from jaxlm import config as config_lib, run, topology as topology_lib
   config = config_lib.load(config_path, overrides)
   slice_ = topology_lib.parse(topology)
   s = run.setup(config, topology_lib.devices(slice_))
-  compiled = run.compile_train_step(s, objectives.build(config))
+  compiled = run.compile_train_step(s, s.objective.prepare())
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()

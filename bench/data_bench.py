@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from jaxlm import cli, data, flops
+from jaxlm import cli, data, flops, objectives
 from jaxlm import config as config_lib
 from table import print_table  # bench/table.py: scripts run from bench/.
 
@@ -40,7 +40,7 @@ def consumers():
   for name in ('gpt2_124m', 'llama_1b'):
     config = config_lib.load(os.path.join(ROOT, 'configs', f'{name}.py'))
     rows.append((f'{name} on 1 H100 at 50% MFU', TARGET_MFU * H100_PEAK /
-                  flops.of_run(config)))
+                  flops.of_run(config, objectives.get(config).predictions())))
   return rows
 
 
@@ -52,7 +52,7 @@ def main(argv):
   args, rest = parser.parse_known_args(argv)
   config = config_lib.load(args.config, cli.parse_overrides(rest))
   workdir = args.workdir or tempfile.mkdtemp(prefix='data_bench_')
-  corpus = data.prepare(config, workdir)
+  corpus = data.prepare(config, workdir, objectives.get(config).frame)
   rates = {n: pipeline_tokens_per_s(corpus, config, n, args.batches) for n in (1, 2)}
   print(f'pipeline: batches of {config.batch_size} x {config.model.max_len} tokens, '
         f'{len(corpus.train):,} packed rows')

@@ -13,14 +13,16 @@ import dataclasses
 import itertools
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import cli, goodput, hooks, objectives
+from jaxlm import cli, goodput, hooks
 from jaxlm import config as config_lib
 from jaxlm import loop as loop_lib
+from jaxlm import mesh as mesh_lib
 from jaxlm import run as run_lib
 from jaxlm import state as state_lib
 from table import print_table  # bench/table.py: scripts run from bench/.
@@ -33,23 +35,26 @@ class NullWriter:
 
 def with_hooks(s, state, step, batches, num_steps):
   """The training loop as `jaxlm train` runs it, less eval, checkpoints and profiling."""
-  s.config.train_steps = num_steps
-  loop = loop_lib.Loop(s, state, 0, batches)
   writer = NullWriter()
+  phase = types.SimpleNamespace(  # What the loop and these hooks read of a phase_build.Phase.
+      train_step=step, batches=batches, batch_sharding=s.batch_sharding, end=num_steps,
+      tokens_per_step=s.config.batch_size * s.config.model.max_len, flops_per_token=1.0)
+  loop = loop_lib.Loop([hooks.Metrics(writer, s.mesh.size, peak=1e12),
+                        goodput.Goodput(writer, '/nonexistent/metrics.jsonl', goodput.Clock())],
+                       None, 0, num_steps, s.config.log_every_steps)
   begin = time.perf_counter()
-  loop_lib.run_loop(loop, step, [hooks.Metrics(writer, s.mesh.size, peak=1e12),
-                                 goodput.Goodput(writer, '/nonexistent/metrics.jsonl')])
-  return (time.perf_counter() - begin) / num_steps, loop.state
+  state = loop.run(phase, state)
+  return (time.perf_counter() - begin) / num_steps, state
 
 
 def bare(s, state, step, batches, num_steps):
   """The same steps and log-step syncs with nothing measured."""
   begin, pending = time.perf_counter(), []
   for i in range(num_steps):
-    state, metrics = step(state, run_lib.to_device(next(batches), s.batch_sharding))
+    state, metrics = step(state, mesh_lib.to_device(next(batches), s.batch_sharding))
     pending.append(metrics)
     if (i + 1) % s.config.log_every_steps == 0 or i + 1 == num_steps:
-      hooks.interval_row(jax.device_get(pending))
+      loop_lib.interval_row(jax.device_get(pending))
       pending = []
   return (time.perf_counter() - begin) / num_steps, state
 
@@ -80,7 +85,7 @@ def main(argv):
   s = run_lib.setup(config, jax.devices()[:1])
   row = {'config': args.config}
   if args.steps:
-    compiled = run_lib.compile_train_step(s, objectives.build(config))
+    compiled = run_lib.compile_train_step(s, s.objective.prepare())
     shape = (config.batch_size, config.model.max_len)
     rng = np.random.default_rng(0)
     batch = {'tokens': rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
@@ -88,7 +93,7 @@ def main(argv):
              'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape)}
     with s.active():
       state = state_lib.initialize(s.model, s.tx, config, s.shardings)
-      state, _ = compiled(state, run_lib.to_device(batch, s.batch_sharding))  # Warm up.
+      state, _ = compiled(state, mesh_lib.to_device(batch, s.batch_sharding))  # Warm up.
       real, _ = median_pair(s, state, compiled, itertools.repeat(batch), args.steps,
                             args.trials)
     row.update({'step_ms (bare loop)': 1e3 * real['bare'],

@@ -71,7 +71,7 @@ def counting_steps(marks):
       return compiled(*a)
     step.memory_analysis = compiled.memory_analysis
     return step
-  run_lib.compile_train_step = compile_and_count  # What run.Phases calls to compile.
+  run_lib.compile_train_step = compile_and_count  # What each phase calls to compile.
 
 
 def child(args):
@@ -106,20 +106,21 @@ def child(args):
 def held_out(config, workdir, rows):
   """Masked accuracy at 15% masking on `rows` held-out rows of the run's final parameters."""
   import jax
-  from jaxlm import config as config_lib, data, objectives, run as run_lib, steps
+  from jaxlm import config as config_lib, data, resume, steps
+  from jaxlm import mesh as mesh_lib
   config = config_lib.from_json(config_lib.to_json(config))
   config.masking.rate, config.masking.max_predictions = 0.15, 0
   config.masking.mask_fraction, config.masking.random_fraction = 0.8, 0.1
   config.batch_size, config.eval_batches = 64, rows // 64
-  s, params, _ = run_lib.restore_for_inference(config, workdir, batch_size=64)
-  corpus = data.prepare(config, workdir)
-  prepare = objectives.build(config, corpus.tokenizer)
-  eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare))
+  s, params, _ = resume.restore_for_inference(config, workdir, batch_size=64)
+  corpus = data.prepare(config, workdir, s.objective.frame)
+  prepare = s.objective.prepare(corpus.tokenizer)
+  eval_step = jax.jit(steps.make_eval_step(s.model, s.objective, prepare))
   batches = data.eval_batches(corpus.validation, config)
   totals = {}
   with s.active():
     for batch in batches:
-      stats = jax.device_get(eval_step(params, run_lib.to_device(batch, s.batch_sharding)))
+      stats = jax.device_get(eval_step(params, mesh_lib.to_device(batch, s.batch_sharding)))
       totals = {k: totals.get(k, 0.0) + float(v) for k, v in stats.items()}
   masked, accuracy = totals['weight'], totals['correct'] / totals['weight']
   # Binomial standard error over the masked tokens (masks within a row are nearly independent).
@@ -132,10 +133,10 @@ def prepare_shared(workdir):
   """The shared tokenizer and token cache, built once (by the classic config's data fields)."""
   shared = os.path.join(workdir, 'shared')
   if not os.path.exists(os.path.join(shared, 'tokenizer.model')):
-    from jaxlm import config as config_lib, data
+    from jaxlm import config as config_lib, data, objectives
     config = config_lib.load(os.path.join(ROOT, RECIPES['classic'][0]))
     config.data.cache_dir = os.path.join(shared, 'data')
-    data.prepare(config, shared)
+    data.prepare(config, shared, objectives.get(config).frame)
 
 
 def run_pinned(name, cpu, args):

@@ -15,7 +15,7 @@ import sys
 
 import jax
 
-from jaxlm import cli, objectives
+from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from table import print_table  # bench/table.py: scripts run from bench/.
@@ -29,7 +29,7 @@ def fingerprint(spec):
   config = config_lib.load(path, cli.parse_overrides(
       [f'--config.{o}' for o in overrides.split(',') if o]))
   s = run_lib.setup(config, jax.devices()[:1])
-  text = run_lib.compile_train_step(s, objectives.build(config)).as_text()
+  text = run_lib.compile_train_step(s, s.objective.prepare()).as_text()
   text = re.sub(r', metadata=\{[^}]*\}', '', text)
   if 'StackFrames' in text:  # The tables of source locations end at the first blank line.
     text = text[text.index('\n\n', text.index('StackFrames')):]

@@ -90,12 +90,12 @@ def jaxlm(processes, args):
 STARTUP = '''
 import sys, time
 start = time.perf_counter()
-from jaxlm import config as config_lib, data
+from jaxlm import config as config_lib, data, objectives
 config = config_lib.load(sys.argv[1], [('data.path', sys.argv[2]), ('data.tokenizer', sys.argv[3]),
                                        ('data.cache_dir', sys.argv[4])])
 import jax; jax.process_count()
 imported = time.perf_counter()
-corpus = data.prepare(config, sys.argv[5])
+corpus = data.prepare(config, sys.argv[5], objectives.get(config).frame)
 batches = data.train_iterator(data.train_dataset(corpus.train, config), config)
 next(batches)
 ready = time.perf_counter() - imported

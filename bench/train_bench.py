@@ -18,7 +18,7 @@ host_memory.keep_host_memory()  # Before jax starts its threads, as the jaxlm co
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxlm import cli, flops, objectives  # noqa: E402
+from jaxlm import cli, flops  # noqa: E402
 from jaxlm import config as config_lib  # noqa: E402
 from jaxlm import state as state_lib  # noqa: E402
 from jaxlm import run as run_lib  # noqa: E402
@@ -28,7 +28,7 @@ from table import print_table  # noqa: E402 - bench/table.py: scripts run from b
 def bench(config, num_steps, warmup=2):
   s = run_lib.setup(config)
   start = time.perf_counter()
-  compiled = run_lib.compile_train_step(s, objectives.build(config))
+  compiled = run_lib.compile_train_step(s, s.objective.prepare())
   compile_s = time.perf_counter() - start
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
@@ -49,8 +49,10 @@ def bench(config, num_steps, warmup=2):
   m = config.model
   tokens_per_s = config.batch_size * m.max_len / step_s
   peak, peak_source = flops.device_peak_flops()
-  per_device = flops.of_run(config) * tokens_per_s / s.mesh.size
-  per_device_halved = flops.of_run(config, causal_halved=True) * tokens_per_s / s.mesh.size
+  predictions = s.objective.predictions()
+  per_device = flops.of_run(config, predictions) * tokens_per_s / s.mesh.size
+  per_device_halved = (flops.of_run(config, predictions, causal_halved=True) * tokens_per_s
+                       / s.mesh.size)
   return {
       'device': f'{s.mesh.size} x {jax.devices()[0].device_kind}',
       'params': flops.param_counts(m)['total'],

@@ -1,8 +1,9 @@
 """Orbax checkpoints under <workdir>/checkpoints/<step>/, and what happens when things break.
 
 Each checkpoint holds three items: `state` (parameters, optimizer state, step), `data` (the
-grain iterator's position, one file per process) and `config` (the resolved config). The
-dropout keys need no item: they are `fold_in(key(seed), step)`.
+grain iterator's position, one file per process: a record, since batch s is a pure function of
+(seed, s), so a resumed run positions its data at its step) and `config` (the resolved
+config). The dropout keys need no item: they are `fold_in(key(seed), step)`.
 
 Saves are asynchronous: `save` returns once the arrays are copied off the devices and the files
 are written in the background. Orbax writes each checkpoint to a temporary directory and
@@ -10,10 +11,10 @@ renames it when complete, and deletes old checkpoints only after a newer one is 
 Restoring takes its shardings from the *current* mesh, so a run moves between meshes freely.
 
 Each complete checkpoint gets a checksum manifest, and keep-N deletes old checkpoints only
-after a newer one is complete and checksummed (jaxlm/resume.py). A checkpoint that is provably
-unusable (incomplete, not matching its checksums, holding non-finite values) is renamed to
-`<step>.unreadable.<time>` - kept, never deleted - and the previous one is used; one that
-fails to read for another reason stops the run with nothing renamed.
+after a newer one is complete and checksummed (jaxlm/integrity.py). A checkpoint that is
+provably unusable (incomplete, not matching its checksums, holding non-finite values) is
+renamed to `<step>.unreadable.<time>` - kept, never deleted - and the previous one is used;
+one that fails to read for another reason stops the run with nothing renamed.
 """
 
 import logging
@@ -24,8 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxlm import paths
-from jaxlm import resume
+from jaxlm import integrity, paths
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, RunError, first_line
 
@@ -137,7 +137,7 @@ class Checkpointer:
     if step is None:
       return
     if jax.process_index() == 0:
-      resume.write_manifest(paths.join(self.directory, str(step)))
+      integrity.write_manifest(paths.join(self.directory, str(step)))
     if self.keep:
       self.manager.reload()
       old = [s for s in self.all_steps() if s < step]
@@ -154,18 +154,18 @@ class Checkpointer:
                            f'failed ({type(e).__name__}: {first_line(e)}); the earlier '
                            f'checkpoints are intact')
 
-  def restore_latest(self, abstract_state, shardings, data_iterator):
+  def restore_latest(self, abstract_state, shardings):
     """(state, step) from the newest good checkpoint, or (None, 0) if there is none.
 
-    The data iterator is moved to the saved position. A checkpoint that is provably unusable
-    (incomplete, not matching its checksums, non-finite values) is set aside and the one
-    before it used; any other failure to read one stops the run and renames nothing.
+    A checkpoint that is provably unusable (incomplete, not matching its checksums, non-finite
+    values) is set aside and the one before it used; any other failure to read one stops the
+    run and renames nothing.
     """
     for step in reversed(self.all_steps()):
       if step == self.parameters_only_step():
-        return None, 0  # Parameters to start from (see run.initial_state), not a state.
+        return None, 0  # Parameters to start from (see resume.initial_state), not a state.
       step_dir = paths.join(self.directory, str(step))
-      verdict = resume.agreed(lambda: resume.verify(step_dir))
+      verdict = integrity.agreed(lambda: integrity.verify(step_dir))
       if verdict not in ('ok', 'unverified'):
         self._set_aside(step, verdict)
         continue
@@ -177,11 +177,10 @@ class Checkpointer:
         raise RunError(f'checkpoint {step} in {self.directory} cannot be read '
                        f'({type(e).__name__}: {first_line(e)}); nothing was renamed or '
                        f'deleted: move it out of the way to resume from the one before') from e
-      bad = resume.nonfinite_leaf(restored['state'])  # A collective: the same everywhere.
+      bad = integrity.nonfinite_leaf(restored['state'])  # A collective: the same everywhere.
       if bad:
         self._set_aside(step, f'non-finite values in {bad}')
         continue
-      self._restore_data(step, data_iterator)
       state = restored['state']
       if isinstance(state, dict):  # See _state_target.
         state = abstract_state.replace(**state, extra={})
@@ -198,20 +197,6 @@ class Checkpointer:
                         f'collections {", ".join(target.extra)}; start a new --workdir, with '
                         f'init_from pointing at this one for its parameters')
     return {'step': target.step, 'params': target.params, 'opt_state': target.opt_state}
-
-  def _restore_data(self, step, data_iterator):
-    """The iterator's saved position; recomputed from the step when the process count changed
-    (batches are a pure function of (seed, step), so both give the same batches)."""
-    saved = paths.join(self.directory, str(step), 'data',
-                       f'process_{jax.process_index()}-of-{jax.process_count()}.json')
-    if paths.exists(saved):
-      self.manager.restore(step, args=ocp.args.Composite(
-          data=_grain().checkpoint.CheckpointRestore(data_iterator)))
-    else:
-      data_iterator.set_state({'next_index': step})
-    position = data_iterator.get_state().get('next_index')
-    if position != step:
-      raise ValueError(f'data position {position} does not match the step {step}')
 
   def _set_aside(self, step, reason):
     log.warning('checkpoint %d in %s is unusable (%s); setting it aside as %d.unreadable.* '

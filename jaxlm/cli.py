@@ -137,8 +137,9 @@ def _tokenize(args, overrides):
   config = _config(args, overrides)
   _require_workdir(args)
   _join(config, args)
-  from jaxlm import data
-  return data.tokenize_command(config, args.workdir)
+  from jaxlm import data, objectives
+  # Documents are framed as the run that will train on them frames them (BOS/EOS, [CLS]/[SEP]).
+  return data.tokenize_command(config, args.workdir, objectives.get(config).frame)
 
 
 def _report(args, overrides):

@@ -31,7 +31,7 @@ import tempfile
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, hf, paths
+from jaxlm import checkpoint, hf, paths, resume
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import run as run_lib
@@ -194,11 +194,11 @@ def _from_hf(hf_dir, local, workdir, overrides):
   layout, fields = hf.model_fields(hf_config, where)
   config = imported_config(layout, fields, overrides, where)
   _check_new_directory(workdir, '--workdir')
-  tokenizer = _tokenizer(config, hf_dir, hf_config)
+  s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
+  tokenizer = _tokenizer(config, s.objective, hf_dir, hf_config)
   config.data.tokenizer = ''  # The run keeps its own copy in the workdir.
   reader = Reader(local)
 
-  s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
   m = config.model
   # One host copy of the parameters, filled in place tensor by tensor.
   params = jax.tree.map(lambda a: _aligned_zeros(a.shape, a.dtype), s.abstract_state.params)
@@ -282,7 +282,7 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   tokenizer_file = config.data.tokenizer or data.tokenizer_path(workdir)
   tokenizer = tokenizer_lib.load(tokenizer_file) if paths.exists(tokenizer_file) else None
   s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
-  params, step = run_lib.restore_params(s, workdir, step, host=True)
+  params, step = resume.restore_params(s, workdir, step, host=True)
   m = config.model
   dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
   entries = hf.entries(layout, params, m.scan_layers, m.num_layers)
@@ -309,7 +309,7 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   return {'out': out_dir, 'step': step, 'architecture': layout.architecture, 'files': files}
 
 
-def _tokenizer(config, hf_dir, hf_config):
+def _tokenizer(config, objective, hf_dir, hf_config):
   """data.tokenizer if given, else the checkpoint's tokenizer.model (sentencepiece) or
   tokenizer.json (Hugging Face tokenizers; special-token roles from its tokenizer_config.json,
   else the config.json's token ids)."""
@@ -322,6 +322,7 @@ def _tokenizer(config, hf_dir, hf_config):
   ids = {role: i[0] if isinstance(i, list) and i else i for role, i in ids.items()}
   tokenizer = tokenizer_lib.load(path, ids)
   data.check_tokenizer(config, tokenizer)
+  objective.check_tokenizer(tokenizer)
   return tokenizer
 
 

@@ -4,8 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import objectives, steps
-from jaxlm import data
+from jaxlm import data, resume, steps
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -42,15 +41,14 @@ def encode(tokenizer, text, max_len):
 
 def run(config, workdir, texts, top_k=5, step=None):
   """Prints, for each [MASK] of each text, the top_k fillers with their probabilities."""
-  objective = objectives.get(config)
-  if not objective.fills_masks:
-    raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; fill-mask needs '
+  s = run_lib.inference_setup(config)  # Texts go through one at a time, on one device.
+  if not s.objective.fills_masks:
+    raise ConfigError(f'--workdir={workdir} holds a {s.objective.name!r} model; fill-mask needs '
                       f'a masked LM (objective=masked)')
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_specials()
-  # Texts go through one at a time, on one device.
-  s, params, step = run_lib.restore_for_inference(config, workdir, step)
-  special = objective.prepare(tokenizer).special  # Never a filler.
+  params, step = resume.restore_params(s, workdir, step)
+  special = tokenizer.special_table(config.model.vocab_size)  # Never a filler.
   mask_id = tokenizer.special_id(MASK)
   with s.active():
 

@@ -73,10 +73,9 @@ def flops_per_token(m, seq_len=None, causal_halved=False, embeddings=True, head_
   return 6 * n + (attention // 2 if causal_halved else attention)
 
 
-def of_run(config, **kwargs):
-  """flops_per_token of a run's model and objective (see `head_fraction`)."""
-  from jaxlm import objectives  # Here: the objective modules import jax.
-  predictions = objectives.get(config).predictions()
+def of_run(config, predictions, **kwargs):
+  """flops_per_token of a run's model, its head on `predictions` positions per row (the
+  objective's, objectives.base.Objective.predictions; None = every position)."""
   fraction = 1 if predictions is None else predictions / config.model.max_len
   return flops_per_token(config.model, head_fraction=fraction, **kwargs)
 

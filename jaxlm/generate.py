@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import data, objectives
+from jaxlm import data, resume
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -204,9 +204,10 @@ def reference_beam(model, params, prompt, num_beams, max_new_tokens, length_pena
 def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
         seed=0, step=None, num_beams=1, length_penalty=1.0):
   """Continues each prompt; returns [{'prompt', 'completion', 'tokens'}] (stop token dropped)."""
-  objective = objectives.get(config)
-  if not objective.generates:
-    raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; generate needs '
+  # One device: decoding a few prompts needs no mesh.
+  s = run_lib.inference_setup(config, len(prompts))
+  if not s.objective.generates:
+    raise ConfigError(f'--workdir={workdir} holds a {s.objective.name!r} model; generate needs '
                       f'a causal LM (objective=causal)')
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_causal()
@@ -216,8 +217,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
     raise ConfigError(f'the longest prompt ({longest} tokens) plus --max_new_tokens='
                       f'{max_new_tokens} exceeds model.max_len={config.model.max_len}, the '
                       f'length of its learned position table')
-  # One device: decoding a few prompts needs no mesh.
-  s, params, _ = run_lib.restore_for_inference(config, workdir, step, len(prompts))
+  params, _ = resume.restore_params(s, workdir, step)
   tokens = np.zeros((len(prompts), longest), np.int32)
   for row, ids in enumerate(encoded):
     tokens[row, :len(ids)] = ids

@@ -1,10 +1,12 @@
 """Where the wall time of a run goes: goodput, its breakdown, and the spread of step times.
 
-The loop adds every second it spends to one bucket (jaxlm/loop.py): `step` (device compute of
-new steps, measured on the host), `data_wait` (waiting for the next batch), `compile`,
-`checkpoint` (restore at the start, the blocking part of saves, the wait at the end), `eval`,
-`restart_lost` (recomputing steps a killed run had already done), `startup` (mesh, data
-preparation) and `other` (the rest: logging, tracing). Goodput is `step`'s share.
+Every second of a process goes to one bucket: `step` (device compute of new steps, measured
+on the host), `data_wait` (waiting for the next batch), `compile`, `checkpoint` (restore at the
+start, the blocking part of saves, the wait at the end), `eval`, `restart_lost` (recomputing
+steps a killed run had already done), `startup` (mesh, data preparation) and `other` (the
+rest: logging, tracing). Goodput is `step`'s share. train.py times what happens before and
+between the loop's phases (restore, compiles) on a `Clock`; the `Goodput` hook adds the
+seconds the loop reports (loop.Summary.seconds) to it.
 
 Data wait is the time the host waits for the data iterator. The loop keeps one step in flight
 (it waits for step n-1 after queuing step n, so the device is never idle for it), so a wait
@@ -47,6 +49,20 @@ class Clock:
       return function(*args)
     finally:
       self.add(bucket, time.perf_counter() - begin)
+
+  def timed_each(self, bucket, iterable):
+    """The items of `iterable`, the time taken to make each added to `bucket` (each length
+    phase, built as the run reaches it)."""
+    items = iter(iterable)
+    while True:
+      begin = time.perf_counter()
+      try:
+        item = next(items)
+      except StopIteration:
+        return
+      finally:
+        self.add(bucket, time.perf_counter() - begin)
+      yield item
 
   def claim_rest(self, bucket):
     """Adds the wall time that no bucket has claimed yet to `bucket` (startup, before the loop)."""
@@ -97,42 +113,59 @@ class Goodput(Hook):
   """At every log step (and at the end) a row of this process's time per bucket, their shares
   and the step-time spread since the last row; the end also logs a one-line summary.
 
-  On start it reads the previous processes' metrics.jsonl: steps after the resumed checkpoint
-  that were already logged are done again, and their compute counts as `restart_lost`.
+  `clock` holds what train.py timed before the loop (restore, compiles); the hook adds the
+  loop's seconds to it as they grow. On start it reads the previous processes'
+  metrics.jsonl: steps after the resumed checkpoint that were already logged are done again,
+  and their compute counts as `restart_lost`.
   """
 
-  bucket = 'other'
-
-  def __init__(self, writer, metrics_path):
+  def __init__(self, writer, metrics_path, clock):
     self.writer = writer
     self.metrics_path = metrics_path
+    self.clock = clock
     self.segment = time.time()
+    self.seen = {}  # The loop's seconds by kind, as last added to the clock.
+    self.step_times = []  # Seconds between finished steps, since the last row.
 
-  def on_start(self, loop):
-    redone = max(last_logged_step(self.metrics_path) - loop.start, 0)
-    loop.redo_until = loop.start + redone
-    if redone:
+  def take(self, summary):
+    """Adds the loop's seconds since the last look to the clock: a step's compute to
+    `restart_lost` while the run redoes steps it had done, else to its kind's bucket."""
+    redoing = summary.start < summary.step <= self.redo_until
+    for kind, total in summary.seconds.items():
+      seconds, self.seen[kind] = total - self.seen.get(kind, 0.0), total
+      self.clock.add('restart_lost' if kind == 'step' and redoing else kind, seconds)
+
+  def on_start(self, summary):
+    self.redone = max(last_logged_step(self.metrics_path) - summary.start, 0)
+    self.redo_until = summary.start + self.redone
+    self.take(summary)
+    self.clock.claim_rest('startup')  # Everything before the loop that no bucket claimed.
+    if self.redone:
       log.warning('resumed at step %d: %d step(s) logged by the previous run are done again',
-                  loop.start, redone)
-    self.redone = redone
+                  summary.start, self.redone)
 
-  def row(self, loop):
-    seconds = loop.clock.breakdown()
+  def row(self, summary):
+    self.take(summary)
+    seconds = self.clock.breakdown()
     row = {'goodput/segment': self.segment, 'goodput/redone_steps': self.redone,
            'goodput/wall_s': sum(seconds.values())}
     row.update({f'goodput/{b}_s': s for b, s in seconds.items()})
     row.update({f'goodput/{b}': s for b, s in shares(seconds).items()})
-    row.update(spread(loop.step_times))
-    loop.step_times = []
+    row.update(spread(self.step_times))
+    self.step_times = []
     return row
 
-  def on_step(self, loop):
-    if loop.row is not None:
-      self.writer.write(loop.step, self.row(loop))
+  def on_step(self, summary):
+    if summary.step_s is not None:
+      self.step_times.append(summary.step_s)
+    if summary.logged is not None:
+      self.writer.write(summary.step, self.row(summary))
+    else:
+      self.take(summary)
 
-  def on_end(self, loop):
-    row = self.row(loop)
-    self.writer.write(loop.step, row)
+  def on_end(self, summary):
+    row = self.row(summary)
+    self.writer.write(summary.step, row)
     log.info('where the time went (this process, %.0f s): %s', row['goodput/wall_s'],
              ', '.join(f'{b} {100 * row[f"goodput/{b}"]:.1f}%' for b in BUCKETS
                        if row[f'goodput/{b}_s'] > 0))

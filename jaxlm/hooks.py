@@ -1,206 +1,181 @@
 """What the training loop (jaxlm/loop.py) does besides stepping, one hook per job.
 
-Metrics (progress bar, log lines, tokens/s, MFU), evaluation, checkpointing, the non-finite
-policy and preemption. Each takes what it needs in its constructor, so it can be tested alone
-with a stand-in `Loop`.
+Metrics (progress bar, log lines, tokens/s, MFU), evaluation, the non-finite policy,
+preemption and when to checkpoint; and `Saver`, which writes the checkpoints the hooks ask for.
+Each hook takes what it needs in its constructor and sees only the loop's read-only
+`Summary`, so it can be tested alone with a stand-in one.
 """
 
 import logging
-import time
 
 import jax
-import numpy as np
 
 from jaxlm import errors, flops, metrics
-from jaxlm.loop import Hook
+from jaxlm.loop import SAVE, Ask, Hook
 
 log = logging.getLogger('jaxlm')
 
 
-def interval_row(values):
-  """One metrics row for the steps since the last one: means over the steps that were finite
-  (the others applied no update), the last learning rate, and how many were not finite."""
-  finite = [v for v in values if not v['nonfinite']] or values
-  row = {key: float(np.mean([v[key] for v in finite])) for key in values[0]}
-  row['learning_rate'] = float(values[-1]['learning_rate'])
-  row['nonfinite'] = int(sum(v['nonfinite'] for v in values))
-  return row
-
-
 class Metrics(Hook):
-  """Every `log_every_steps` (and at the last step): one row of the interval's mean loss and
-  gradient norm, tokens/s and MFU to metrics.jsonl, TensorBoard and the progress bar.
+  """At every log step (every `log_every_steps`, and the last): one row of the interval's mean
+  loss and gradient norm (the loop's), tokens/s and MFU to metrics.jsonl, TensorBoard and the
+  progress bar."""
 
-  The steps' metrics stay on the device until the log step, so the host never waits for a
-  step in between and the device always has the next one queued.
-  """
-
-  bucket = None  # Its time is the wait for the device to finish the interval's steps.
+  timed_as = 'step'  # Its time is the wait for the device to finish the interval's steps.
 
   def __init__(self, writer, num_devices, peak=None):
     self.writer = writer
     self.num_devices = num_devices
     self.peak = peak
-    self.pending = []
+    self.row = {}
 
-  def on_start(self, loop):
-    config = loop.config
+  def on_start(self, summary):
     self.tokens = self.flops = 0  # Since the last row; a length phase changes them per step.
-    self.shape = None
     if self.peak is None:
       self.peak, source = flops.device_peak_flops()
       log.info('MFU is relative to %.4g TFLOP/s per device (%s)', self.peak / 1e12, source)
-    self.bar = metrics.progress(config.train_steps, loop.start,
-                                enabled=jax.process_index() == 0)
+    self.bar = metrics.progress(summary.total, summary.start, enabled=jax.process_index() == 0)
 
-  def on_step(self, loop):
-    self.pending.append(loop.step_metrics)  # Device arrays: no host sync until the log step.
-    shape = loop.setup.config  # The current length phase's rows.
-    if shape is not self.shape:
-      self.shape, self.flops_per_token = shape, flops.of_run(shape)
-    self.tokens += shape.batch_size * shape.model.max_len
-    self.flops += shape.batch_size * shape.model.max_len * self.flops_per_token
+  def on_step(self, summary):
+    phase = summary.phase  # The current length phase's rows.
+    self.tokens += phase.tokens_per_step
+    self.flops += phase.tokens_per_step * phase.flops_per_token
     self.bar.update(1)
-    done, config = loop.step, loop.config
-    if done % config.log_every_steps and done != config.train_steps:
+    if summary.logged is None:
       return
-    row = interval_row(jax.device_get(self.pending))
-    elapsed = time.perf_counter() - loop.interval_start
-    row['tokens_per_s'] = self.tokens / elapsed
-    row['tflops_per_device'] = self.flops / elapsed / self.num_devices / 1e12
+    row = dict(summary.logged)
+    row['tokens_per_s'] = self.tokens / summary.interval_s
+    row['tflops_per_device'] = self.flops / summary.interval_s / self.num_devices / 1e12
     row['mfu'] = flops.mfu(row['tokens_per_s'], self.flops / self.tokens, self.num_devices,
                            self.peak)
-    self.writer.write(done, row)
+    self.writer.write(summary.step, row)
     self.bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{row["tokens_per_s"]:,.0f}')
     if self.bar.disable:  # No bar on screen: say it in the log.
-      log.info('step %d: loss %.4f, %.0f tokens/s, MFU %.1f%%', done, row['loss'],
+      log.info('step %d: loss %.4f, %.0f tokens/s, MFU %.1f%%', summary.step, row['loss'],
                row['tokens_per_s'], 100 * row['mfu'])
-    loop.result.update(row)
-    loop.row = row
-    self.pending, self.tokens, self.flops = [], 0, 0
+    self.row = row
+    self.tokens = self.flops = 0
 
-  def on_end(self, loop):
+  def on_end(self, summary):
     self.bar.close()
+
+  def result(self):
+    return self.row
 
 
 class Evaluation(Hook):
-  """Held-out metrics before the first step (of a fresh run), every `eval_every_steps`, and at
-  the end of a run that trained (not after a preemption)."""
+  """Held-out metrics (the current phase's, phase_build.Phase.evaluate) before the first
+  step of a fresh run, every `every` steps (0: never between), and at the end of a run that
+  trained (not after a preemption)."""
 
-  bucket = 'eval'
+  timed_as = 'eval'
 
-  def __init__(self, run_eval, writer):
-    self.run_eval = run_eval  # params -> {'eval_loss': ..., ...}
-    self.writer = writer
+  def __init__(self, writer, every):
+    self.writer, self.every = writer, every
+    self.row = {}
 
-  def evaluate(self, loop, step):
-    row = self.run_eval(loop.state.params)
+  def evaluate(self, summary, step):
+    row = summary.phase.evaluate(summary.state.params)
     self.writer.write(step, row)
     log.info('step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f%s', step,
              row['eval_loss'], row['eval_perplexity'], row['eval_accuracy'],
              f", {row['eval_bits_per_byte']:.4f} bits/byte" if 'eval_bits_per_byte' in row else '')
-    loop.result.update(row)
+    self.row.update(row)
     return row
 
-  def on_start(self, loop):
-    if loop.start == 0:
-      loop.result['initial_eval_perplexity'] = self.evaluate(loop, 0)['eval_perplexity']
+  def on_start(self, summary):
+    if summary.start == 0:
+      self.row['initial_eval_perplexity'] = self.evaluate(summary, 0)['eval_perplexity']
 
-  def on_step(self, loop):
-    every, done = loop.config.eval_every_steps, loop.step
-    if every and done % every == 0 and done != loop.config.train_steps:
-      self.evaluate(loop, done)
+  def on_step(self, summary):
+    if self.every and summary.step % self.every == 0 and summary.step != summary.total:
+      self.evaluate(summary, summary.step)
 
-  def on_end(self, loop):
-    if loop.start < loop.config.train_steps and not loop.stop:
-      self.evaluate(loop, loop.config.train_steps)
+  def on_end(self, summary):
+    if summary.start < summary.total and not summary.stopped:
+      self.evaluate(summary, summary.total)
+
+  def result(self):
+    return self.row
 
 
 class Checkpointing(Hook):
-  """Saves every `checkpoint.save_every_steps` and at the end, and waits for the last save."""
+  """Asks for a save every `every` steps and at the end of each length phase (a resume never
+  repeats a phase's last steps); the loop saves the last step itself."""
 
-  bucket = 'checkpoint'
+  def __init__(self, every):
+    self.every = every
 
-  def __init__(self, checkpoints):
-    self.checkpoints = checkpoints
+  def on_step(self, summary):
+    if summary.step % self.every == 0 or summary.step == summary.phase.end:
+      return SAVE
+    return None
 
-  def save(self, loop):
+
+class Saver:
+  """Writes the checkpoints the hooks ask for (the loop calls it, it is no hook): the state of
+  a step once, asynchronously, with the data position of the phase's iterator."""
+
+  def __init__(self, checkpoints, config):
+    self.checkpoints, self.config = checkpoints, config
+    self.blocking_s = None  # The longest the loop waited for a save to start.
+
+  def save(self, summary):
     """Saves the state of the steps done (once: a step already saved is not saved again)."""
-    step = loop.step
+    step = summary.step
     if step != self.checkpoints.latest_step():
-      self.checkpoints.save(step, loop.state, loop.batches, loop.config)
+      self.checkpoints.save(step, summary.state, summary.phase.batches, self.config)
       blocking = self.checkpoints.last_save_blocking_s
       log.debug('checkpoint %d: the loop waited %.3f s', step, blocking)
-      loop.result['checkpoint_blocking_s'] = max(loop.result.get('checkpoint_blocking_s', 0.0),
-                                                 blocking)
+      self.blocking_s = max(self.blocking_s or 0.0, blocking)
 
-  def on_step(self, loop):
-    if loop.step % loop.config.checkpoint.save_every_steps == 0:
-      self.save(loop)
-
-  def on_end(self, loop):
-    self.save(loop)
+  def wait(self):
     self.checkpoints.wait()
-    loop.result['step'] = loop.step
 
-
-class LengthPhases(Hook):
-  """At the end of a length phase that does not end the run (jaxlm/phases.py): save the
-  state, then enter the next phase (its rows packed, its step compiled), so that the next step
-  runs at the new length. A resumed run starts in its step's phase (train.py)."""
-
-  bucket = 'compile'
-
-  def __init__(self, stages, checkpointing):
-    self.stages = stages  # run.Phases
-    self.checkpointing = checkpointing
-
-  def on_step(self, loop):
-    if loop.step == self.stages.current.end and loop.step < loop.config.train_steps:
-      self.checkpointing.save(loop)  # A resume never repeats the phase's last steps.
-      phase = self.stages.enter(loop.step)
-      loop.setup, loop.batches, loop.train_step = phase.setup, phase.batches, phase.train_step
+  def result(self):
+    return {} if self.blocking_s is None else {'checkpoint_blocking_s': self.blocking_s}
 
 
 class NonFinite(Hook):
   """After a log step that counted non-finite steps (whose updates were never applied): warn
-  and go on (nonfinite='skip'), or save the good state and stop with an error ('stop')."""
+  and go on (policy 'skip', config.nonfinite), or ask to save the good state and fail
+  ('stop')."""
 
-  bucket = 'checkpoint'
+  timed_as = 'checkpoint'
 
-  def __init__(self, checkpointing):
-    self.checkpointing = checkpointing
+  def __init__(self, policy):
+    self.policy = policy
 
-  def on_step(self, loop):
-    count = loop.row['nonfinite'] if loop.row else 0
+  def on_step(self, summary):
+    count = summary.logged['nonfinite'] if summary.logged else 0
     if not count:
-      return
-    if loop.config.nonfinite == 'skip':
+      return None
+    if self.policy == 'skip':
       log.warning('%d step(s) before step %d had a non-finite loss or gradient; their updates '
-                  'were skipped', count, loop.step)
-      return
-    self.checkpointing.save(loop)
-    self.checkpointing.checkpoints.wait()
-    raise errors.RunError(
-        f'{count} step(s) before step {loop.step} had a non-finite loss or gradient '
-        f'(nonfinite=stop); the last good state is saved as checkpoint {loop.step}; lower '
-        f'optimizer.learning_rate or set nonfinite=skip, then run the same command to resume')
+                  'were skipped', count, summary.step)
+      return None
+    return Ask(save=True, error=errors.RunError(
+        f'{count} step(s) before step {summary.step} had a non-finite loss or gradient '
+        f'(nonfinite=stop); the last good state is saved as checkpoint {summary.step}; lower '
+        f'optimizer.learning_rate or set nonfinite=skip, then run the same command to resume'))
 
 
 class Preemption(Hook):
-  """When the scheduler's SIGTERM arrives (jaxlm/preemption.py): save the state at this step
-  boundary and stop the run."""
+  """When the scheduler's SIGTERM arrives (jaxlm/preemption.py): ask to save the state at this
+  step boundary and stop the run."""
 
-  bucket = 'checkpoint'
+  timed_as = 'checkpoint'
 
-  def __init__(self, watcher, checkpointing):
-    self.watcher = watcher
-    self.checkpointing = checkpointing
+  def __init__(self, watcher, checkpoint_manager):
+    self.watcher, self.checkpoint_manager = watcher, checkpoint_manager
+    self.preempted = False
 
-  def on_step(self, loop):
-    if self.watcher.reached(loop.step, self.checkpointing.checkpoints.manager):
-      log.warning('preempted: saving the checkpoint of step %d and stopping', loop.step)
-      self.checkpointing.save(loop)
-      self.checkpointing.checkpoints.wait()
-      loop.result.update(step=loop.step, preempted=True)
-      loop.stop = True
+  def on_step(self, summary):
+    if self.watcher.reached(summary.step, self.checkpoint_manager):
+      log.warning('preempted: saving the checkpoint of step %d and stopping', summary.step)
+      self.preempted = True
+      return Ask(save=True, stop=True)
+    return None
+
+  def result(self):
+    return {'preempted': True} if self.preempted else {}

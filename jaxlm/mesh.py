@@ -133,3 +133,9 @@ def describe(mesh):
 def global_array(local, sharding_):
   """Assembles a global jax.Array from this process's contiguous rows of a global batch."""
   return jax.make_array_from_process_local_data(sharding_, np.asarray(local))
+
+
+def to_device(batch, shardings):
+  """This process's share of a batch {feature: rows} as global arrays, laid out by
+  `shardings` {feature: NamedSharding}."""
+  return {k: global_array(batch[k], sharding) for k, sharding in shardings.items()}

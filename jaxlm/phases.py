@@ -11,8 +11,8 @@ batches stay `batch_size` rows (so a 512 phase has 4x the tokens of a 128 one pe
 BERT), and the batch of step s in a phase is element s of that phase's shuffled rows: a pure
 function of (seed, step), whether the run got there straight or resumed.
 
-Pure config arithmetic (no jax); jaxlm/run.py builds each phase's steps and data, and
-hooks.LengthPhases switches at the boundaries.
+Pure config arithmetic (no jax: config validation reads it); jaxlm/phase_build.py builds
+each phase's data and steps, and train.py walks them.
 """
 
 from jaxlm.errors import ConfigError

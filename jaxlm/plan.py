@@ -21,9 +21,8 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from jaxlm import flops, objectives, steps, run as run_lib, topology as topology_lib
+from jaxlm import flops, run as run_lib, topology as topology_lib
 from jaxlm import mesh as mesh_lib, state as state_lib
 from jaxlm.errors import ConfigError
 
@@ -34,7 +33,6 @@ QUICK_HEADROOM = 0.10  # Measured: a quick compile's memory is within 7% of the 
 
 
 def run(config, topology='', num_slices=1, json_path='', quick=False):
-  objectives.get(config).complete()  # E.g. a classifier's labels: the model's size.
   slice_ = topology_lib.parse(topology) if topology else None
   devices = topology_lib.devices(slice_, num_slices) if slice_ else None
   s = run_lib.setup(config, devices)
@@ -43,14 +41,15 @@ def run(config, topology='', num_slices=1, json_path='', quick=False):
   m = config.model
   tokens_per_step = config.batch_size * m.max_len
   counts = flops.param_counts(m)
-  prepare = objectives.build(config)
+  prepare = s.objective.prepare()
+  predictions = s.objective.predictions()
   start = time.perf_counter()
   with _out_of_hbm(s, slice_, 'train', json_path):
     compiled = run_lib.compile_train_step(s, prepare, QUICK if quick else None)
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = memory_report(compiled)
+  memory = run_lib.memory_per_device(compiled)
   device_kind = s.mesh.devices.flat[0].device_kind
   print(f'mesh: {mesh_lib.describe(s.mesh)} on {device_kind}'
         + (f' ({num_slices} x {slice_.topology_name})' if slice_ else ''))
@@ -61,9 +60,9 @@ def run(config, topology='', num_slices=1, json_path='', quick=False):
       'devices': s.mesh.size,
       'device_kind': device_kind,
       'parameters': counts['total'],
-      'flops_per_token': flops.of_run(config),
-      'flops_per_token_causal_halved': flops.of_run(config, causal_halved=True),
-      'flops_per_step': flops.of_run(config) * tokens_per_step,
+      'flops_per_token': flops.of_run(config, predictions),
+      'flops_per_token_causal_halved': flops.of_run(config, predictions, causal_halved=True),
+      'flops_per_step': flops.of_run(config, predictions) * tokens_per_step,
       'xla_flops_per_step_per_device': float(cost.get('flops', 0.0)) if cost else None,
       'state_bytes_per_device': state_lib.bytes_per_device(s.abstract_state, s.shardings),
       'step_bytes_per_device': memory.get('total'),
@@ -136,38 +135,14 @@ def _out_of_hbm(s, slice_, step, json_path):
     _refuse_early(s, slice_, json_path, state_bytes, verdict)
 
 
-def memory_report(compiled):
-  """Bytes one device needs for a compiled program (arguments, outputs, temporaries and their
-  total, donated arguments counted once); {} where the backend does not say."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  return {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
-          'temporaries': m.temp_size_in_bytes,
-          'total': run_lib.memory_per_device(compiled)['total']}
-
-
-def compile_eval_step(s, prepare, compiler_options=None):
-  """The eval step (`jaxlm eval` and the run's periodic evaluation), compiled from shapes for
-  the parameter and batch shardings of `s` (the bits-per-byte table left out: no tokenizer)."""
-  step = jax.jit(steps.make_eval_step(s.model, s.config, prepare),
-                 in_shardings=(s.shardings.params, s.batch_sharding))
-  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        s.abstract_state.params, s.shardings.params)
-  shape = (s.config.batch_size, s.config.model.max_len)
-  batch = {k: jax.ShapeDtypeStruct(shape[:len(axes)], jnp.int32, sharding=s.batch_sharding[k])
-           for k, axes in state_lib.batch_features(s.config).items()}
-  with s.active():
-    return step.lower(params, batch).compile(compiler_options)
-
-
 def _topology_report(s, slice_, num_slices, prepare, train_memory, report, json_path):
   """The eval step's memory, the chip's HBM and the verdict, printed and returned."""
   config = s.config
   start = time.perf_counter()
   with _out_of_hbm(s, slice_, 'eval', json_path):
     options = QUICK if report['quick'] else None
-    eval_memory = memory_report(compile_eval_step(s, prepare, options))
+    eval_step = run_lib.compile_eval_step(s, prepare, compiler_options=options)
+    eval_memory = run_lib.memory_per_device(eval_step)
   eval_compile_s = time.perf_counter() - start
   capacity = slice_.chip.hbm_bytes
   need = max(train_memory['total'], eval_memory['total'])

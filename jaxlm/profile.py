@@ -23,8 +23,6 @@ ON_DEMAND_STEPS = 3  # The window of an on-demand trace when profile.num_steps i
 
 class Profiler(Hook):
 
-  bucket = 'other'
-
   def __init__(self, options, workdir, chief=True):
     self.options = options  # config.profile
     self.enabled = chief or options.all_hosts
@@ -58,39 +56,39 @@ class Profiler(Hook):
     paths.remove(self.trigger)
     return True
 
-  def start(self, loop, steps):
+  def start(self, summary, steps):
     jax.profiler.start_trace(self.log_dir)
-    self.stop_at = loop.step + steps
-    log.info('profiling steps %d-%d into %s', loop.step + 1, self.stop_at, self.log_dir)
+    self.stop_at = summary.step + steps
+    log.info('profiling steps %d-%d into %s', summary.step + 1, self.stop_at, self.log_dir)
 
-  def stop(self, loop):
-    jax.block_until_ready(loop.step_metrics)  # The trace holds the window's device work.
+  def stop(self, summary):
+    jax.block_until_ready(summary.state)  # The trace holds the window's device work.
     jax.profiler.stop_trace()
     self.stop_at = None
     log.info('profile written under %s/plugins/profile (TensorBoard: profile tab)', self.log_dir)
 
-  def on_start(self, loop):
+  def on_start(self, summary):
     if not self.enabled:
       return
     if threading.current_thread() is threading.main_thread():
       self._previous_handler = signal.signal(signal.SIGUSR1, self._handle)
-    if self.scheduled(loop.step):
-      self.start(loop, self.options.num_steps)
+    if self.scheduled(summary.step):
+      self.start(summary, self.options.num_steps)
 
-  def on_step(self, loop):
+  def on_step(self, summary):
     if not self.enabled:
       return
-    if self.stop_at is not None and loop.step >= self.stop_at:
-      self.stop(loop)
-    if self.stop_at is None and loop.step < loop.config.train_steps:
-      if self.scheduled(loop.step):
-        self.start(loop, self.options.num_steps)
+    if self.stop_at is not None and summary.step >= self.stop_at:
+      self.stop(summary)
+    if self.stop_at is None and summary.step < summary.total:
+      if self.scheduled(summary.step):
+        self.start(summary, self.options.num_steps)
       elif self.requested():
-        self.start(loop, self.options.num_steps or ON_DEMAND_STEPS)
+        self.start(summary, self.options.num_steps or ON_DEMAND_STEPS)
 
-  def on_end(self, loop):
+  def on_end(self, summary):
     if self.stop_at is not None:
-      self.stop(loop)
+      self.stop(summary)
     if self._previous_handler is not None:
       signal.signal(signal.SIGUSR1, self._previous_handler)
       self._previous_handler = None

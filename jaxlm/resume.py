@@ -1,58 +1,65 @@
-"""Resuming a run without ever losing it to an input mistake.
+"""Where a run's state comes from, without ever losing a run to an input mistake.
 
-Three rules, each enforced here:
+Resuming the run in a workdir (`initial_state`: the newest good checkpoint, else a fresh
+state, with the parameters of `init_from` or of an imported model), and reading a run's
+parameters for the commands that evaluate, run or export it (`restore_params`). Three rules,
+each enforced here or in what it calls:
 
 1. Before any restore, the requested config is compared with the run's config.json by the
    train state each of them builds (tree structure, shapes and dtypes, from `jax.eval_shape`:
    no hand-kept list of "shape fields"). A change that alters it (optimizer.grad_clip on/off,
    a model size, model.param_dtype) stops with exit 2 naming the fields that differ; a change
    that does not (train_steps, eval intervals, the learning rate) resumes.
-2. A checkpoint gets a checksum manifest (`jaxlm_checksums.json`: a CRC-32 per file) once its
-   save is complete, and is checked against it at restore. Only a checkpoint that is provably
-   unusable - incomplete (Orbax's metadata missing), not matching its manifest, or holding
-   non-finite values - is set aside, decided by process 0 for all processes.
+2. A checkpoint is read only if it is intact (jaxlm/integrity.py: complete, matching its
+   checksums, finite); a provably unusable one is set aside, decided by process 0 for all.
 3. Old checkpoints are deleted (keep-N) only after a newer one is complete and checksummed,
    and config.json changes only then (see Checkpointer.on_saved).
 """
 
-import json
 import logging
-import math
-import zlib
 
 import jax
-import numpy as np
 
+from jaxlm import checkpoint, errors, integrity, objectives, optim, paths
 from jaxlm import config as config_lib
-from jaxlm import optim, paths
 from jaxlm import model as model_lib
+from jaxlm import run as run_lib
 from jaxlm import state as state_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError, RunError, first_line
 
 log = logging.getLogger('jaxlm')
-MANIFEST = 'jaxlm_checksums.json'
-# Written by Orbax when a step (and its state item) is complete.
-REQUIRED = ('_CHECKPOINT_METADATA', 'state/_METADATA')
+
+
+def saved_objective(config):
+  """The objective of a run's saved config (the run `init_from` names, a workdir being
+  resumed): besides the run builder (run.setup), the one place that makes an objective."""
+  return objectives.get(config)
+
+
+def signature(abstract_state):
+  """{path: (shape, dtype)} of an (unboxed) abstract train state."""
+  return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
 
 
 def state_signature(config):
-  """{path: (shape, dtype)} of the train state `config` builds, without allocating it."""
+  """The signature of the train state a saved `config` builds, without allocating it."""
+  objective = saved_objective(config)
   tx, _ = optim.optimizer(config)
-  abstract = state_lib.strip_boxes(
-      state_lib.abstract_state(model_lib.build(config), tx, config))
-  return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  model = model_lib.build(config.model, objective.causal, objective.num_labels)
+  return signature(state_lib.strip_boxes(state_lib.abstract_state(model, tx, config)))
 
 
-def check_compatible(workdir, config, new_signature=None):
-  """A ConfigError (exit 2) if the run saved in `workdir` cannot be resumed with `config`:
-  names the first state leaf that differs and the config fields that changed."""
+def check_compatible(workdir, config, abstract_state):
+  """A ConfigError (exit 2) if the run saved in `workdir` cannot be resumed with `config`,
+  whose (unboxed) abstract state is `abstract_state`: names the first state leaf that differs
+  and the config fields that changed."""
   previous = workdir_lib.read_config(workdir)
   if previous is None:
     return
   old = state_signature(previous)
-  new = new_signature or state_signature(config)
+  new = signature(abstract_state)
   if _parameters_only(workdir):  # An imported model (jaxlm convert): no optimizer state yet.
     old, new = ({k: v for k, v in sig.items() if k.startswith('.params')} for sig in (old, new))
   if old == new:
@@ -70,7 +77,6 @@ def check_compatible(workdir, config, new_signature=None):
 
 
 def _parameters_only(workdir):
-  from jaxlm import checkpoint  # Not at import time: checkpoint.py imports this module.
   checkpoints = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir), read_only=True)
   try:
     return checkpoints.parameters_only_step() is not None
@@ -82,54 +88,10 @@ def _describe(entry):
   return 'absent' if entry is None else f'{entry[1]}{list(entry[0])}'
 
 
-def _files(step_dir):
-  """Every file of a checkpoint but the manifest, as paths relative to `step_dir`."""
-  root = str(step_dir).rstrip('/')
-  found = paths.files_under(root)
-  return sorted(p[len(root) + 1:] for p in found if not p.endswith(MANIFEST))
-
-
-def _crc(path):
-  crc = 0
-  with paths.open(path, 'rb') as f:
-    while chunk := f.read(1 << 22):
-      crc = zlib.crc32(chunk, crc)
-  return crc
-
-
-def write_manifest(step_dir):
-  """Records a CRC-32 of every file of a complete checkpoint (process 0 only)."""
-  sums = {name: _crc(paths.join(step_dir, name)) for name in _files(step_dir)}
-  paths.atomic_write(paths.join(step_dir, MANIFEST), json.dumps(sums, sort_keys=True))
-
-
-def verify(step_dir):
-  """'ok', 'unverified' (no manifest: saved by an older jaxlm or interrupted right after the
-  save), or the reason the checkpoint is provably unusable."""
-  for name in REQUIRED:
-    if not paths.exists(paths.join(step_dir, name)):
-      return f'incomplete: {name} is missing'
-  manifest = paths.join(step_dir, MANIFEST)
-  if not paths.exists(manifest):
-    return 'unverified'
-  try:
-    sums = json.loads(paths.read_text(manifest))
-    assert isinstance(sums, dict)
-  except (ValueError, AssertionError, UnicodeDecodeError):
-    return f'its {MANIFEST} is not readable'
-  present = set(_files(step_dir))
-  for name, crc in sorted(sums.items()):
-    if name not in present:
-      return f'{name} is missing'
-    if _crc(paths.join(step_dir, name)) != crc:
-      return f'{name} does not match its checksum'
-  return 'ok'
-
-
 def read_good_params(s, checkpoints, step, host, explicit):
   """The parameters of checkpoint `step` if it is intact and finite; else None (a warning) for
   the latest, or an error for one the user asked for. Reads only: nothing is set aside."""
-  problem = verify(paths.join(checkpoints.directory, str(step)))
+  problem = integrity.verify(paths.join(checkpoints.directory, str(step)))
   params = None
   if problem in ('ok', 'unverified'):
     try:
@@ -144,7 +106,7 @@ def read_good_params(s, checkpoints, step, host, explicit):
     except Exception as e:  # Orbax/tensorstore raise many types for unreadable files.
       problem = f'{type(e).__name__}: {first_line(e)}'
     else:
-      bad = nonfinite_leaf(params)
+      bad = integrity.nonfinite_leaf(params)
       problem = f'non-finite values in {bad}' if bad else None
   if problem is None:
     return params
@@ -156,27 +118,68 @@ def read_good_params(s, checkpoints, step, host, explicit):
   return None
 
 
-def nonfinite_leaf(tree):
-  """The path of the first floating-point leaf with a non-finite value, or None."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-      continue
-    if isinstance(leaf, np.ndarray):  # Host parameters (convert): no device copy of a leaf.
-      # A sum is finite exactly when every element is (float64: no overflow of sane weights).
-      finite = math.isfinite(float(np.sum(leaf, dtype=np.float64)))
-    else:
-      finite = bool(jax.device_get(jax.numpy.isfinite(leaf).all()))
-    if not finite:
-      return jax.tree_util.keystr(path)
-  return None
+def restore_for_inference(config, workdir, step=None, batch_size=1):
+  """(setup on one local device, the parameters of checkpoint `step` (default: the latest),
+  that step), for the commands that only run the model (fill-mask, generate)."""
+  s = run_lib.inference_setup(config, batch_size)
+  return (s, *restore_params(s, workdir, step))
 
 
-def agreed(decide):
-  """decide() as process 0 computes it, the same on every process (one decision for all)."""
-  if jax.process_count() == 1:
-    return decide()
-  from jax.experimental import multihost_utils
-  verdict = decide() if jax.process_index() == 0 else ''
-  data = np.frombuffer(verdict.encode()[:255].ljust(256, b'\0'), np.uint8)
-  data = multihost_utils.broadcast_one_to_all(data)
-  return bytes(np.asarray(data)).rstrip(b'\0').decode(errors='replace')
+def restore_params(s, workdir, step=None, host=False):
+  """(the parameters of the workdir's checkpoint `step`, default the latest, in the shardings
+  of `s` - or as host numpy arrays, read a batch of leaves at a time, if `host`; that step)."""
+  directory = workdir_lib.checkpoint_dir(workdir)
+  if not paths.isdir(directory):
+    raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
+  # Read-only: a run still training in `workdir` keeps its in-progress save.
+  checkpoints = checkpoint.Checkpointer(directory, read_only=True)
+  try:
+    saved = checkpoints.all_steps()
+    if not saved:
+      raise errors.ConfigError(f'--workdir={workdir} has no checkpoint; train first')
+    if step is not None and step not in saved:
+      raise errors.ConfigError(f'--step={step}: --workdir={workdir} has checkpoints of steps '
+                               f'{", ".join(map(str, saved))}')
+    for candidate in ([step] if step is not None else reversed(saved)):
+      params = read_good_params(s, checkpoints, candidate, host, explicit=step is not None)
+      if params is not None:
+        return params, candidate
+    raise errors.RunError(f'--workdir={workdir} has no usable checkpoint (see the warnings '
+                          f'above); nothing was changed')
+  finally:
+    checkpoints.close()
+
+
+def init_source(s):
+  """(Checkpointer, step) that `init_from` names, checked against the model; or None."""
+  if not s.config.init_from:
+    return None
+  source, step = checkpoint.find(s.config.init_from)
+  saved = source.saved_config(step)
+  if saved is not None:
+    s.objective.check_init_from(saved_objective(saved), s.config.init_from)
+  source.check_params(step, s.abstract_state.params, model_lib.CLASSIFIER_PARAMS)
+  return source, step
+
+
+def initial_state(s, checkpoints, source):
+  """(state, step): the newest readable checkpoint, or a fresh state (`source`'s parameters).
+  The data needs no restoring: batch s is a pure function of (seed, s) (jaxlm/phases.py)."""
+  state, step = checkpoints.restore_latest(s.abstract_state, s.shardings)
+  if state is not None:
+    log.info('resumed from the checkpoint of step %d', step)
+    return state, step
+  state = state_lib.initialize(s.model, s.tx, s.config, s.shardings)
+  imported = checkpoints.parameters_only_step()
+  if imported is not None:  # A converted checkpoint (jaxlm convert): parameters, no optimizer.
+    source = checkpoints, imported
+  if source is not None:
+    checkpointer, source_step = source
+    log.info('initialising the parameters from %s/%d', checkpointer.directory, source_step)
+    restored = checkpointer.restore_params(source_step, s.abstract_state.params,
+                                           s.shardings.params, model_lib.CLASSIFIER_PARAMS)
+    fresh = sorted(set(state.params) - set(restored))
+    if fresh:
+      log.info('new parameters (not in the checkpoint): %s', ', '.join(fresh))
+    state = state.replace(params={**state.params, **restored})
+  return state, imported or 0

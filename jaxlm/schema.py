@@ -9,6 +9,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from jaxlm import matmuls, objectives
+from jaxlm import model as model_lib
 
 # Outermost first: 'data' changes slowest over the device list, 'tensor' fastest, so tensor
 # parallelism (the most communication per step) lands on the closest devices.
@@ -41,21 +42,34 @@ FAMILIES = {
                        output_bias=False),
 }
 
+
+class Names:
+  """A field's own values, then a registry's names, read whenever the field is checked: a kind
+  registered later (by a plugin, or a test) is a choice too."""
+
+  def __init__(self, own, registry):
+    self.own, self.registry = own, registry
+
+  def __iter__(self):
+    return iter((*self.own, *self.registry))
+
+
+# The allowed values of each field that names a choice. A registry's names are its keys: the
+# registry owns them (a new kind is one module plus one registry line), nothing here lists them.
 CHOICES = {
-    'objective': objectives.REGISTRY,  # Its names; a registered objective is a choice.
+    'objective': objectives.REGISTRY,
     'nonfinite': ('skip', 'stop'),
     'model.family': tuple(FAMILIES),
-    'model.norm': ('layernorm', 'rmsnorm'),
+    'model.norm': model_lib.NORMS,
     'model.norm_position': ('pre', 'post'),
     'model.position': ('learned', 'rope'),
     'model.rope_type': ('default', 'llama3'),
-    'model.mlp_activation': ('gelu', 'gelu_exact', 'silu', 'relu'),
+    'model.mlp_activation': model_lib.ACTIVATIONS,
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
-    'model.attention': ('auto', 'xla', 'cudnn', 'splash'),
-    'model.matmul': matmuls.REGISTRY,  # Its names; a registered kind is a choice.
-    'model.remat_policy': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims', 'minimal',
-                           'save_qkv_proj', 'offload'),
+    'model.attention': Names(('auto',), model_lib.ATTENTION),  # 'auto': one per platform.
+    'model.matmul': matmuls.REGISTRY,
+    'model.remat_policy': Names(('none',), model_lib.REMAT_POLICIES),  # 'none': no remat.
     'data.tokenizer_type': ('bpe', 'unigram'),
     'data.packing': ('split', 'first_fit'),
     'finetune.backbone': ('masked', 'causal'),

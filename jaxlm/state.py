@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import mesh as mesh_lib
-from jaxlm import objectives
 from jaxlm.model import AUX_LOSS
 
 
@@ -70,14 +69,11 @@ def initialize(model, tx, config, shardings):
   return init(jax.random.key(config.seed))
 
 
-def batch_features(config):
-  """The logical axes of every feature of an input batch (all int32)."""
-  return objectives.get(config).features()
-
-
-def batch_shardings(mesh, rules, config):
-  """{feature: NamedSharding}: the rule table shards batch rows (and sequence positions)."""
-  return {k: mesh_lib.sharding(mesh, rules, axes) for k, axes in batch_features(config).items()}
+def batch_shardings(mesh, rules, features):
+  """{feature: NamedSharding} of a batch whose features have these logical axes (the
+  objective's, objectives.base.Objective.features): the rule table shards batch rows (and
+  sequence positions)."""
+  return {k: mesh_lib.sharding(mesh, rules, axes) for k, axes in features.items()}
 
 
 def param_table(abstract, shardings):

@@ -1,11 +1,11 @@
-"""The train and eval steps: pure functions of (state, batch), jit-compiled by the loop."""
+"""The train and eval steps: pure functions of (state, batch) made from (model, objective,
+optimizer), compiled ahead of time by the run builder (run.compile_train_step)."""
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxlm import model as model_lib
-from jaxlm import objectives
 from jaxlm.objectives import base as objectives_base
 from jaxlm.model import layers
 
@@ -53,12 +53,12 @@ def apply(model, params, batch, extra=None, **kwargs):
                      predict_positions=batch.get('predict_positions'), **kwargs)
 
 
-def model_loss(model, params, batch, config, z_loss=0.0, extra=None, **kwargs):
-  """(objective, stats) of the model on a prepared batch; with config.loss_chunk the output
-  layer and the loss run chunk by chunk (objectives.base.chunked_loss) where the predicted
-  positions (max_len, or a masked LM's gathered predictions) make more than one chunk.
-  Auxiliary losses the model sows (model.AUX_LOSS), each a mean, count once per target."""
-  objective = objectives.get(config)
+def model_loss(model, objective, params, batch, z_loss=0.0, extra=None, **kwargs):
+  """(loss, stats) of the model on a batch `objective` prepared; with config.loss_chunk the
+  output layer and the loss run chunk by chunk (objectives.base.chunked_loss) where the
+  predicted positions (max_len, or a masked LM's gathered predictions) make more than one
+  chunk. Auxiliary losses the model sows (model.AUX_LOSS), each a mean, count once per
+  target."""
   chunk = objective.loss_chunk(batch)
   out, sown = apply(model, params, batch, extra, project=not chunk, mutable=[model_lib.AUX_LOSS],
                     **kwargs)
@@ -83,8 +83,9 @@ def all_finite(tree):
 EVAL_KEY = 0x5eed
 
 
-def make_train_step(model, tx, lr_schedule, config, prepare):
-  """(state, batch) -> (state, metrics). `prepare` is the objective's (objectives.build).
+def make_train_step(model, objective, tx, lr_schedule, config, prepare):
+  """(state, batch) -> (state, metrics). `prepare` is the objective's batch preparation
+  (objectives.base.Objective.prepare).
 
   Dropout and masks derive from (seed, step): no RNG state to carry or checkpoint. Masks are
   drawn for the whole batch before it is split into micro-batches, so they do not depend on
@@ -92,7 +93,7 @@ def make_train_step(model, tx, lr_schedule, config, prepare):
   """
   def train_step(state, batch):
     def loss_fn(params, batch, rng):
-      return model_loss(model, params, batch, config, config.z_loss, state.extra,
+      return model_loss(model, objective, params, batch, config.z_loss, state.extra,
                         deterministic=False, rngs={'dropout': rng})
 
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
@@ -124,12 +125,12 @@ def make_train_step(model, tx, lr_schedule, config, prepare):
   return train_step
 
 
-def make_eval_step(model, config, prepare, token_bytes=None):
+def make_eval_step(model, objective, prepare, token_bytes=None):
   """params, batch -> summed statistics (loss_sum, correct, weight) over the batch's targets,
   and with `token_bytes` (Tokenizer.token_bytes) the UTF-8 bytes those targets stand for."""
   def eval_step(params, batch):
     batch = prepare(batch, jax.random.key(EVAL_KEY))
-    _, stats = model_loss(model, params, batch, config, deterministic=True)
+    _, stats = model_loss(model, objective, params, batch, deterministic=True)
     if token_bytes is not None:
       stats['bytes'] = jnp.sum(jnp.asarray(token_bytes)[batch['targets']] * batch['weights'])
     return stats

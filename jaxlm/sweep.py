@@ -70,7 +70,7 @@ def plan(sweep):
   candidates = []
   for num_layers, emb_dim in sweep.sizes:
     config = _sized(base, num_layers, emb_dim, sweep)
-    per_token = flops.of_run(config)
+    per_token = _flops_per_token(config)
     for target in sweep.budgets or sweep.tokens:
       budget = float(target) if sweep.budgets else 0.0
       candidates.append((config, per_token, budget, budget or per_token * target))
@@ -244,14 +244,21 @@ def _shared_tokenizer(base, workdir, chief, distributed):
   return paths.normalize(path)
 
 
+def _flops_per_token(config, **kwargs):
+  """flops.of_run of a planned run, its objective's predictions included (a masked LM's head
+  runs on its gathered predictions only)."""
+  from jaxlm import objectives  # Here: an objective's module imports jax.
+  return flops.of_run(config, objectives.get(config).predictions(), **kwargs)
+
+
 def _write_result(r, run_dir, wall_s):
   final = _final_eval(run_dir, r.config.train_steps)
   row = {'name': r.name, 'N': r.N, 'D': r.D, 'C': r.C, 'budget': r.budget,
          'eval_loss': final['eval_loss'], 'eval_perplexity': final['eval_perplexity'],
          'wall_s': round(wall_s, 2),
          'params': flops.param_counts(r.config.model),
-         'flops_per_token': flops.of_run(r.config),
-         'flops_per_token_halved': flops.of_run(r.config, causal_halved=True),
+         'flops_per_token': _flops_per_token(r.config),
+         'flops_per_token_halved': _flops_per_token(r.config, causal_halved=True),
          'config': r.config.to_dict()}
   workdir_lib.atomic_write(result_path(run_dir), json.dumps(row, default=list) + '\n')
 

@@ -1,12 +1,13 @@
 """`jaxlm train` / `finetune`: wires a run together - builder (jaxlm/run.py), data, checkpoints,
-metrics - and hands it to the loop (jaxlm/loop.py) with its hooks (jaxlm/hooks.py)."""
+metrics - and walks its length phases (jaxlm/phase_build.py), each run by the loop
+(jaxlm/loop.py) with the run's hooks (jaxlm/hooks.py)."""
 
 import logging
 
 import jax
 
-from jaxlm import (checkpoint, data, distributed, goodput, hooks, lock, metrics, objectives,
-                   paths, preemption, profile, resume)
+from jaxlm import (checkpoint, data, distributed, goodput, hooks, lock, metrics, paths,
+                   phase_build, preemption, profile, resume)
 from jaxlm import loop as loop_lib
 from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
@@ -28,9 +29,7 @@ def train(config, workdir, devices=None):
 
 def _train(config, workdir, devices, held):
   clock = goodput.Clock()
-  objective = objectives.get(config)
-  objective.complete()  # E.g. a classifier's labels, before the model is built.
-  s = run_lib.setup(config, devices)
+  s = run_lib.setup(config, devices)  # Its objective completes the config (a classifier's).
   distributed.on_chief('workdir check', lambda: workdir_lib.check(workdir, config))
   process = (jax.process_index(), jax.process_count())
   chief = process[0] == 0
@@ -38,44 +37,38 @@ def _train(config, workdir, devices, held):
   resuming = any(paths.name(p).isdigit()
                  for p in paths.glob(paths.join(workdir_lib.checkpoint_dir(workdir), '*')))
   if resuming:
-    resume.check_compatible(workdir, config)
-  source = run_lib.init_source(s)
+    resume.check_compatible(workdir, config, s.abstract_state)
+  source = resume.init_source(s)
   # Every process tokenizes its share of the corpus unless its manifest exists (the chief
   # trains the tokenizer first, if there is none), then opens the shards.
-  corpus = data.prepare(config, workdir)
+  corpus = data.prepare(config, workdir, s.objective.frame, s.objective.labeled)
   if chief:
     held.append(lock.acquire(workdir))
     if not resuming:  # A resumed run's config.json changes once its new save is good.
       workdir_lib.save_config(workdir, config)
   distributed.barrier(DATA_PREPARED)
-  # What a checkpoint's data position is restored into; each length phase (run.Phases) then
-  # makes its own iterator at that position.
-  batches = data.train_iterator(data.train_dataset(corpus.train, config, *process), config)
   checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
   if chief and resuming:
     checkpoints.on_saved = lambda step: workdir_lib.save_config(workdir, config)
   writer = metrics.Writer(workdir, enabled=chief)
   try:
     with s.active(), preemption.Watcher() as preempted:
-      state, start = clock.timed('checkpoint', run_lib.initial_state, s, checkpoints, batches,
-                                 source)
-      stages = run_lib.Phases(s, corpus, workdir, objective.token_bytes(corpus.tokenizer),
-                              process)
-      phase = clock.timed('compile', stages.enter, start)
-      objective.log_baseline(data.eval_tokens(phase.eval_set), phase.prepare)
-      saving = hooks.Checkpointing(checkpoints)
-      loop_hooks = [
+      state, start = clock.timed('checkpoint', resume.initial_state, s, checkpoints, source)
+      phases = phase_build.Phases(s, corpus, workdir, process)
+      loop = loop_lib.Loop([
           hooks.Metrics(writer, s.mesh.size),
-          hooks.NonFinite(saving),
-          hooks.Preemption(preempted, saving),
-          hooks.Evaluation(stages.evaluate, writer),
-          saving,
-          hooks.LengthPhases(stages, saving),
+          hooks.NonFinite(config.nonfinite),
+          hooks.Preemption(preempted, checkpoints.manager),
+          hooks.Evaluation(writer, config.eval_every_steps),
+          hooks.Checkpointing(config.checkpoint.save_every_steps),
           profile.Profiler(config.profile, workdir, chief),
-          goodput.Goodput(writer, workdir_lib.metrics_path(workdir)),
-      ]
-      return loop_lib.run_loop(loop_lib.Loop(s, state, start, phase.batches, clock, phase.setup),
-                               phase.train_step, loop_hooks)
+          goodput.Goodput(writer, workdir_lib.metrics_path(workdir), clock),
+      ], hooks.Saver(checkpoints, config), start, config.train_steps, config.log_every_steps)
+      for phase in clock.timed_each('compile', phases.walk(start)):
+        state = loop.run(phase, state)
+        if loop.stopped:
+          break
+      return loop.end(state, phase)
   finally:
     writer.close()
     checkpoints.close()

@@ -67,8 +67,9 @@ def shared_data(tmp_path_factory):
   """A tokenizer and token cache built once and reused by every test's workdir."""
   root = tmp_path_factory.mktemp('shared_data')
   config = tiny_config()
-  from jaxlm import data
-  data.prepare(config, str(root))  # Trains tokenizer.model and fills root/data.
+  from jaxlm import data, objectives
+  # Trains tokenizer.model and fills root/data.
+  data.prepare(config, str(root), objectives.get(config).frame)
   return root
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import one_device, tiny_config
-from jaxlm import objectives, run
+from jaxlm import run
 from jaxlm.errors import ConfigError
 from jaxlm.model import attention
 from test_mesh import MASKED, PARTITION, run_steps
@@ -170,6 +170,6 @@ def test_a_small_model_with_splash_compiles_for_tpu(monkeypatch):
   config = tiny_config(**small, model__attention='auto', model__dtype='bfloat16',
                        model__max_len=256, mesh__fsdp=2, mesh__data=2)
   s = run.setup(config, devices)
-  compiled = run.compile_train_step(s, objectives.build(config))
+  compiled = run.compile_train_step(s, s.objective.prepare())
   assert 'splash' in compiled.as_text()
   assert run.memory_per_device(compiled)['total'] > 0

@@ -60,7 +60,7 @@ def real_param_count(config):
   import jax
   from jaxlm import model as model_lib
   from jaxlm import state as state_lib
-  model = model_lib.build(config)
+  model = model_lib.build(config.model)
   tokens, positions, segments = state_lib.init_inputs(config)
   shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, tokens, positions,
                                              segments)['params'])

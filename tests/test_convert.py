@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import CORPUS, ROOT
-from jaxlm import checkpoint, cli, data, evaluate, fill_mask, generate, hf
+from jaxlm import checkpoint, cli, data, evaluate, fill_mask, generate, hf, resume
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
@@ -75,14 +75,14 @@ def hf_logits(model, ids):
 
 def jaxlm_logits(workdir, ids):
   config = workdir_lib.read_config(workdir)
-  s, params, _ = run_lib.restore_for_inference(config, str(workdir))
+  s, params, _ = resume.restore_for_inference(config, str(workdir))
   with s.active():
     return np.asarray(s.model.apply({'params': params}, ids))
 
 
 def jaxlm_params(workdir, step=None):
   config = workdir_lib.read_config(workdir)
-  params = run_lib.restore_for_inference(config, str(workdir), step)[1]
+  params = resume.restore_for_inference(config, str(workdir), step)[1]
   return config, {jax.tree_util.keystr(p): np.asarray(v)
                   for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 

@@ -8,7 +8,7 @@ import pytest
 import tokenizers
 
 from conftest import tiny_config
-from jaxlm import data
+from jaxlm import data, objectives
 from jaxlm.config import ConfigError
 from jaxlm.data import packing, sources, store
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -79,13 +79,14 @@ def test_hugging_face_tokenizers(hf_tokenizers, tmp_path):
 
 
 def test_corpus_split_is_deterministic_and_disjoint(config, workdir):
-  corpus = data.prepare(config, str(workdir))
+  frame = objectives.get(config).frame
+  corpus = data.prepare(config, str(workdir), frame)
   names = [d.name for d in sources.iter_documents(config.data)]
   held_out = [n for n in names if sources.sampled(n, config.data.validation_fraction)]
   assert 0 < len(held_out) < len(names)
   assert corpus.validation.stream.num_documents == len(held_out)
   assert corpus.train.stream.num_documents == len(names) - len(held_out)
-  again = data.prepare(config, str(workdir))  # From the cache, identical.
+  again = data.prepare(config, str(workdir), frame)  # From the cache, identical.
   np.testing.assert_array_equal(again.train.stream.tokens, corpus.train.stream.tokens)
 
 
@@ -97,19 +98,20 @@ def test_a_changed_source_is_refused_until_tokenized_again(tmp_path, shared_data
   config = tiny_config(data__path=str(corpus_dir / '*.txt'),
                        data__tokenizer=str(shared_data / 'tokenizer.model'),
                        data__validation_fraction=0.2)
-  first = data.prepare(config, str(tmp_path))
+  first = data.prepare(config, str(tmp_path), objectives.get(config).frame)
   (corpus_dir / 'doc99.txt').write_text('a new document ' * 50)
   with pytest.raises(ConfigError, match=r'changed since it was tokenized into .*\(doc99.txt is '
                                         r'new or changed\); run `jaxlm tokenize`'):
-    data.prepare(config, str(tmp_path))  # Never silently a different stream under a run.
-  data.tokenize(config, str(tmp_path), refresh=True)
-  second = data.prepare(config, str(tmp_path))
+    # Never silently a different stream under a run.
+    data.prepare(config, str(tmp_path), objectives.get(config).frame)
+  data.tokenize(config, str(tmp_path), objectives.get(config).frame, refresh=True)
+  second = data.prepare(config, str(tmp_path), objectives.get(config).frame)
   assert (second.train.stream.num_documents + second.validation.stream.num_documents ==
           first.train.stream.num_documents + first.validation.stream.num_documents + 1)
   assert not [f for f in os.listdir(tmp_path / 'data') if '.tmp' in f]  # No half-written files.
   (corpus_dir / 'doc3.txt').unlink()
   with pytest.raises(ConfigError, match=r'doc3.txt was removed'):
-    data.prepare(config, str(tmp_path))
+    data.prepare(config, str(tmp_path), objectives.get(config).frame)
 
 
 def test_jsonl_documents_and_bad_lines_are_counted(tmp_path):
@@ -233,7 +235,7 @@ def test_a_tfds_dataset_is_read_through_its_data_source(tmp_path, shared_data):
     docs = list(sources.iter_documents(config.data))
     assert len(docs) == 60 and docs[0].name == 'lm1b/train:0' and docs[0].text.strip()
     (tmp_path / 'tokenizer.model').write_bytes((shared_data / 'tokenizer.model').read_bytes())
-    corpus = data.prepare(config, str(tmp_path))
+    corpus = data.prepare(config, str(tmp_path), objectives.get(config).frame)
   assert len(corpus.train) > 0 and corpus.train.stream.num_documents + \
       corpus.validation.stream.num_documents == 60
 
@@ -242,7 +244,7 @@ def test_an_unprepared_tfds_dataset_is_one_clear_error(tmp_path):
   config = tiny_config(data__path='', data__tfds_name='no_such_dataset_xyz')
   with pytest.raises(ConfigError, match=r"data.tfds_name='no_such_dataset_xyz' \(split 'train'\) "
                                         r'cannot be read: .*tfds build no_such_dataset_xyz'):
-    data.prepare(config, str(tmp_path))
+    data.prepare(config, str(tmp_path), objectives.get(config).frame)
   assert not (tmp_path / 'tokenizer.model').exists()
   with pytest.raises(ConfigError, match='are both set; keep one'):
     tiny_config(data__tfds_name='lm1b')
@@ -289,7 +291,7 @@ def test_first_fit_fills_rows_and_cuts_fewer_documents_than_split():
 
 def test_first_fit_is_chosen_by_config_and_trains(config, workdir):
   config.data.packing = 'first_fit'
-  corpus = data.prepare(config, str(workdir))
+  corpus = data.prepare(config, str(workdir), objectives.get(config).frame)
   assert isinstance(corpus.train, packing.FirstFitRows)
   assert (corpus.train[0]['segment_ids'] > 0).sum() > 0.9 * config.model.max_len
 
@@ -318,7 +320,7 @@ def test_a_mixture_of_sources_is_prepared_from_the_config(tmp_path, shared_data)
   config = tiny_config(data__path='', data__mixture=(
       (3, os.path.join(STDLIB, 'json/*.py') + ',' + os.path.join(STDLIB, 'email/*.py')),
       (1, os.path.join(STDLIB, 'logging/*.py'))))
-  corpus = data.prepare(config, str(tmp_path))
+  corpus = data.prepare(config, str(tmp_path), objectives.get(config).frame)
   assert isinstance(corpus.train, packing.Mixture) and len(corpus.train.parts) == 2
   assert len(list((tmp_path / 'data').glob('*/manifest.json'))) == 2  # Shards per source.
   rows = [corpus.validation[i] for i in range(min(8, len(corpus.validation)))]

@@ -124,8 +124,7 @@ def test_profile_on_demand_file_starts_a_window(tmp_path):
   from jaxlm import profile
   options = tiny_config().profile
   hook = profile.Profiler(options, str(tmp_path))
-  loop = types.SimpleNamespace(step=0, step_metrics=np.zeros(()),
-                               config=types.SimpleNamespace(train_steps=10))
+  loop = types.SimpleNamespace(step=0, state=np.zeros(()), total=10)  # A loop.Summary.
   hook.on_start(loop)
   loop.step = 1
   hook.on_step(loop)

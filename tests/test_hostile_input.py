@@ -125,12 +125,12 @@ def test_over_a_hundred_bad_inputs_across_commands():
 def test_a_nonfinite_parameter_update_is_never_applied():
   """A finite loss and gradient with an overflowing step: the guard checks the new weights."""
   import optax
-  from jaxlm import objectives, state as state_lib
+  from jaxlm import state as state_lib
   config = tiny_config(optimizer__grad_clip=0.0)
   s = run_lib.setup(config, one_device())
   tx = optax.sgd(1e39)  # float32 infinity times a finite gradient.
-  step = jax.jit(steps.make_train_step(s.model, tx, lambda _: 0.0, config,
-                                       objectives.build(config)))
+  step = jax.jit(steps.make_train_step(s.model, s.objective, tx, lambda _: 0.0, config,
+                                       s.objective.prepare()))
   with s.active():
     params = state_lib.initialize(s.model, tx, config, None).params
     state = state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,

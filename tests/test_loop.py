@@ -69,7 +69,7 @@ class Recorder:
 
 class FakeCheckpoints:
   def __init__(self):
-    self.saved, self.waits, self.last_save_blocking_s, self.manager = [], 0, 0.0, None
+    self.saved, self.waits, self.last_save_blocking_s = [], 0, 0.25
 
   def latest_step(self):
     return self.saved[-1] if self.saved else None
@@ -81,11 +81,18 @@ class FakeCheckpoints:
     self.waits += 1
 
 
-def fake_loop(start=0, **overrides):
-  config = tiny_config(**overrides)
-  setup = types.SimpleNamespace(config=config, batch_sharding={})
-  loop = loop_lib.Loop(setup, types.SimpleNamespace(params='params'), start, iter(()))
-  return loop
+def fake_phase(end=10, evaluate=None, **fields):
+  """A stand-in phase_build.Phase: one step per batch of 8 x 64 tokens."""
+  fields = {'batches': iter(()), **fields}
+  return types.SimpleNamespace(end=end, tokens_per_step=512, flops_per_token=1e6,
+                               batch_sharding={}, evaluate=evaluate, **fields)
+
+
+def summary(step=0, start=0, total=10, phase=None, seconds=None, **fields):
+  """A loop.Summary as hooks see it."""
+  return loop_lib.Summary(step, start, total, types.SimpleNamespace(params='params'),
+                          phase or fake_phase(total), types.MappingProxyType(seconds or {}),
+                          **fields)
 
 
 def step_metrics(loss, nonfinite=0):
@@ -93,117 +100,135 @@ def step_metrics(loss, nonfinite=0):
           'learning_rate': np.float32(0.1), 'nonfinite': np.int32(nonfinite)}
 
 
-def test_metrics_hook_writes_the_interval_mean_every_log_step():
+def test_interval_row_averages_only_the_finite_steps():
+  row = loop_lib.interval_row([step_metrics(2.0), step_metrics(float('nan'), 1)])
+  assert row['loss'] == 2.0 and row['nonfinite'] == 1  # The NaN step applied no update.
+
+
+def test_metrics_hook_writes_each_logged_interval_with_its_throughput():
   writer = Recorder()
   hook = hooks.Metrics(writer, num_devices=1, peak=1e12)
-  loop = fake_loop(train_steps=5, log_every_steps=2)
-  hook.on_start(loop)
+  hook.on_start(summary(total=5))
   for step, loss in enumerate([4.0, 2.0, 3.0, 1.0, 7.0], 1):
-    loop.step, loop.step_metrics, loop.row = step, step_metrics(loss), None
-    hook.on_step(loop)
-    assert (loop.row is not None) == (step in (2, 4, 5))
-  hook.on_end(loop)
-  assert [(r['step'], r['loss']) for r in writer.rows] == [(2, 3.0), (4, 2.0), (5, 7.0)]
-  assert all(r['tokens_per_s'] > 0 and r['mfu'] > 0 for r in writer.rows)
-  assert loop.result['loss'] == 7.0
-
-
-def test_metrics_hook_averages_only_the_finite_steps():
-  writer = Recorder()
-  hook = hooks.Metrics(writer, num_devices=1, peak=1e12)
-  loop = fake_loop(train_steps=2, log_every_steps=2)
-  hook.on_start(loop)
-  for step, (loss, bad) in enumerate([(2.0, 0), (float('nan'), 1)], 1):
-    loop.step, loop.step_metrics = step, step_metrics(loss, bad)
-    hook.on_step(loop)
-  assert writer.rows[0]['loss'] == 2.0 and writer.rows[0]['nonfinite'] == 1
+    logged = {'loss': loss, 'nonfinite': 0} if step in (2, 4, 5) else None
+    assert hook.on_step(summary(step, total=5, logged=logged,
+                                interval_s=0.5 if logged else None)) is None
+  hook.on_end(summary(5, total=5))
+  assert [(r['step'], r['loss']) for r in writer.rows] == [(2, 2.0), (4, 1.0), (5, 7.0)]
+  # 2 steps of 512 tokens in 0.5 s, then 1 step: the tokens since the last row.
+  assert [r['tokens_per_s'] for r in writer.rows] == [2048, 2048, 1024]
+  assert all(r['mfu'] == pytest.approx(r['tokens_per_s'] * 1e6 / 1e12) for r in writer.rows)
+  assert hook.result()['loss'] == 7.0
 
 
 def test_evaluation_hook_runs_at_start_every_n_and_at_the_end():
   writer = Recorder()
-  hook = hooks.Evaluation(lambda params: {'eval_loss': 1.0, 'eval_perplexity': np.e,
-                                          'eval_accuracy': 0.5}, writer)
-  loop = fake_loop(train_steps=6, eval_every_steps=2)
-  hook.on_start(loop)
-  for loop.step in range(1, 7):
-    hook.on_step(loop)
-  hook.on_end(loop)
+  phase = fake_phase(6, evaluate=lambda params: {'eval_loss': 1.0, 'eval_perplexity': np.e,
+                                                 'eval_accuracy': 0.5})
+  hook = hooks.Evaluation(writer, every=2)
+  hook.on_start(summary(total=6, phase=phase))
+  for step in range(1, 7):
+    hook.on_step(summary(step, total=6, phase=phase))
+  hook.on_end(summary(6, total=6, phase=phase))
   assert [r['step'] for r in writer.rows] == [0, 2, 4, 6]
-  assert loop.result['initial_eval_perplexity'] == np.e
+  assert hook.result()['initial_eval_perplexity'] == np.e
 
 
 def test_evaluation_hook_skips_the_final_eval_after_a_preemption():
   writer = Recorder()
-  hook = hooks.Evaluation(lambda params: {'eval_loss': 1.0, 'eval_perplexity': 1.0,
-                                          'eval_accuracy': 1.0}, writer)
-  loop = fake_loop(start=3, train_steps=6, eval_every_steps=0)
-  hook.on_start(loop)  # A resumed run: no step-0 evaluation.
-  loop.stop = True
-  hook.on_end(loop)
-  assert writer.rows == []
+  hook = hooks.Evaluation(writer, every=0)
+  hook.on_start(summary(3, start=3, total=6))  # A resumed run: no step-0 evaluation.
+  hook.on_end(summary(4, start=3, total=6, stopped=True))
+  assert writer.rows == [] and hook.result() == {}
 
 
-def test_checkpointing_hook_saves_every_n_once_and_at_the_end():
+def test_checkpointing_asks_every_n_and_at_each_phase_end_and_the_saver_saves_once():
+  hook = hooks.Checkpointing(every=3)
+  phase = fake_phase(end=4)  # A length phase ending at step 4 of 7.
+  asked = [step for step in range(1, 8)
+           if hook.on_step(summary(step, total=7, phase=phase if step <= 4 else None))]
+  assert asked == [3, 4, 6, 7]
   checkpoints = FakeCheckpoints()
-  hook = hooks.Checkpointing(checkpoints)
-  loop = fake_loop(train_steps=7, checkpoint__save_every_steps=3)
-  for loop.step in range(1, 8):
-    hook.on_step(loop)
-  hook.on_end(loop)
-  loop.step = 7
-  hook.save(loop)  # Already saved: not again.
-  assert checkpoints.saved == [3, 6, 7] and checkpoints.waits == 1
-  assert loop.result['step'] == 7
+  saver = hooks.Saver(checkpoints, tiny_config())
+  for step in (3, 3, 4):
+    saver.save(summary(step))
+  assert checkpoints.saved == [3, 4] and saver.result() == {'checkpoint_blocking_s': 0.25}
 
 
-def test_nonfinite_hook_skips_with_a_warning_or_saves_and_stops(caplog):
-  checkpoints = FakeCheckpoints()
-  loop = fake_loop(nonfinite='skip')
-  loop.step, loop.row = 4, {'nonfinite': 2}
-  hooks.NonFinite(hooks.Checkpointing(checkpoints)).on_step(loop)
-  assert '2 step(s) before step 4' in caplog.text and checkpoints.saved == []
-  loop = fake_loop(nonfinite='stop')
-  loop.step, loop.row = 4, {'nonfinite': 2}
-  with pytest.raises(errors.RunError, match='saved as checkpoint 4'):
-    hooks.NonFinite(hooks.Checkpointing(checkpoints)).on_step(loop)
-  assert checkpoints.saved == [4] and checkpoints.waits == 1
+def test_nonfinite_hook_skips_with_a_warning_or_asks_to_save_and_fail(caplog):
+  counted = summary(4, logged={'nonfinite': 2})
+  assert hooks.NonFinite('skip').on_step(counted) is None
+  assert '2 step(s) before step 4' in caplog.text
+  ask = hooks.NonFinite('stop').on_step(counted)
+  assert ask.save and isinstance(ask.error, errors.RunError)
+  assert 'saved as checkpoint 4' in str(ask.error)
+  assert hooks.NonFinite('stop').on_step(summary(5, logged={'nonfinite': 0})) is None
 
 
-def test_preemption_hook_saves_and_stops_the_loop_at_the_signalled_step():
-  checkpoints = FakeCheckpoints()
+def test_preemption_hook_asks_to_save_and_stop_at_the_signalled_step():
   watcher = types.SimpleNamespace(reached=lambda step, manager: step == 3)
-  hook = hooks.Preemption(watcher, hooks.Checkpointing(checkpoints))
-  loop = fake_loop()
-  for loop.step in (1, 2, 3):
-    hook.on_step(loop)
-  assert loop.stop and checkpoints.saved == [3]
-  assert loop.result['step'] == 3 and loop.result['preempted']
+  hook = hooks.Preemption(watcher, checkpoint_manager=None)
+  asks = [hook.on_step(summary(step)) for step in (1, 2, 3)]
+  assert asks[:2] == [None, None] and asks[2].save and asks[2].stop
+  assert hook.result() == {'preempted': True}
+
+
+class Spy(loop_lib.Hook):
+  def __init__(self, name, calls, ask_at=None, ask=None):
+    self.name, self.calls, self.ask_at, self.ask = name, calls, ask_at, ask
+
+  def on_start(self, summary):
+    self.calls.append((self.name, 'start'))
+
+  def on_step(self, summary):
+    self.calls.append((self.name, summary.step))
+    return self.ask if summary.step == self.ask_at else None
+
+  def on_end(self, summary):
+    self.calls.append((self.name, 'end'))
+
+  def result(self):
+    return {self.name: True}
+
+
+def run_fake(hook_list, total=5, log_every=2, phases=((5, 5),)):
+  """The loop over stand-in phases (end, steps) whose step returns the state unchanged."""
+  checkpoints = FakeCheckpoints()
+  loop = loop_lib.Loop(hook_list, hooks.Saver(checkpoints, tiny_config()), 0, total, log_every)
+  state = types.SimpleNamespace(params='params')
+  for end, steps in phases:
+    phase = fake_phase(end, batches=iter([{}] * steps),
+                       train_step=lambda state, batch: (state, step_metrics(1.0)))
+    state = loop.run(phase, state)
+    if loop.stopped:
+      break
+  return loop, loop.end(state, phase), checkpoints
 
 
 def test_loop_calls_hooks_in_order_and_stops_when_one_asks():
   calls = []
-
-  class Spy(loop_lib.Hook):
-    def __init__(self, name, stop_at=None):
-      self.name, self.stop_at = name, stop_at
-
-    def on_start(self, loop):
-      calls.append((self.name, 'start'))
-
-    def on_step(self, loop):
-      calls.append((self.name, loop.step))
-      loop.stop = loop.step == self.stop_at
-
-    def on_end(self, loop):
-      calls.append((self.name, 'end'))
-
-  loop = fake_loop(train_steps=5)
-  loop.batches = iter([{}] * 5)
-  result = loop_lib.run_loop(loop, lambda state, batch: (state, {}),
-                             [Spy('a', stop_at=2), Spy('b')])
+  loop, result, checkpoints = run_fake([Spy('a', calls, 2, loop_lib.Ask(stop=True)),
+                                        Spy('b', calls)])
   assert calls == [('a', 'start'), ('b', 'start'), ('a', 1), ('b', 1), ('a', 2),
                    ('a', 'end'), ('b', 'end')]
-  assert result is loop.result and loop.step == 2
+  assert loop.stopped and result == {'a': True, 'b': True, 'step': 2, 'checkpoint_blocking_s': 0.25}
+  assert checkpoints.saved == [2] and checkpoints.waits == 1  # The end saves and waits.
+
+
+def test_loop_runs_phase_after_phase_and_fulfils_asks():
+  seen = []
+
+  class Watch(loop_lib.Hook):
+    def on_step(self, summary):
+      seen.append((summary.step, summary.phase.end, summary.logged is not None))
+      return hooks.SAVE if summary.step == 3 else None
+
+  loop, result, checkpoints = run_fake([Watch()], phases=((2, 2), (5, 3)))
+  assert seen == [(1, 2, False), (2, 2, True), (3, 5, False), (4, 5, True), (5, 5, True)]
+  assert checkpoints.saved == [3, 5] and result['step'] == 5 and not loop.stopped
+  failing = Spy('f', [], 1, loop_lib.Ask(save=True, error=errors.RunError('bad')))
+  with pytest.raises(errors.RunError, match='bad'):
+    run_fake([failing])
 
 
 def test_goodput_hook_counts_redone_steps_and_writes_shares_that_sum_to_one(tmp_path):
@@ -211,35 +236,33 @@ def test_goodput_hook_counts_redone_steps_and_writes_shares_that_sum_to_one(tmp_
   metrics_path = tmp_path / 'metrics.jsonl'
   metrics_path.write_text('{"step": 0, "eval_loss": 6.0}\n{"step": 8, "loss": 5.0}\n{"step"')
   writer = Recorder()
-  hook = goodput.Goodput(writer, str(metrics_path))
-  loop = fake_loop(start=4, train_steps=12)
-  hook.on_start(loop)
-  assert loop.redo_until == 8 and hook.redone == 4
-  loop.clock.add('step', 1.0)
-  loop.clock.add('data_wait', 0.5)
-  loop.step, loop.row, loop.step_times = 9, {'loss': 1.0}, [0.1, 0.2, 0.3]
-  hook.on_step(loop)
+  clock = goodput.Clock()
+  hook = goodput.Goodput(writer, str(metrics_path), clock)
+  hook.on_start(summary(4, start=4, total=12))
+  assert hook.redo_until == 8 and hook.redone == 4
+  seconds = {'step': 1.0, 'data_wait': 0.5}
+  hook.on_step(summary(8, start=4, total=12, seconds=seconds, step_s=0.1))  # Redone: lost.
+  seconds = {'step': 3.0, 'data_wait': 0.5}
+  hook.on_step(summary(9, start=4, total=12, seconds=seconds, step_s=0.2))
+  hook.on_step(summary(9, start=4, total=12, seconds=seconds, step_s=0.3, logged={}))
   row = writer.rows[-1]
   assert sum(row[f'goodput/{b}'] for b in goodput.BUCKETS) == pytest.approx(1.0)
-  assert row['goodput/step_s'] == 1.0 and row['goodput/data_wait_s'] == 0.5
+  assert row['goodput/restart_lost_s'] == 1.0 and row['goodput/step_s'] == 2.0
+  assert row['goodput/data_wait_s'] == 0.5
   assert row['goodput/redone_steps'] == 4 and row['step_time/max_s'] == 0.3
-  assert loop.step_times == []  # The spread is per log interval.
-  assert loop.step_bucket() == 'step'
-  loop.step = 8
-  assert loop.step_bucket() == 'restart_lost' and fake_loop().step_bucket() == 'step'
+  assert hook.step_times == []  # The spread is per log interval.
 
 
 def test_profile_hook_starts_a_window_on_sigusr1(tmp_path):
   import signal
   from jaxlm import profile
   hook = profile.Profiler(tiny_config().profile, str(tmp_path))
-  loop = types.SimpleNamespace(step=0, step_metrics=np.zeros(()),
-                               config=types.SimpleNamespace(train_steps=10))
-  hook.on_start(loop)
+  summary_ = types.SimpleNamespace(step=0, state=np.zeros(()), total=10)
+  hook.on_start(summary_)
   os.kill(os.getpid(), signal.SIGUSR1)
-  loop.step = 1
-  hook.on_step(loop)
+  summary_.step = 1
+  hook.on_step(summary_)
   assert hook.stop_at == 1 + profile.ON_DEMAND_STEPS
-  hook.on_end(loop)
+  hook.on_end(summary_)
   assert hook.stop_at is None
   assert signal.getsignal(signal.SIGUSR1) is not hook._handle  # The old handler is back.

@@ -132,7 +132,7 @@ def test_the_gathered_head_equals_predicting_every_position(cap):
   np.testing.assert_array_equal(inputs[~kept], np.asarray(batch['tokens'])[~kept])
   np.testing.assert_array_equal(inputs[kept], np.asarray(every['tokens'])[kept])
 
-  model = model_lib.build(config)
+  model = model_lib.build(config.model, causal=False)
   params = model.init(jax.random.key(0), *state_lib.init_inputs(config))['params']
   args = (gathered['tokens'], gathered['positions'], gathered['segment_ids'])
   head = model.apply({'params': params}, *args, predict_positions=gathered['predict_positions'])
@@ -156,11 +156,12 @@ def test_max_predictions_is_sized_from_the_rate_with_headroom():
   c = masked_config(model__max_len=128)
   m = c.model
   head = flops.flops_per_token(m) - flops.flops_per_token(m, head_fraction=0)
-  assert flops.of_run(c) == pytest.approx(flops.flops_per_token(m) - head * (1 - 48 / 128))
+  expected = flops.flops_per_token(m) - head * (1 - 48 / 128)
+  assert flops.of_run(c, objectives.get(c).predictions()) == pytest.approx(expected)
 
 
 def encoder(config):
-  model = model_lib.build(config)
+  model = model_lib.build(config.model, objectives.get(config).causal)
   params = state_lib.strip_boxes(model.init(jax.random.key(0), *state_lib.init_inputs(config))
                                  ['params'])
   return lambda tokens, segments=None: model.apply({'params': params}, tokens, None, segments)
@@ -194,7 +195,7 @@ def test_a_tokenizer_without_mask_pieces_is_refused(tmp_path, shared_data):
   (tmp_path / 'plain.model').write_bytes(proto.getvalue())
   config = masked_config(data__tokenizer=str(tmp_path / 'plain.model'))
   with pytest.raises(ConfigError, match=r'plain.model has no \[PAD\] piece; masked LMs need'):
-    data.get_tokenizer(config, str(tmp_path / 'run'))
+    data.prepare(config, str(tmp_path / 'run'), objectives.get(config).frame)
 
 
 def test_masked_lm_trains_and_fill_mask_answers(tmp_path, shared_data, capsys):
@@ -207,8 +208,8 @@ def test_masked_lm_trains_and_fill_mask_answers(tmp_path, shared_data, capsys):
                          eval_batches=4, batch_size=16, optimizer__learning_rate=3e-3,
                          optimizer__warmup_steps=10, checkpoint__save_every_steps=400)
   result = train.train(config, str(tmp_path), one_device())
-  corpus = data.prepare(config, str(tmp_path))
-  special = objectives.build(config, corpus.tokenizer).special
+  corpus = data.prepare(config, str(tmp_path), objectives.get(config).frame)
+  special = corpus.tokenizer.special_table(config.model.vocab_size)
   baseline = masked.unigram_accuracy(
       data.eval_tokens(data.eval_batches(corpus.validation, config)), special)
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -356,7 +357,8 @@ def test_tfds_labeled_data_is_read_through_its_data_source(tmp_path, shared_data
     (tmp_path / 'w').mkdir()
     (tmp_path / 'w' / 'tokenizer.model').write_bytes(
         (shared_data / 'tokenizer.model').read_bytes())
-    corpus = data.prepare(config, str(tmp_path / 'w'))
+    objective = objectives.get(config)
+    corpus = data.prepare(config, str(tmp_path / 'w'), objective.frame, objective.labeled)
   assert set(config.finetune.labels) <= {'0', '1'} and len(corpus.train) == 20
   row = corpus.train[0]
   assert row['tokens'][0] == corpus.tokenizer.special_id('[CLS]') and row['label'] in (0, 1)

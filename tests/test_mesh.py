@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import one_device, tiny_config
-from jaxlm import cli, mesh as mesh_lib, objectives, plan, state as state_lib, run as run_lib
+from jaxlm import cli, mesh as mesh_lib, plan, state as state_lib, run as run_lib
 from jaxlm.config import ConfigError
 
 
@@ -79,12 +79,12 @@ def synthetic_batches(config, count=3):
 
 def run_steps(config, devices):
   s = run_lib.setup(config, devices)
-  compiled = run_lib.compile_train_step(s, objectives.build(config))
+  compiled = run_lib.compile_train_step(s, s.objective.prepare())
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
     losses = []
     for batch in synthetic_batches(config):
-      state, metrics = compiled(state, run_lib.to_device(batch, s.batch_sharding))
+      state, metrics = compiled(state, mesh_lib.to_device(batch, s.batch_sharding))
       losses.append(float(metrics['loss']))
   return s, state, losses
 

@@ -19,7 +19,7 @@ FAMILIES = {
 
 def build(**overrides):
   config = tiny_config(**overrides)
-  model = model_lib.build(config)
+  model = model_lib.build(config.model)
   tokens = jax.random.randint(jax.random.key(1), (2, config.model.max_len), 0,
                               config.model.vocab_size)
   init = jax.jit(lambda rng: nn.unbox(model.init(rng, tokens)['params']))
@@ -45,7 +45,7 @@ def test_future_tokens_do_not_change_earlier_logits(family):
 @pytest.mark.parametrize('scan', [True, False])
 def test_shapes_and_parameter_count_match_the_formula(family, tied, scan):
   config = tiny_config(model__tied_embeddings=tied, model__scan_layers=scan, **FAMILIES[family])
-  model = model_lib.build(config)
+  model = model_lib.build(config.model)
   tokens = jnp.zeros((2, config.model.max_len), jnp.int32)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)['params']))
   out = jax.eval_shape(lambda p: model.apply({'params': p}, tokens), params)
@@ -59,7 +59,7 @@ def test_bert_parameter_count_matches_the_formula(type_vocab_size):
   """Post-norm, MLM head transform, output bias and token types are all counted."""
   config = tiny_config(model__family='bert', objective='masked',
                        model__type_vocab_size=type_vocab_size)
-  model = model_lib.build(config)
+  model = model_lib.build(config.model, causal=False)
   tokens = jnp.zeros((2, config.model.max_len), jnp.int32)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)['params']))
   assert sum(x.size for x in jax.tree.leaves(params)) == flops.param_counts(config.model)['total']
@@ -204,7 +204,7 @@ def test_every_dense_layer_runs_the_registered_matmul(family, monkeypatch):
   overrides = dict(model__family=family, model__scan_layers=False, model__tied_embeddings=False)
   _, default, params, tokens = build(**overrides)
   config = tiny_config(model__matmul='doubling', **overrides)
-  doubled = model_lib.build(config)
+  doubled = model_lib.build(config.model)
   MATMUL_KERNELS.clear()
   out = doubled.apply({'params': params}, tokens)
   kernels = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -229,13 +229,14 @@ class SowingAuxLoss(nn.Module):
 def test_a_sown_auxiliary_loss_counts_once_per_target():
   from jaxlm import objectives, steps
   config, model, _, tokens = build()
-  batch = objectives.build(config)({'tokens': tokens, 'segment_ids': jnp.ones_like(tokens),
+  objective = objectives.get(config)
+  batch = objective.prepare()({'tokens': tokens, 'segment_ids': jnp.ones_like(tokens),
                                     'positions': jnp.broadcast_to(jnp.arange(tokens.shape[1]),
                                                                   tokens.shape)})
   sowing = SowingAuxLoss(model)
   params = nn.unbox(sowing.init(jax.random.key(0), tokens)['params'])
-  plain, plain_stats = steps.model_loss(model, params['inner'], batch, config)
-  value, stats = steps.model_loss(sowing, params, batch, config)
+  plain, plain_stats = steps.model_loss(model, objective, params['inner'], batch)
+  value, stats = steps.model_loss(sowing, objective, params, batch)
   assert 'aux_loss_sum' not in plain_stats  # Nothing sown: the step is what it was.
   np.testing.assert_allclose(value - plain, 0.5 * stats['weight'], rtol=1e-5)
   np.testing.assert_allclose(stats['aux_loss_sum'], 0.5 * stats['weight'], rtol=1e-6)

@@ -73,15 +73,16 @@ def _loss_and_grads(config):
   """The train loss (with z-loss) of a random batch and its gradient, through steps.model_loss."""
   import flax.linen as nn
   from jaxlm import model as model_lib, steps
-  model = model_lib.build(config)
+  objective = objectives.get(config)
+  model = model_lib.build(config.model, objective.causal)
   tokens = jax.random.randint(jax.random.key(3), (4, config.model.max_len), 7,
                               config.model.vocab_size)
   batch = {'tokens': tokens, 'segment_ids': jnp.ones_like(tokens),
            'positions': jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
-  batch = objectives.build(config)(batch, jax.random.key(4))
+  batch = objective.prepare()(batch, jax.random.key(4))
   params = nn.unbox(model.init(jax.random.key(0), tokens)['params'])
-  objective = lambda p: steps.model_loss(model, p, batch, config, z_loss=1e-4)
-  (value, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  loss = lambda p: steps.model_loss(model, objective, p, batch, z_loss=1e-4)
+  (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
   return value, stats, grads
 
 
@@ -110,7 +111,7 @@ def test_chunked_output_layer_never_holds_the_whole_batchs_logits():
     config = tiny_config(loss_chunk=chunk, model__vocab_size=32768, model__max_len=256,
                          batch_size=4, mesh__fsdp=1)
     s = run_lib.setup(config, jax.devices()[:1])
-    compiled = run_lib.compile_train_step(s, objectives.build(config))
+    compiled = run_lib.compile_train_step(s, s.objective.prepare())
     temporaries[chunk] = compiled.memory_analysis().temp_size_in_bytes
   logits_bytes = 4 * 256 * 32768 * 4
   assert temporaries[0] - temporaries[32] > logits_bytes, temporaries
@@ -126,15 +127,22 @@ import textwrap
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'jaxlm')
 
 
+# Names of what holds a built objective rather than a config: the run builder's Setup
+# (`s.objective`), and hf.Layout.objective, the Hugging Face architecture's kind.
+HOLDERS = ('s', 'setup', 'layout')
+
+
+def _name(node):
+  return node.id if isinstance(node, ast.Name) else getattr(node, 'attr', None)
+
+
 def objective_branches(source, where):
   """Places in `source` that read a config's objective or compare against an objective's name:
   outside jaxlm/objectives/ both are branches the objective's module should answer."""
   found = []
   for node in ast.walk(ast.parse(source)):
-    # hf.Layout.objective is the Hugging Face architecture's kind, not a config's field.
     if (isinstance(node, ast.Attribute) and node.attr == 'objective'
-        and isinstance(node.ctx, ast.Load)
-        and not (isinstance(node.value, ast.Name) and node.value.id == 'layout')):
+        and isinstance(node.ctx, ast.Load) and _name(node.value) not in HOLDERS):
       found.append(f'{where}:{node.lineno}: .objective')
     elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and (
         node.slice.value == 'objective'):
@@ -150,8 +158,23 @@ def objective_branches(source, where):
   return found
 
 
+def objective_makers(source, where):
+  """Places in `source` that make an objective from a config (objectives.get)."""
+  return [f'{where}:{node.lineno}' for node in ast.walk(ast.parse(source))
+          if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == 'get' and _name(node.func.value) == 'objectives']
+
+
+# The run builder makes a run's one objective and hands it down (run.setup: s.objective);
+# besides it, only the commands above it make one: for another run's saved config (resume),
+# to check which command trains a config and how `jaxlm tokenize` frames documents before
+# anything is built (cli), and to count a planned run's FLOPs (sweep). Nothing below the
+# builder (model, state, steps, data, flops, the loop) makes one.
+MAKERS = {'run.py', 'resume.py', 'cli.py', 'sweep.py'}
+
+
 def test_only_the_objectives_package_reads_or_branches_on_the_objective():
-  found = []
+  found, makers = [], []
   for directory, _, files in os.walk(PACKAGE):
     if os.path.relpath(directory, PACKAGE).split(os.sep)[0] == 'objectives':
       continue
@@ -159,14 +182,21 @@ def test_only_the_objectives_package_reads_or_branches_on_the_objective():
       if name.endswith('.py'):
         path = os.path.join(directory, name)
         with open(path) as f:
-          found += objective_branches(f.read(), os.path.relpath(path, PACKAGE))
-  assert not found, 'ask objectives.get(config) instead:\n' + '\n'.join(found)
-  # And the scan does see the branches it forbids.
+          source = f.read()
+        found += objective_branches(source, os.path.relpath(path, PACKAGE))
+        makers += objective_makers(source, os.path.relpath(path, PACKAGE))
+  assert not found, 'ask the objective (run.setup builds it: s.objective) instead:\n' + (
+      '\n'.join(found))
+  assert {m.split(':')[0] for m in makers} <= MAKERS, makers
+  assert len([m for m in makers if m.startswith('run.py')]) == 1  # Built once, in setup.
+  # And the scans do see what they forbid.
   assert len(objective_branches(textwrap.dedent("""
       if config.objective == 'masked': pass
       if saved.get('objective') != 'x': pass
       backbone = finetune['objective']
+      print(s.objective, layout.objective)
       """), 'example')) == 4
+  assert len(objective_makers('o = objectives.get(config).frame', 'example')) == 1
 
 
 TOY = '''
@@ -188,13 +218,44 @@ class Objective(causal.Objective):
 '''
 
 
-def test_a_new_objective_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
+TOY_KINDS = '''
+"""A toy attention kernel and matmul kind: one module, and one registry line each."""
+import jax
+from jaxlm.model import attention
+
+TRACED = set()
+
+
+def attend(q, k, v, segment_ids, causal, cfg):
+  TRACED.add('attention')
+  return attention.xla(q, k, v, segment_ids, causal, cfg)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  TRACED.add('matmul')
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+'''
+
+
+def test_a_new_objective_kernel_or_matmul_is_one_module_and_one_registry_line(tmp_path,
+                                                                               monkeypatch):
+  """Each registry owns its names: the config schema reads them (a kind registered here is a
+  valid value; an unknown one is refused naming the registered ones), and a tiny model with
+  the toy objective, attention kernel and matmul trains and evaluates."""
+  import importlib
   from conftest import one_device
-  from jaxlm import run as run_lib, state as state_lib, steps
+  from jaxlm import matmuls, model as model_lib, run as run_lib, state as state_lib
+  from jaxlm.config import ConfigError
   (tmp_path / 'second_half_objective.py').write_text(TOY)
+  (tmp_path / 'toy_kinds.py').write_text(TOY_KINDS)
   monkeypatch.syspath_prepend(str(tmp_path))
   monkeypatch.setitem(objectives.REGISTRY, 'second_half', 'second_half_objective')
-  config = tiny_config(objective='second_half', batch_size=2, model__max_len=32)
+  monkeypatch.setitem(model_lib.ATTENTION, 'toy', 'toy_kinds:attend')
+  monkeypatch.setitem(matmuls.REGISTRY, 'toy', 'toy_kinds:dot_general')
+  with pytest.raises(ConfigError, match="model.attention='flash' is not one of .*'toy'"):
+    tiny_config(model__attention='flash')
+  config = tiny_config(objective='second_half', model__attention='toy', model__matmul='toy',
+                       batch_size=2, model__max_len=32)
   s = run_lib.setup(config, one_device())
   T = config.model.max_len
   tokens = jax.random.randint(jax.random.key(0), (2, T), 7, 500)
@@ -202,9 +263,9 @@ def test_a_new_objective_is_one_module_and_one_registry_line(tmp_path, monkeypat
            'positions': jnp.broadcast_to(jnp.arange(T), tokens.shape)}
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
-    eval_stats = jax.jit(steps.make_eval_step(s.model, config, objectives.build(config)))(
-        state.params, batch)
-    state, metrics = run_lib.compile_train_step(s, objectives.build(config))(state, batch)
+  eval_stats = run_lib.compile_eval_step(s, s.objective.prepare())(state.params, batch)
+  state, metrics = run_lib.compile_train_step(s, s.objective.prepare())(state, batch)
   # Targets T/2 .. T-1 of each row (the last position predicts nothing), and a step trains.
   assert float(eval_stats['weight']) == 2 * (T // 2 - 1)
   assert np.isfinite(float(metrics['loss'])) and int(state.step) == 1
+  assert importlib.import_module('toy_kinds').TRACED == {'attention', 'matmul'}

@@ -29,7 +29,7 @@ def test_schedule_warms_up_linearly_then_decays_to_the_end_fraction():
 
 def test_decay_mask_spares_norms_and_biases_even_when_layers_are_stacked():
   config = tiny_config()
-  model = model_lib.build(config)
+  model = model_lib.build(config.model)
   tokens = jnp.zeros((1, config.model.max_len), jnp.int32)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)['params']))
   mask = optim.decay_mask(params)
@@ -65,7 +65,7 @@ def test_global_norm_clipping_bounds_the_update():
 
 def test_gradient_accumulation_equals_the_full_batch():
   config = tiny_config()
-  model = model_lib.build(config)
+  model = model_lib.build(config.model)
   shape = (8, 64)
   rng = np.random.default_rng(0)
   segments = np.ones(shape, np.int32)

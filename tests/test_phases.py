@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import one_device
-from jaxlm import config as config_lib, data, phases, run as run_lib
+from jaxlm import config as config_lib, data, phase_build, phases, run as run_lib
 from jaxlm.config import ConfigError
 from test_checkpoint import rows, shared, start, wait_for_step, write_config
 
@@ -50,8 +50,8 @@ def test_bad_phases_are_one_line_errors_naming_the_field(shared_data, override, 
 def test_each_phase_steps_on_its_own_rows_and_batch_s_is_element_s(tmp_path, shared_data):
   config = phased(shared_data, train_steps=12)
   s = run_lib.setup(config, one_device())
-  corpus = data.prepare(config, str(tmp_path))
-  stages = run_lib.Phases(s, corpus, str(tmp_path))
+  corpus = data.prepare(config, str(tmp_path), s.objective.frame)
+  stages = phase_build.Phases(s, corpus, str(tmp_path))
   for step, length in ((0, 32), (7, 64)):
     phase = stages.enter(step)
     batch = next(phase.batches)
@@ -59,7 +59,8 @@ def test_each_phase_steps_on_its_own_rows_and_batch_s_is_element_s(tmp_path, sha
     assert phase.setup.config.model.max_len == length
     assert phase.eval_set[0]['tokens'].shape == (8, length)
     # Element `step` of the phase's rows, packed at its length: the same whatever the route.
-    rows_at_length = data.prepare(run_lib.phase_config(config, length), str(tmp_path)).train
+    rows_at_length = data.prepare(phase_build.phase_config(config, length), str(tmp_path),
+                                  s.objective.frame).train
     expected = data.train_dataset(rows_at_length, phase.setup.config)[step]
     np.testing.assert_array_equal(batch['tokens'], expected['tokens'])
   assert s.abstract_state.params['position_embed']['embedding'].shape[0] == 64

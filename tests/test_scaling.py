@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from jaxlm import cli, flops, laws, objectives, sweep, run as run_lib
+from jaxlm import cli, flops, laws, sweep, run as run_lib
 from jaxlm import config as config_lib
 from jaxlm.config import ConfigError
 
@@ -46,10 +46,10 @@ def test_flops_per_token_matches_xla_cost_analysis(family, objective):
                   model__scan_layers=False, mesh__fsdp=1)
   c = config_lib.validate(c)
   s = run_lib.setup(c, jax.devices()[:1])
-  analysis = run_lib.compile_train_step(s, objectives.build(c)).cost_analysis()
+  analysis = run_lib.compile_train_step(s, s.objective.prepare()).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   xla = analysis['flops'] / (c.batch_size * c.model.max_len)
-  ours = flops.of_run(c)  # BERT's head runs on its gathered predictions only.
+  ours = flops.of_run(c, s.objective.predictions())  # BERT's head runs on its gathered predictions only.
   assert 1.0 <= xla / ours < 1.04, (xla, ours)
   # The variants count strictly less, by exactly the terms they leave out.
   m = c.model

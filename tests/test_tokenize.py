@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, tiny_config
 from test_multihost import run_local, write_config
-from jaxlm import data
+from jaxlm import data, objectives
 from jaxlm.config import ConfigError
 from jaxlm.data import packing, shards, sources
 
@@ -60,7 +60,7 @@ def corpus(tmp_path_factory, shared_data):
   path = write_corpus(str(root / 'corpus'), 12, 60, compress=(3, 7))
   config = tiny_config(data__path=path, data__tokenizer=str(shared_data / 'tokenizer.model'),
                        data__shard_bytes=60_000, data__cache_dir=str(root / 'one'))
-  data.tokenize(config, str(root / 'run1'))
+  data.tokenize(config, str(root / 'run1'), objectives.get(config).frame)
   return root, config
 
 
@@ -86,7 +86,8 @@ def test_two_processes_write_the_shards_of_one_and_batches_match_for_1_2_4(corpu
   [two] = [os.path.join(root, 'two', d) for d in os.listdir(root / 'two')]
   assert files_of(one) == files_of(two)  # Byte for byte, manifest included.
 
-  corpus_ = data.prepare(config, str(root / 'run2'))  # Opens the manifest: nothing to do.
+  # Opens the manifest: nothing to do.
+  corpus_ = data.prepare(config, str(root / 'run2'), objectives.get(config).frame)
   whole = data.train_dataset(corpus_.train, config)
   for count in (2, 4):
     parts = [data.train_dataset(corpus_.train, config, p, count) for p in range(count)]
@@ -140,7 +141,7 @@ def test_an_interrupted_tokenize_resumes_keeping_finished_shards(corpus):
       finished.update({f: os.stat(f).st_mtime_ns for f in (f'{base}.{split}.tokens', index_path)})
   assert len(finished) < 3 * 6  # Killed before the end.
 
-  data.tokenize(config, str(root / 'run3'))  # Resumes.
+  data.tokenize(config, str(root / 'run3'), objectives.get(config).frame)  # Resumes.
   assert {f: os.stat(f).st_mtime_ns for f in finished} == finished  # Not rewritten.
   [one] = list((root / 'one').iterdir())
   assert files_of(directory) == files_of(one)  # As if never interrupted; no temporary left.
@@ -153,14 +154,14 @@ def test_a_file_changed_after_tokenizing_is_refused_then_only_its_shard_redone(
   shutil.copytree(root / 'corpus', tmp_path / 'corpus')
   config = cached_in(config, tmp_path / 'changed')
   config.data.path = str(tmp_path / 'corpus' / '*')
-  data.tokenize(config, str(root / 'run4'))
+  data.tokenize(config, str(root / 'run4'), objectives.get(config).frame)
   [directory] = list((tmp_path / 'changed').iterdir())
   before = {p.name: p.stat().st_mtime_ns for p in (directory / 'shards').iterdir()}
   victim = tmp_path / 'corpus' / 'part-005.jsonl'
   victim.write_text(victim.read_text().replace('the', 'THE', 3))
   with pytest.raises(ConfigError, match=r'changed since it was tokenized into .*\(part-005.jsonl '
                                         r'is new or changed\); run `jaxlm tokenize`'):
-    data.prepare(config, str(root / 'run4'))
+    data.prepare(config, str(root / 'run4'), objectives.get(config).frame)
   path = write_config(tmp_path / 'cfg_changed.py', config)
   from jaxlm import cli
   assert cli.main(['tokenize', f'--config={path}', f'--workdir={root}/run4']) == 0
@@ -169,14 +170,15 @@ def test_a_file_changed_after_tokenizing_is_refused_then_only_its_shard_redone(
   after = {p.name: p.stat().st_mtime_ns for p in (directory / 'shards').iterdir()}
   kept = [n for n in before if after.get(n) == before[n]]
   assert len(after) - len(before) == 5 and len(kept) == len(before)  # One new shard.
-  assert data.prepare(config, str(root / 'run4')).train.stream.num_documents > 0
+  corpus_ = data.prepare(config, str(root / 'run4'), objectives.get(config).frame)
+  assert corpus_.train.stream.num_documents > 0
 
 
 MEMORY_PROBE = '''
 import json, os, sys, threading, time
 from jaxlm import host_memory
 host_memory.keep_host_memory()  # As the jaxlm command does on a CPU host: one malloc arena.
-from jaxlm import config as config_lib, data
+from jaxlm import config as config_lib, data, objectives
 import jax; jax.process_count()
 config = config_lib.from_json(open(sys.argv[1]).read())
 data.get_tokenizer(config, sys.argv[2]).encode(['warm up the threads'] * 64)
@@ -188,7 +190,7 @@ def watch():  # The peak of the resident set while tokenizing, sampled every 5 m
     time.sleep(0.005)
 watcher = threading.Thread(target=watch)
 watcher.start()
-data.tokenize(config, sys.argv[2])
+data.tokenize(config, sys.argv[2], objectives.get(config).frame)
 done.set()
 watcher.join()
 print(json.dumps({'growth_mb': (peak[0] - before) / 2**20}))
@@ -219,10 +221,11 @@ def test_first_fit_layouts_are_stored_per_row_length(corpus):
   root, config = corpus
   config = cached_in(config, root / 'one')
   config.data.packing = 'first_fit'
-  first = data.prepare(config, str(root / 'run1'))
+  frame = objectives.get(config).frame
+  first = data.prepare(config, str(root / 'run1'), frame)
   [directory] = list((root / 'one').iterdir())
   assert (directory / 'first_fit-64.train.npy').exists()
-  again = data.prepare(config, str(root / 'run1'))  # From the stored layout.
+  again = data.prepare(config, str(root / 'run1'), frame)  # From the stored layout.
   computed = packing.FirstFitRows(again.train.stream, 64)
   for i in (0, len(computed) // 2, len(computed) - 1):
     for k in ('tokens', 'segment_ids', 'positions'):
@@ -290,8 +293,9 @@ def test_tfds_record_ranges_are_units_and_give_the_stream_of_one(tmp_path, share
     for per_unit in (16, 1000):
       monkeypatch.setattr(shards, 'TFDS_RECORDS_PER_UNIT', per_unit)
       config.data.cache_dir = str(tmp_path / str(per_unit))
-      _, [(_, _, manifest)] = data.tokenize(config, str(tmp_path))
-      corpus_ = data.prepare(config, str(tmp_path))
+      frame = objectives.get(config).frame
+      _, [(_, _, manifest)] = data.tokenize(config, str(tmp_path), frame)
+      corpus_ = data.prepare(config, str(tmp_path), frame)
       streams[per_unit] = (len(manifest['shards']), np.asarray(corpus_.train.stream.tokens))
   assert streams[16][0] == 4 and streams[1000][0] == 1
   np.testing.assert_array_equal(streams[16][1], streams[1000][1])

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxlm import cli, run as run_lib, train, workdir as workdir_lib
+from jaxlm import cli, evaluate, train, workdir as workdir_lib
 from jaxlm.config import ConfigError
 from conftest import one_device, tiny_config
 
@@ -80,13 +80,13 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_over_bytes_per_target(sh
   segments = (np.arange(config.model.max_len) < len(ids)).astype(np.int32)[None]
   batch = {'tokens': jnp.asarray(tokens), 'segment_ids': jnp.asarray(segments),
            'positions': jnp.arange(config.model.max_len)[None]}
-  model = model_lib.build(config)
+  objective = objectives.get(config)
+  model = model_lib.build(config.model)
   params = nn.unbox(model.init(jax.random.key(0), batch['tokens'])['params'])
   params = jax.tree.map(jnp.zeros_like, params)
-  eval_step = steps.make_eval_step(model, config, causal.prepare,
-                                   objectives.get(config).token_bytes(tok))
+  eval_step = steps.make_eval_step(model, objective, causal.prepare, objective.token_bytes(tok))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  row = run_lib.evaluate(eval_step, params, [jax.device_get(batch)], {k: one for k in batch})
+  row = evaluate.evaluate(eval_step, params, [jax.device_get(batch)], {k: one for k in batch})
   # Targets are tokens 1..n-1: the text after the first token.
   target_bytes = len(text.encode()) - len(tok.decode(ids[:1]).encode())
   expected = (len(ids) - 1) * np.log2(config.model.vocab_size) / target_bytes
@@ -118,7 +118,7 @@ def _random_model(family, scan, scale=5.0):
   from jaxlm import model as model_lib
   config = tiny_config(model__family=family, model__scan_layers=scan,
                        model__num_kv_heads=2 if family == 'llama' else 0)
-  model = model_lib.build(config)
+  model = model_lib.build(config.model)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   # Larger weights than the init's: peaked distributions, so greedy choices are not near-ties.
   return model, jax.tree.map(lambda p: scale * p, params)

@@ -12,7 +12,7 @@ import math
 import grain
 import numpy as np
 
-from jaxlm import distributed, objectives, paths
+from jaxlm import distributed, paths
 from jaxlm.errors import ConfigError
 from jaxlm.data import labeled, packing, shards, sources, store
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -70,12 +70,11 @@ def get_tokenizer(config, workdir, sample=None):
 
 
 def check_tokenizer(config, tokenizer):
-  """A clear error unless the tokenizer fits the model's vocabulary and has the special tokens
-  the objective frames documents with."""
+  """A clear error unless the tokenizer fits the model's vocabulary (whether it has the pieces
+  documents are framed with, the framing itself checks)."""
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'tokenizer\'s {tokenizer.vocab_size} pieces ({tokenizer.path})')
-  objectives.get(config).check_tokenizer(tokenizer)
 
 
 def _tokenizer_sample(config):
@@ -106,22 +105,20 @@ def save_tokenizer(tokenizer, workdir):
     tokenizer.save(paths.join(workdir, tokenizer.filename))
 
 
-def frame(config, tokenizer):
-  """The ids around every document (objectives.base.Objective.frame)."""
-  return objectives.get(config).frame(tokenizer)
-
-
-def prepare(config, workdir):
+def prepare(config, workdir, frame, labeled=False):
   """Tokenizer and packed train/validation rows, tokenizing the corpus first if its manifest
-  is missing (or, to fine-tune a classifier, the labeled examples). With `data.mixture`, each
-  source has its own shards and rows, mixed by weight (packing.Mixture). Every process of a
-  job calls it: each tokenizes its share.
+  is missing (or, `labeled`, to fine-tune a classifier, the labeled examples). With
+  `data.mixture`, each source has its own shards and rows, mixed by weight
+  (packing.Mixture). Every process of a job calls it: each tokenizes its share.
 
-  A new tokenizer is saved only once the corpus has been found usable (with one process).
+  `frame(tokenizer)` gives the ids around every document, after checking that the tokenizer
+  has them: the objective's (objectives.base.Objective.frame), handed down by the caller so
+  that data never asks which objective a run trains. A new tokenizer is saved only once the
+  corpus has been found usable (with one process).
   """
-  if objectives.get(config).labeled:
-    return _prepare_labeled(config, workdir)
-  tokenizer, parts = tokenize(config, workdir)
+  if labeled:
+    return _prepare_labeled(config, workdir, frame)
+  tokenizer, parts = tokenize(config, workdir, frame)
   parts = [(weight, _rows(config, tokenizer, *found)) for weight, *found in parts]
   save_tokenizer(tokenizer, workdir)
   if len(parts) == 1:
@@ -131,7 +128,7 @@ def prepare(config, workdir):
                 packing.Mixture([r[1] for _, r in parts], weights))
 
 
-def tokenize(config, workdir, refresh=False):
+def tokenize(config, workdir, frame, refresh=False):
   """Tokenizes each source of the config into token shards (this process's share; see
   shards.py) unless its manifest exists. Returns (tokenizer, [(weight, directory, manifest)]).
 
@@ -140,17 +137,17 @@ def tokenize(config, workdir, refresh=False):
   replaced, the shards of unchanged files kept.
   """
   tokenizer = _shared_tokenizer(config, workdir)
-  ids = frame(config, tokenizer)
+  ids = frame(tokenizer)
   cache_dir = config.data.cache_dir or paths.join(workdir, 'data')
   found = [(weight, *_tokenize_source(config, source, tokenizer, ids, cache_dir, refresh))
            for weight, source in sources.components(config.data)]
   return tokenizer, found
 
 
-def tokenize_command(config, workdir):
+def tokenize_command(config, workdir, frame):
   """`jaxlm tokenize`: tokenizes (or finishes, or updates after the files changed) every
   source; returns the counts of each manifest."""
-  tokenizer, found = tokenize(config, workdir, refresh=True)
+  tokenizer, found = tokenize(config, workdir, frame, refresh=True)
   import jax
   if jax.process_index() == 0:
     save_tokenizer(tokenizer, workdir)
@@ -272,7 +269,7 @@ def _rows(config, tokenizer, directory, manifest):
   return rows
 
 
-def _prepare_labeled(config, workdir):
+def _prepare_labeled(config, workdir, frame):
   """Rows of labeled examples; a tokenizer trained here learns from the train texts."""
   fc, skipped = config.finetune, sources.Skipped()
   train = labeled.read(fc.train, 'finetune.train', fc, skipped)
@@ -285,7 +282,7 @@ def _prepare_labeled(config, workdir):
     log.warning('skipped %s', skipped.summary())
   tokenizer = _shared_tokenizer(config, workdir, (sources.Document(str(i), text)
                                                   for i, (text, _) in enumerate(train)))
-  ids = frame(config, tokenizer)
+  ids = frame(tokenizer)
   corpus = Corpus(tokenizer, labeled.rows(train, tokenizer, config, ids, 'train'),
                   labeled.rows(validation, tokenizer, config, ids, 'validation'))
   save_tokenizer(tokenizer, workdir)

@@ -66,6 +66,14 @@ class Tokenizer:
     text = self.token_text(i)
     return text.startswith(' ') or text in ('\n', '\t')
 
+  def special_table(self, size=None):
+    """Which ids are special, as a bool table of `size` >= vocab_size rows (ids past the
+    vocabulary count as special): never a masked target, a random replacement or a filler."""
+    table = np.ones(size or self.vocab_size, bool)
+    for i in range(self.vocab_size):
+      table[i] = self.is_special(i)
+    return table
+
   def token_bytes(self, size=None):
     """UTF-8 bytes of text each id stands for (special tokens none), as an int32 table of
     `size` >= vocab_size rows: the denominator of bits per byte, which compares models across

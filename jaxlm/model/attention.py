@@ -3,7 +3,9 @@
 Each implementation is a function (q, k, v, segment_ids, causal, cfg) -> out with q [B, T, N, H],
 k and v [B, T, K, H] (K divides N: grouped-query heads) and out like q. Packed rows are
 described by segment ids [B, T] (documents numbered from 1, 0 = padding), never by a dense
-[T, T] mask: only 'xla' builds one, inside. A new kernel is one function and one `@register`.
+[T, T] mask: only 'xla' builds one, inside. A new kernel is one such function, in a module of
+its own, and one line in model.ATTENTION (jaxlm/model/__init__.py), the registry that config
+validation reads too.
 
 'auto' picks 'splash' on TPU, 'cudnn' on NVIDIA GPUs when dtype and head size allow, and
 'xla' elsewhere; the choice is logged once per (implementation, platform).
@@ -18,18 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError
 
 log = logging.getLogger('jaxlm')
-
-IMPLEMENTATIONS = {}
-
-
-def register(name):
-  def add(fn):
-    IMPLEMENTATIONS[name] = fn
-    return fn
-  return add
 
 
 def target():
@@ -64,7 +58,7 @@ def attend(q, k, v, segment_ids, causal, cfg):
   platform, kind = target()
   name = choose(cfg, platform, kind)
   _log_choice(name, platform, cfg.attention)
-  return IMPLEMENTATIONS[name](q, k, v, segment_ids, causal, cfg)
+  return model_lib.get(model_lib.ATTENTION, name)(q, k, v, segment_ids, causal, cfg)
 
 
 def document_mask(segment_ids):
@@ -74,14 +68,12 @@ def document_mask(segment_ids):
   return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
 
 
-@register('xla')
 def xla(q, k, v, segment_ids, causal, cfg):
   """XLA's dot-product attention: materialises the [B, N, T, T] scores (the reference)."""
   return jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids), is_causal=causal,
                                       implementation='xla')
 
 
-@register('cudnn')
 def cudnn(q, k, v, segment_ids, causal, cfg):
   """cuDNN flash attention (NVIDIA GPUs). Packed rows use cuDNN's packed ("THD") layout, each
   document a sequence given by its offset and length, so no mask or bias exists.
@@ -126,7 +118,6 @@ def document_runs(segment_ids, max_documents):
 PAD_SEGMENT = -1  # Segment id of positions added to reach a whole block: no real token's.
 
 
-@register('splash')
 def splash(q, k, v, segment_ids, causal, cfg):
   """JAX's Pallas splash-attention kernel for TPU: scores live in VMEM one block at a time, and
   whole blocks outside the causal triangle are skipped. Off TPU it runs in Pallas interpret

@@ -14,11 +14,17 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import matmuls
+from jaxlm import model as model_lib
 from jaxlm.model import attention
 
-NORMS = {'layernorm': nn.LayerNorm, 'rmsnorm': nn.RMSNorm}
-ACTIVATIONS = {'gelu': nn.gelu, 'gelu_exact': lambda x: nn.gelu(x, approximate=False),
-               'silu': nn.silu, 'relu': nn.relu}
+
+def gelu_exact(x):
+  return nn.gelu(x, approximate=False)
+
+
+def activation(cfg):
+  """The MLP's activation function, model.mlp_activation (model.ACTIVATIONS)."""
+  return model_lib.get(model_lib.ACTIVATIONS, cfg.mlp_activation)
 
 
 def dtype(name):
@@ -93,7 +99,7 @@ def norm(cfg, name):
   if cfg.norm == 'layernorm':  # RMSNorm has no bias by definition.
     kwargs.update(use_bias=cfg.use_bias,
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
-  return NORMS[cfg.norm](**kwargs)
+  return model_lib.get(model_lib.NORMS, cfg.norm)(**kwargs)
 
 
 def rope_frequencies(cfg):
@@ -179,7 +185,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    act = ACTIVATIONS[cfg.mlp_activation]
+    act = activation(cfg)
     h = checkpoint_name(dense(cfg, cfg.mlp_dim, ('embed', 'mlp'), 'wi')(x), 'mlp_wi')
     if cfg.gated_mlp:
       gate = checkpoint_name(dense(cfg, cfg.mlp_dim, ('embed', 'mlp'), 'wi_gate')(x), 'mlp_gate')

@@ -8,36 +8,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import model as model_lib
 from jaxlm.model import layers
 
 # The projections' outputs, named in layers.py: keeping them (and recomputing norms,
 # activations and attention itself) is MaxText's 'minimal' policy.
 PROJECTIONS = ('query_proj', 'key_proj', 'value_proj', 'out_proj', 'mlp_wi', 'mlp_gate', 'mlp_wo')
 
-# What a rematerialised block keeps for the backward pass instead of recomputing.
-REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'minimal': jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
-    'save_qkv_proj': jax.checkpoint_policies.save_only_these_names(
-        'query_proj', 'key_proj', 'value_proj'),
-    # The same as 'minimal', but kept in host memory until the backward pass (GPU and TPU).
-    'offload': jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTIONS),
-        offload_src='device', offload_dst='pinned_host'),
-}
-
-
-# Parameters that only a classifier has: fine-tuning initialises them fresh when the
-# pretrained checkpoint lacks them.
-CLASSIFIER_PARAMS = ('pooler', 'classifier')
-
-
-# The collection a layer sows auxiliary losses into (`self.sow(AUX_LOSS, name, value)`, e.g. a
-# mixture of experts' load balance): each is a mean over the batch, which the step weighs by
-# its target count and adds to the objective (steps.model_loss). No layer sows one today.
-AUX_LOSS = 'aux_loss'
+# Remat policies of the model's own names (model.REMAT_POLICIES: 'minimal', 'save_qkv_proj',
+# 'offload'); the others are JAX's.
+MINIMAL = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS)
+SAVE_QKV_PROJ = jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj',
+                                                              'value_proj')
+# The same as 'minimal', but kept in host memory until the backward pass (GPU and TPU).
+OFFLOAD = jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTIONS),
+    offload_src='device', offload_dst='pinned_host')
 
 
 class Transformer(nn.Module):
@@ -82,7 +68,7 @@ class Transformer(nn.Module):
       x = jnp.take_along_axis(x, predict_positions[..., None], axis=1)
       length_axis = None  # P gathered positions need not divide a sequence-sharded axis.
     if cfg.head_transform:
-      x = layers.ACTIVATIONS[cfg.mlp_activation](
+      x = layers.activation(cfg)(
           layers.dense(cfg, cfg.emb_dim, ('embed', None), 'head_dense')(x))
       x = layers.norm(cfg, 'head_norm')(x)
     if not project:
@@ -133,11 +119,11 @@ class Transformer(nn.Module):
     block = layers.Block
     if cfg.remat_policy != 'none' and not decode:
       # Under scan each layer is its own loop iteration, so CSE cannot undo the remat.
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
+      block = nn.remat(block, policy=model_lib.get(model_lib.REMAT_POLICIES, cfg.remat_policy),
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(block, length=cfg.num_layers,
-                      variable_axes={'params': 0, 'cache': 0, AUX_LOSS: 0},
+                      variable_axes={'params': 0, 'cache': 0, model_lib.AUX_LOSS: 0},
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast),
                       metadata_params={nn.PARTITION_NAME: 'layers'})

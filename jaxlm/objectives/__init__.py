@@ -27,11 +27,7 @@ def name(config):
 
 
 def get(config):
-  """The objective of `config` (see `name`)."""
+  """The objective of `config` (see `name`). The run builder (run.setup) makes a run's one
+  objective and hands it down; only commands that read another run's saved config make one of
+  their own (jaxlm/resume.py)."""
   return importlib.import_module(REGISTRY[name(config)]).Objective(config)
-
-
-def build(config, tokenizer=None):
-  """The `prepare(batch, rng) -> batch` function of the config's objective (see
-  base.Objective.prepare)."""
-  return get(config).prepare(tokenizer)

@@ -53,15 +53,19 @@ class Objective:
     """{feature: logical axes} of an input batch (all int32)."""
     return {k: ('batch', 'length') for k in TOKEN_FEATURES}
 
-  def predictions(self):
-    """Positions per row the output head runs on, or None for every position (flops.of_run)."""
+  def predictions(self, length=None):
+    """Positions per row of `length` tokens (default model.max_len) the output head runs on,
+    or None for every position (flops.of_run)."""
     return None
 
   # ---- data
 
   def frame(self, tokenizer):
     """The ids around every document: BOS/EOS for a decoder; [CLS]/[SEP] for an encoder,
-    whose first token is the one a classifier reads."""
+    whose first token is the one a classifier reads. A clear error first unless the tokenizer
+    has every piece the objective uses (`check_tokenizer`). The data pipeline takes this as
+    its document framing (data.prepare)."""
+    self.check_tokenizer(tokenizer)
     if self.causal:
       return tokenizer.bos_id, tokenizer.eos_id
     return tokenizer.special_id('[CLS]'), tokenizer.special_id('[SEP]')
@@ -77,14 +81,15 @@ class Objective:
     """The byte table of bits per byte (targets that are tokens), or None."""
     return tokenizer.token_bytes(self.config.model.vocab_size)
 
-  def log_baseline(self, tokens, prepare):
+  def log_baseline(self, tokens, tokenizer):
     """Logs what a trivial predictor scores on the held-out tokens, where that is telling."""
 
   # ---- device
 
-  def prepare(self, tokenizer=None):
-    """`fn(batch, rng) -> batch` with 'targets' and 'weights'. Without a tokenizer (planning a
-    run that has no data yet) the same computation with stand-in special ids."""
+  def prepare(self, tokenizer=None, length=None):
+    """`fn(batch, rng) -> batch` with 'targets' and 'weights', for rows of `length` tokens
+    (default model.max_len; a length phase's are shorter). Without a tokenizer (planning a run
+    that has no data yet) the same computation with stand-in special ids."""
     raise NotImplementedError
 
   def loss_chunk(self, batch):

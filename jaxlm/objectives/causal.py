@@ -31,5 +31,5 @@ class Objective(base.Objective):
   name = 'causal'
   generates = True
 
-  def prepare(self, tokenizer=None):
+  def prepare(self, tokenizer=None, length=None):
     return prepare

@@ -48,7 +48,7 @@ class Objective(base.Objective):
   def token_bytes(self, tokenizer):
     return None  # Its targets are labels, not text.
 
-  def prepare(self, tokenizer=None):
+  def prepare(self, tokenizer=None, length=None):
     return prepare
 
   def loss_chunk(self, batch):

@@ -14,15 +14,15 @@ from jaxlm.objectives import base
 log = logging.getLogger('jaxlm')
 
 
-def max_predictions(config):
-  """Positions per row a masked LM predicts (gathered before its head), or None for every
-  position: masking.max_predictions, or with 0 the mean chosen count plus six standard
-  deviations of it (a binomial's; doubled for whole words, whose pieces are chosen together),
-  rounded up to a multiple of 8. A row exceeds that about once in 10^9: 48 of 128 positions,
-  128 of 512 at the usual 15%."""
+def max_predictions(config, length=None):
+  """Positions per row of `length` tokens (default model.max_len) a masked LM predicts
+  (gathered before its head), or None for every position: masking.max_predictions, or with
+  0 the mean chosen count plus six standard deviations of it (a binomial's; doubled for whole
+  words, whose pieces are chosen together), rounded up to a multiple of 8. A row exceeds that
+  about once in 10^9: 48 of 128 positions, 128 of 512 at the usual 15%."""
   if config.masking.max_predictions == -1:
     return None
-  length = config.model.max_len
+  length = length or config.model.max_len
   if config.masking.max_predictions:
     return min(config.masking.max_predictions, length)
   rate = config.masking.rate
@@ -43,8 +43,9 @@ class Masking:
   dropped (the leftmost kept), so a row's inputs never hide a token that is not predicted.
   """
 
-  def __init__(self, config, special, word_start, mask_id):
-    """special, word_start: bool [vocab] tables; random replacements avoid special ids."""
+  def __init__(self, config, special, word_start, mask_id, length=None):
+    """special, word_start: bool [vocab] tables; random replacements avoid special ids.
+    length: of the rows masked (default model.max_len)."""
     m = config.masking
     self.rate, self.whole_word = m.rate, m.whole_word
     self.mask_fraction, self.random_fraction = m.mask_fraction, m.random_fraction
@@ -52,15 +53,16 @@ class Masking:
     self.word_start = np.asarray(word_start, bool)
     self.ordinary = np.flatnonzero(~self.special).astype(np.int32)
     self.mask_id = mask_id
-    self.max_predictions = max_predictions(config)
+    self.max_predictions = max_predictions(config, length)
 
   @classmethod
-  def for_tokenizer(cls, config, tokenizer):
+  def for_tokenizer(cls, config, tokenizer, length=None):
     size = config.model.vocab_size
-    special, word_start = np.ones(size, bool), np.zeros(size, bool)
+    word_start = np.zeros(size, bool)
     for i in range(tokenizer.vocab_size):
-      special[i], word_start[i] = tokenizer.is_special(i), tokenizer.word_start(i)
-    return cls(config, special, word_start, tokenizer.special_id('[MASK]'))
+      word_start[i] = tokenizer.word_start(i)
+    return cls(config, tokenizer.special_table(size), word_start,
+               tokenizer.special_id('[MASK]'), length)
 
   def __call__(self, batch, rng):
     tokens, seg = batch['tokens'], batch['segment_ids']
@@ -110,17 +112,17 @@ class Objective(base.Objective):
     if self.config.masking.rate == 0:
       raise ConfigError('masking.rate=0 masks nothing: objective=masked needs a rate in (0, 1)')
 
-  def predictions(self):
-    return max_predictions(self.config)
+  def predictions(self, length=None):
+    return max_predictions(self.config, length)
 
-  def log_baseline(self, tokens, prepare):
+  def log_baseline(self, tokens, tokenizer):
     log.info('masked-token accuracy of always guessing the most frequent token: %.4f',
-             unigram_accuracy(tokens, prepare.special))
+             unigram_accuracy(tokens, tokenizer.special_table(self.config.model.vocab_size)))
 
-  def prepare(self, tokenizer=None):
+  def prepare(self, tokenizer=None, length=None):
     """Masking of the tokenizer's special pieces. Without one, ids 0-6 are special: the same
     computation with stand-in tables."""
     if tokenizer is not None:
-      return Masking.for_tokenizer(self.config, tokenizer)
+      return Masking.for_tokenizer(self.config, tokenizer, length)
     size = self.config.model.vocab_size
-    return Masking(self.config, np.arange(size) < 7, np.zeros(size, bool), 6)
+    return Masking(self.config, np.arange(size) < 7, np.zeros(size, bool), 6, length)
