@@ -34,11 +34,14 @@ setup(
         'etils[epath]>=1.7', 'fsspec>=2024.2', 'gcsfs>=2024.2',  # gs:// paths (paths.py).
     ],
     extras_require={
+        # convert --to-hf of a sentencepiece tokenizer: transformers' converter to tokenizer.json
+        # (5.25 is the first that follows the model's own normalizer; hf_tokenizer.py).
+        'hf': ['transformers>=5.25'],
         # The Hugging Face parity tests compare against transformers on a (CPU) torch.
         # libtpu (through jax's own extra, so its version matches jax's) lets `jaxlm plan
         # --topology` compile for TPU slices on any Linux machine; ~700 MB.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
-                 'transformers>=4.45', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'",
+                 'transformers>=5.25', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'",
                  'gcp-storage-emulator>=2024.1'],  # tests/test_gcs.py's local GCS.
     },
     entry_points={'console_scripts': ['jaxlm=jaxlm.cli:console_main']},
