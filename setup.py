@@ -37,12 +37,15 @@ setup(
         # convert --to-hf of a sentencepiece tokenizer: transformers' converter to tokenizer.json
         # (5.25 is the first that follows the model's own normalizer; hf_tokenizer.py).
         'hf': ['transformers>=5.25'],
+        # To look at a run: TensorBoard and its profile tab (xprof) for the traces.
+        'tensorboard': ['tensorboard>=2.16', 'tensorboard-plugin-profile>=2.20'],
         # The Hugging Face parity tests compare against transformers on a (CPU) torch.
         # libtpu (through jax's own extra, so its version matches jax's) lets `jaxlm plan
         # --topology` compile for TPU slices on any Linux machine; ~700 MB.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
                  'transformers>=5.25', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'",
-                 'gcp-storage-emulator>=2024.1'],  # tests/test_gcs.py's local GCS.
+                 'gcp-storage-emulator>=2024.1',  # tests/test_gcs.py's local GCS.
+                 'tensorboard>=2.16', 'tensorboard-plugin-profile>=2.20'],
     },
     entry_points={'console_scripts': ['jaxlm=jaxlm.cli:console_main']},
 )

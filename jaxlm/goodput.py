@@ -118,7 +118,8 @@ class Goodput(Hook):
 
   def row(self, loop):
     seconds = loop.clock.breakdown()
-    row = {'goodput/segment': self.segment, 'goodput/redone_steps': self.redone,
+    row = {'goodput/segment': self.segment, 'goodput/start_step': loop.start,
+           'goodput/redone_steps': self.redone,
            'goodput/wall_s': sum(seconds.values())}
     row.update({f'goodput/{b}_s': s for b, s in seconds.items()})
     row.update({f'goodput/{b}': s for b, s in shares(seconds).items()})

@@ -1,4 +1,9 @@
-"""Where training metrics go: metrics.jsonl, TensorBoard, and a progress bar on a terminal."""
+"""Where training metrics go: metrics.jsonl, TensorBoard, and a progress bar on a terminal.
+
+metrics.jsonl keeps the flat names (`loss`, `eval_loss`, `mfu`, ...); TensorBoard groups them
+by tag (`train/loss`, `eval/loss`, `perf/mfu`, `goodput/step`, ...), one section each, and
+holds the resolved config as text and as hyperparameters (its HParams tab).
+"""
 
 import json
 import logging
@@ -65,6 +70,36 @@ class _RemoteRows:
     self.flush()
 
 
+PERF = ('tokens_per_s', 'tflops_per_device', 'mfu')
+
+
+def tag(key):
+  """The TensorBoard tag of a metrics.jsonl key: names with a group keep it (`goodput/step`),
+  `eval_X` is `eval/X`, throughput is `perf/`, the rest `train/`."""
+  if '/' in key:
+    return key
+  if key.startswith('eval_'):
+    return 'eval/' + key[len('eval_'):]
+  return ('perf/' if key in PERF else 'train/') + key
+
+
+def flat_config(config):
+  """{'model.emb_dim': 64, ...}: the config's leaves, values that are not a number, string or
+  bool as their repr (tuples, None)."""
+  out = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(f'{prefix}{key}.', value)
+      else:
+        keep = isinstance(value, (bool, int, float, str))
+        out[prefix + key] = value if keep else repr(value)
+
+  walk('', config.to_dict() if hasattr(config, 'to_dict') else config)
+  return out
+
+
 class Writer:
   """Appends one JSON object per row to metrics.jsonl and mirrors scalars to TensorBoard.
 
@@ -88,7 +123,21 @@ class Writer:
     self.rows.append(json.dumps(row) + '\n')
     for key, value in row.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
-        self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.add_scalar(tag(key), value, step)
+
+  def write_config(self, config, step):
+    """The resolved config, at the step this process starts from: as JSON text (TensorBoard's
+    text tab) and as hyperparameters against the final losses (its HParams tab)."""
+    if not self.enabled:
+      return
+    from tensorboardX.summary import hparams
+    text = json.dumps(config.to_dict(), indent=2, default=repr)
+    self.tensorboard.add_text('config', f'```\n{text}\n```', step)
+    # The experiment and session-start summaries in this run's own event file (add_hparams
+    # would write them to a new sub-run); the metrics named are the scalars above.
+    experiment, session_start, _ = hparams(flat_config(config), {'train/loss': 0, 'eval/loss': 0})
+    for summary in (experiment, session_start):
+      self.tensorboard.file_writer.add_summary(summary, step)
 
   def close(self):
     if self.enabled:

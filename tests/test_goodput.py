@@ -68,6 +68,61 @@ def test_profile_window_leaves_a_trace_the_profiler_reads(restarted):
   planes = {p.name: p for p in ProfileData.from_file(traces[0]).planes}
   events = [e for line in planes['/host:CPU'].lines for e in line.events]
   assert events and all(e.duration_ns >= 0 for e in events)
+  # A step marker per traced step (StepTraceAnnotation): what xprof's overview counts.
+  marked = sorted(dict(e.stats)['step_num'] for e in events if e.name == 'train')
+  assert [int(n) for n in marked] == [2, 3]
+
+
+def test_xprof_overview_has_the_step_times(restarted):
+  """What TensorBoard's profile tab shows first: with step markers, a time per step (without,
+  its overview says "No step marker observed")."""
+  tool = pytest.importorskip('xprof.convert.raw_to_tool_data',
+                             reason="needs the profile plugin: pip install -e '.[tensorboard]'")
+  trace, = glob.glob(os.path.join(restarted[0], 'tensorboard', 'plugins', 'profile', '*',
+                                  '*.xplane.pb'))
+  tables = json.loads(tool.xspace_to_tool_data([trace], 'overview_page', {})[0])
+  steps, = [t for t in tables if any(c.get('id') == 'stepnum' for c in t.get('cols', []))]
+  assert [row['c'][0]['v'] for row in steps['rows']] == ['train 2', 'train 3']
+  assert float(steps['p']['steptime_ms_average']) > 0
+
+
+def test_tensorboard_groups_the_tags_and_holds_the_config(restarted):
+  from tensorboard.backend.event_processing import event_accumulator
+  workdir, _ = restarted
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'),
+                                              size_guidance={'tensors': 0, 'scalars': 0})
+  events.Reload()
+  scalars = set(events.Tags()['scalars'])
+  assert {'train/loss', 'train/learning_rate', 'train/grad_norm', 'perf/tokens_per_s',
+          'perf/mfu', 'eval/loss', 'eval/perplexity', 'goodput/step'} <= scalars
+  assert not [t for t in scalars if '/' not in t]  # Every tag in a group.
+  assert [e.step for e in events.Scalars('train/loss')] == [2, 4, 6, 8, 6, 8]
+  # The config as text, once per process start (steps 0 and 4), and as hyperparameters.
+  texts = events.Tensors('config/text_summary')
+  assert [t.step for t in texts] == [0, 4]
+  config = json.loads(texts[0].tensor_proto.string_val[0].decode().strip('`\n'))
+  assert config['train_steps'] == 8 and config['model']['emb_dim'] == 64
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  content = events.PluginTagToContent('hparams')
+  experiment = plugin_data_pb2.HParamsPluginData.FromString(
+      content['_hparams_/experiment']).experiment
+  hparams = {h.name for h in experiment.hparam_infos}
+  assert {'model.emb_dim', 'optimizer.learning_rate', 'train_steps'} <= hparams
+  assert [m.name.tag for m in experiment.metric_infos] == ['train/loss', 'eval/loss']
+
+
+def test_mfu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
+  """A CPU has no data sheet: its matmul rate is measured by the first process on the machine
+  and kept, so a resumed run's MFU moves with its tokens/s, not with the machine's load."""
+  from jaxlm import flops
+  monkeypatch.setenv('JAXLM_PEAK_CACHE', str(tmp_path / 'peaks.json'))
+  rates = iter([2e11, 1e11])
+  monkeypatch.setattr(flops, 'measured_matmul_flops', lambda: next(rates))
+  first, source = flops.device_peak_flops()
+  again, kept = flops.device_peak_flops()
+  assert first == again == 2e11 and 'kept in' in kept and 'now kept' in source
+  monkeypatch.setenv('JAXLM_PEAK_CACHE', '')
+  assert flops.device_peak_flops()[0] == 1e11  # No cache: measured in this process.
 
 
 def test_goodput_rows_at_every_log_step_sum_to_one(restarted):
@@ -98,7 +153,8 @@ def test_report_command_prints_the_summary_and_writes_plots(restarted, capsys):
   workdir, _ = restarted
   assert cli.main(['report', f'--workdir={workdir}']) == 0
   out = capsys.readouterr().out
-  assert '2 process run(s)' in out and '4 step(s) redone' in out
+  assert '2 segment(s)' in out and '4 step(s) redone' in out
+  assert [r['goodput/start_step'] for r in report.segments(report.read_rows(workdir))] == [0, 4]
   assert 'restart_lost' in out and 'data_wait' in out
   for name in ('loss.png', 'throughput.png', 'goodput.png'):
     with open(os.path.join(workdir, 'report', name), 'rb') as f:
