@@ -37,6 +37,7 @@ setup(
         # convert --to-hf of a sentencepiece tokenizer: transformers' converter to tokenizer.json
         # (5.25 is the first that follows the model's own normalizer; hf_tokenizer.py).
         'hf': ['transformers>=5.25'],
+        'wandb': ['wandb>=0.19'],  # metrics.wandb_project
         # To look at a run: TensorBoard and its profile tab (xprof) for the traces.
         'tensorboard': ['tensorboard>=2.16', 'tensorboard-plugin-profile>=2.20'],
         # The Hugging Face parity tests compare against transformers on a (CPU) torch.
@@ -45,7 +46,7 @@ setup(
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
                  'transformers>=5.25', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'",
                  'gcp-storage-emulator>=2024.1',  # tests/test_gcs.py's local GCS.
-                 'tensorboard>=2.16', 'tensorboard-plugin-profile>=2.20'],
+                 'tensorboard>=2.16', 'tensorboard-plugin-profile>=2.20', 'wandb>=0.19'],
     },
     entry_points={'console_scripts': ['jaxlm=jaxlm.cli:console_main']},
 )

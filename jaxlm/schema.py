@@ -234,6 +234,14 @@ def defaults(family='gpt2'):
   c.checkpoint.keep = 3  # Keep the newest N checkpoints.
   c.checkpoint.keep_every_steps = 0  # Also keep every checkpoint whose step is a multiple; 0 = no.
 
+  # Where metrics go besides metrics.jsonl and TensorBoard (always written).
+  c.metrics = ml_collections.ConfigDict()
+  # Weights & Biases project to log to ('' = no W&B). Needs `pip install wandb` and a login
+  # (`wandb login`, or WANDB_API_KEY); WANDB_MODE=offline logs to <workdir>/wandb/ only.
+  c.metrics.wandb_project = ''
+  c.metrics.wandb_entity = ''  # The W&B team or user; '' = the login's default.
+  c.metrics.wandb_run_name = ''  # The run's display name; '' = the workdir's name.
+
   # A jax.profiler trace of a window of steps, under <workdir>/tensorboard/plugins/profile/
   # (TensorBoard's profile tab, xprof). A file named PROFILE in the workdir, or SIGUSR1, also
   # starts one num_steps window (num_steps or 3 if 0) at the next step, without a restart.

@@ -59,7 +59,7 @@ def _train(config, workdir, devices, held):
     with s.active(), preemption.Watcher() as preempted:
       state, start = clock.timed('checkpoint', run_lib.initial_state, s, checkpoints, batches,
                                  source)
-      writer.write_config(config, start)
+      writer.start(config, start)
       stages = run_lib.Phases(s, corpus, workdir, objective.token_bytes(corpus.tokenizer),
                               process)
       phase = clock.timed('compile', stages.enter, start)

@@ -1,9 +1,11 @@
 """Where the time goes: a profile window, goodput accounting across a restart, the report."""
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
+import struct
 import time
 
 import numpy as np
@@ -34,17 +36,22 @@ def restarted(tmp_path_factory, shared_data):
   when a run is killed after logging step 8 but before saving it, and the run resumes from 4
   with a data source slowed down to SLOW_BATCH_S a batch."""
   workdir = str(tmp_path_factory.mktemp('restarted'))
+  # W&B in its offline mode (no network, no login), when the test extra installed it.
+  wandb_project = 'jaxlm-test' if importlib.util.find_spec('wandb') else ''
   config = shared(shared_data, train_steps=8, log_every_steps=2,
                   checkpoint__save_every_steps=4, profile__start_step=2,
-                  profile__num_steps=2, data__prefetch=1, data__num_threads=1)
-  train.train(config, workdir, devices=one_device())
-  shutil.rmtree(os.path.join(workdir, 'checkpoints', '8'))
+                  profile__num_steps=2, data__prefetch=1, data__num_threads=1,
+                  metrics__wandb_project=wandb_project)
   original = data.train_dataset
 
   def slow(*args):
     return original(*args).map(lambda batch: (time.sleep(SLOW_BATCH_S), batch)[1])
 
   with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('WANDB_MODE', 'offline')
+    patch.setenv('WANDB_SILENT', 'true')
+    train.train(config, workdir, devices=one_device())
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', '8'))
     patch.setattr(data, 'train_dataset', slow)
     result = train.train(config, workdir, devices=one_device())
   return workdir, result
@@ -109,6 +116,55 @@ def test_tensorboard_groups_the_tags_and_holds_the_config(restarted):
   hparams = {h.name for h in experiment.hparam_infos}
   assert {'model.emb_dim', 'optimizer.learning_rate', 'train_steps'} <= hparams
   assert [m.name.tag for m in experiment.metric_infos] == ['train/loss', 'eval/loss']
+
+
+def wandb_records(path):
+  """The records of a W&B run's transaction log (run-<id>.wandb: a ':W&B' header, then
+  LevelDB-log records of 32 KiB blocks, each a wandb_internal_pb2.Record)."""
+  from wandb.proto import wandb_internal_pb2
+  data = open(path, 'rb').read()
+  assert data[:4] == b':W&B'
+  pos, block, pending = 7, 32768, b''
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # Too short for a header: the block's padding.
+      pos += block - pos % block
+      continue
+    _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+    pending += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):  # A whole record, or the last fragment of one.
+      yield wandb_internal_pb2.Record.FromString(pending)
+      pending = b''
+
+
+def test_wandb_offline_run_continues_across_the_restart(restarted):
+  """Both processes log to one W&B run (its id kept in the workdir): its name, the config,
+  the train, eval and goodput rows under their grouped tags, against `step`."""
+  pytest.importorskip('wandb', reason="needs the test extra: pip install -e '.[test]'")
+  workdir, _ = restarted
+  run_id = open(os.path.join(workdir, 'wandb_run_id')).read().strip()
+  logs = sorted(glob.glob(os.path.join(workdir, 'wandb', 'offline-run-*', '*.wandb')))
+  assert len(logs) == 2 and all(path.endswith(f'run-{run_id}.wandb') for path in logs)
+  processes = []
+  for path in logs:
+    records = list(wandb_records(path))
+    run, = [r.run for r in records if r.WhichOneof('record_type') == 'run']
+    assert (run.run_id, run.project, run.display_name) == (run_id, 'jaxlm-test', 'restarted0')
+    history = [{item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                for item in r.history.item} for r in records
+               if r.WhichOneof('record_type') == 'history']
+    config = {item.key: json.loads(item.value_json) for r in records
+              if r.WhichOneof('record_type') == 'config' for item in r.config.update}
+    config.update({item.key: json.loads(item.value_json) for item in run.config.update})
+    assert config['train_steps'] == 8 and config['model']['emb_dim'] == 64
+    processes.append(history)
+  first, second = ([h['step'] for h in history if 'train/loss' in h] for history in processes)
+  assert (first, second) == ([2, 4, 6, 8], [6, 8])
+  logged = {key for history in processes for h in history for key in h}
+  assert {'eval/loss', 'perf/mfu', 'goodput/step', 'train/learning_rate'} <= logged
+  rows = [r for r in rows_of(workdir) if 'loss' in r]
+  assert [h['train/loss'] for h in processes[1] if 'train/loss' in h] == [
+      r['loss'] for r in rows[-2:]]
 
 
 def test_mfu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
