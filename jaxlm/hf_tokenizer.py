@@ -68,6 +68,17 @@ def files(tokenizer, framing, max_len):
   return out
 
 
+def adds_bos(tokenizer, framing):
+  """Whether the exported tokenizer puts BOS before a text: jaxlm's framing of a decoder's
+  documents, or an imported tokenizer.json's own post-processor (GPT-2's adds none)."""
+  if tokenizer.bos_id < 0:
+    return False
+  if isinstance(tokenizer, tokenizer_lib.SentencePiece) or tokenizer.tok.post_processor is None:
+    return framing[0] == tokenizer.bos_id
+  ids = tokenizer.tok.encode('a', add_special_tokens=True).ids
+  return bool(ids) and ids[0] == tokenizer.bos_id
+
+
 def _framing(fast, framing, bos_id):
   """TemplateProcessing that frames one text as jaxlm frames a document (a pair: both)."""
   first, last = (fast.id_to_token(i) for i in framing)

@@ -75,6 +75,9 @@ def _train(config, workdir, devices, held):
           profile.Profiler(config.profile, workdir, chief),
           goodput.Goodput(writer, workdir_lib.metrics_path(workdir)),
       ]
+      if config.lm_eval.tasks:  # Downstream tasks (lm-eval-harness), on the training mesh.
+        from jaxlm import harness
+        loop_hooks.insert(4, harness.DownstreamEval(s, corpus.tokenizer, writer, workdir, chief))
       return loop_lib.run_loop(loop_lib.Loop(s, state, start, phase.batches, clock, phase.setup),
                                phase.train_step, loop_hooks)
   finally:
