@@ -41,6 +41,10 @@ setup(
         # jaxlm eval --tasks and the lm_eval.tasks hook (harness.py: its TemplateLM, generation
         # helpers). Task data comes through Hugging Face datasets.
         'eval': ['lm-eval>=0.4.13'],
+        # libtpu (through jax's own extra, so its version matches jax's): `jaxlm plan
+        # --topology` compiles for TPU slices on any Linux machine (~700 MB); on a TPU VM, what
+        # runs on the chips.
+        'tpu': ["jax[tpu]>=0.7.1; sys_platform == 'linux'"],
         # To look at a run: TensorBoard and its profile tab (xprof) for the traces.
         'tensorboard': ['tensorboard>=2.16', 'tensorboard-plugin-profile>=2.20'],
         # The Hugging Face parity tests compare against transformers on a (CPU) torch.
