@@ -34,12 +34,27 @@ setup(
         'etils[epath]>=1.7', 'fsspec>=2024.2', 'gcsfs>=2024.2',  # gs:// paths (paths.py).
     ],
     extras_require={
+        # convert --to-hf of a sentencepiece tokenizer: transformers' converter to tokenizer.json
+        # (5.25 is the first that follows the model's own normalizer; hf_tokenizer.py).
+        'hf': ['transformers>=5.25'],
+        'wandb': ['wandb>=0.19'],  # metrics.wandb_project
+        # jaxlm eval --tasks and the lm_eval.tasks hook (harness.py: its TemplateLM, generation
+        # helpers). Task data comes through Hugging Face datasets.
+        'eval': ['lm-eval>=0.4.13'],
+        # libtpu (through jax's own extra, so its version matches jax's): `jaxlm plan
+        # --topology` compiles for TPU slices on any Linux machine (~700 MB); on a TPU VM, what
+        # runs on the chips.
+        'tpu': ["jax[tpu]>=0.7.1; sys_platform == 'linux'"],
+        # To look at a run: TensorBoard and its profile tab (xprof) for the traces.
+        'tensorboard': ['tensorboard>=2.16', 'tensorboard-plugin-profile>=2.20'],
         # The Hugging Face parity tests compare against transformers on a (CPU) torch.
         # libtpu (through jax's own extra, so its version matches jax's) lets `jaxlm plan
         # --topology` compile for TPU slices on any Linux machine; ~700 MB.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
-                 'transformers>=4.45', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'",
-                 'gcp-storage-emulator>=2024.1'],  # tests/test_gcs.py's local GCS.
+                 'transformers>=5.25', 'torch>=2.2', "jax[tpu]>=0.7.1; sys_platform == 'linux'",
+                 'gcp-storage-emulator>=2024.1',  # tests/test_gcs.py's local GCS.
+                 'tensorboard>=2.16', 'tensorboard-plugin-profile>=2.20', 'wandb>=0.19',
+                 'lm-eval>=0.4.13', 'accelerate>=1.0'],  # accelerate: lm-eval's hf backend.
     },
     entry_points={'console_scripts': ['jaxlm=jaxlm.cli:console_main']},
 )

@@ -87,6 +87,17 @@ def _eval(args, overrides):
   config = _config(args, overrides)
   _join(config, args)
   compile_cache.enable(config)
+  if args.tasks:
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+      raise ConfigError(f'--num_fewshot={args.num_fewshot} must be >= 0')
+    if args.limit is not None and args.limit <= 0:
+      raise ConfigError(f'--limit={args.limit} must be positive')
+    if args.batch_size is not None and args.batch_size < 1:
+      raise ConfigError(f'--batch_size={args.batch_size} must be at least 1')
+    from jaxlm import harness
+    limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+    return harness.run(config, args.workdir, args.tasks, args.step, args.num_fewshot, limit,
+                       args.include_path, args.batch_size)
   from jaxlm import evaluate
   return evaluate.run(config, args.workdir, args.step)
 
@@ -234,7 +245,8 @@ def _require_workdir(args):
 COMMANDS = {
     'train': (_train, 'train a model (or resume the run in --workdir)'),
     'finetune': (_finetune, 'fine-tune a sequence classifier (objective=classify)'),
-    'eval': (_eval, 'evaluate the latest checkpoint of --workdir on held-out data'),
+    'eval': (_eval, 'evaluate the latest checkpoint of --workdir on held-out data, or on '
+                    'lm-eval-harness --tasks'),
     'fill-mask': (_fill_mask, 'print the likeliest tokens for each [MASK] of --text'),
     'generate': (_generate, 'continue --prompt texts with a causal LM (KV-cache decoding)'),
     'plan': (_plan, 'compile the train step for the mesh; print parameters, FLOPs, memory'),
@@ -256,6 +268,17 @@ def _parser():
     p.add_argument('--verbose', action='store_true', help='debug logging and full tracebacks')
     if name in ('eval', 'fill-mask', 'generate', 'convert'):
       p.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+    if name == 'eval':
+      p.add_argument('--tasks', default='',
+                     help='lm-eval-harness tasks, comma-separated (instead of held-out loss)')
+      p.add_argument('--num_fewshot', type=int, default=None,
+                     help='few-shot examples per prompt (default: each task\'s own)')
+      p.add_argument('--limit', type=float, default=None,
+                     help='at most N examples per task (below 1: that fraction)')
+      p.add_argument('--include_path', default='',
+                     help='a directory of lm-eval task YAML files of your own')
+      p.add_argument('--batch_size', type=int, default=None,
+                     help='sequences per scoring batch (default: lm_eval.batch_size)')
     if name == 'fill-mask':
       p.add_argument('--text', action='append', default=[],
                      help='a text with [MASK] where a token is missing (may be repeated)')

@@ -247,6 +247,10 @@ def validate(config):
   _check(config, 'model.type_vocab_size', lambda v: v >= 0, 'must be >= 0')
   for name in ('profile.start_step', 'profile.num_steps', 'profile.every_steps'):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
+  for name in ('lm_eval.every_steps', 'lm_eval.limit'):
+    _check(config, name, lambda v: v >= 0, 'must be >= 0')
+  _check(config, 'lm_eval.num_fewshot', lambda v: v >= -1, 'must be >= 0, or -1 (the task\'s)')
+  _check(config, 'lm_eval.batch_size', lambda v: v > 0, 'must be positive')
   _check_mixture(config.data)
   phases.check(config)
   if config.data.path and config.data.tfds_name:

@@ -7,7 +7,7 @@ the parameters alone. `jaxlm train --workdir=OUT` continues pretraining from the
 optimizer state; `generate`, `eval` and `init_from` read them too.
 
 `--to-hf=DIR --workdir=RUN [--step=N]` writes config.json, model.safetensors (shards and an
-index above --max_shard_mb) and the run's tokenizer files.
+index above --max_shard_mb) and the run's tokenizer as transformers loads it (hf_tokenizer.py).
 
 No PyTorch: tensors go through safetensors, one at a time, into one host copy of the
 parameters (import) or out of it, streamed into the shard files (export). That copy is all the
@@ -31,7 +31,7 @@ import tempfile
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, hf, paths, resume
+from jaxlm import checkpoint, hf, hf_tokenizer, paths, resume
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import run as run_lib
@@ -281,6 +281,9 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   _check_new_directory(out_dir, '--to-hf')
   tokenizer_file = config.data.tokenizer or data.tokenizer_path(workdir)
   tokenizer = tokenizer_lib.load(tokenizer_file) if paths.exists(tokenizer_file) else None
+  # Before the tensors: a tokenizer that cannot be converted fails in seconds, not after them.
+  tokenizer_files = (hf_tokenizer.files(tokenizer, data.frame(config, tokenizer),
+                                        config.model.max_len) if tokenizer else {})
   s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
   params, step = resume.restore_params(s, workdir, step, host=True)
   m = config.model
@@ -296,8 +299,8 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
       for entry in entries:
         writer.write(entry.name, hf.to_hf(entry, leaves(entry)).astype(dtype, copy=False))
       files = writer.close()
-    if tokenizer is not None:
-      tokenizer.save(paths.join(tmp, tokenizer.filename))
+    for name, content in tokenizer_files.items():
+      paths.atomic_write(paths.join(tmp, name), content)
     hf_config = hf.hf_config(config, tokenizer)
     hf_config['dtype'] = dtype.name
     _write_json(paths.join(tmp, 'config.json'), hf_config)  # Last: the directory is complete.

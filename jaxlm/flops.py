@@ -12,6 +12,9 @@ al.'s non-embedding count, whose scaling laws are cleaner for small models).
 tests/test_scaling.py checks these counts against XLA's own cost analysis of the compiled step.
 """
 
+import json
+import os
+import socket
 import time
 
 # Dense bf16 peak FLOP/s per chip (no sparsity), from the vendors' data sheets.
@@ -81,14 +84,58 @@ def of_run(config, predictions, **kwargs):
 
 
 def device_peak_flops(device=None):
-  """(peak FLOP/s of one device, where the number came from)."""
+  """(peak FLOP/s of one device, where the number came from). Devices without a data sheet
+  (CPUs) are measured once per machine and the figure kept (`peak_cache_path`): re-measured
+  at every start it moved by 30% on a shared machine, so a resumed run's MFU rose while its
+  tokens/s fell."""
   import jax  # Here, not at the top: counting FLOPs must not need a device.
   device = device or jax.devices()[0]
   kind = getattr(device, 'device_kind', '')
   for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
     if kind.startswith(name):
       return peak, f'{kind} data sheet (bf16 dense)'
-  return measured_matmul_flops(), f'measured float32 matmul rate of this {kind or "device"}'
+  path = peak_cache_path()
+  key = f'{device.platform}:{kind}:{socket.gethostname()}:{os.cpu_count()} cores'
+  cached = _read_peaks(path).get(key)
+  source = f'measured float32 matmul rate of this {kind or "device"}'
+  if isinstance(cached, (int, float)) and cached > 0:
+    return float(cached), f'{source}, kept in {path}'
+  peak = measured_matmul_flops()
+  if path:
+    _write_peak(path, key, peak)
+  return peak, source + (f', now kept in {path} (delete it to measure again)' if path else '')
+
+
+def peak_cache_path():
+  """The file of measured peaks per machine: $JAXLM_PEAK_CACHE ('' = none: measure in every
+  process), else peak_flops.json in the user's cache directory."""
+  if 'JAXLM_PEAK_CACHE' in os.environ:
+    return os.environ['JAXLM_PEAK_CACHE']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'jaxlm', 'peak_flops.json')
+
+
+def _read_peaks(path):
+  try:
+    with open(path) as f:
+      peaks = json.load(f)
+  except (OSError, ValueError):
+    return {}  # None yet, or unreadable: measure (and write it anew).
+  return peaks if isinstance(peaks, dict) else {}
+
+
+def _write_peak(path, key, peak):
+  """Adds the machine's peak to the file (atomically: processes starting together may race;
+  either's figure is fine). A cache that cannot be written is not an error."""
+  try:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    peaks = {**_read_peaks(path), key: peak}
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(peaks, f, indent=1)
+    os.replace(tmp, path)
+  except OSError:
+    pass
 
 
 _MEASURED = {}

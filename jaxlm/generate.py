@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import data, resume
-from jaxlm import run as run_lib
+from jaxlm import data, inference, objectives
 from jaxlm.errors import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -202,12 +201,12 @@ def reference_beam(model, params, prompt, num_beams, max_new_tokens, length_pena
 
 
 def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-        seed=0, step=None, num_beams=1, length_penalty=1.0):
-  """Continues each prompt; returns [{'prompt', 'completion', 'tokens'}] (stop token dropped)."""
-  # One device: decoding a few prompts needs no mesh.
-  s = run_lib.inference_setup(config, len(prompts))
-  if not s.objective.generates:
-    raise ConfigError(f'--workdir={workdir} holds a {s.objective.name!r} model; generate needs '
+        seed=0, step=None, num_beams=1, length_penalty=1.0, devices=None):
+  """Continues each prompt on the run's mesh (over `devices`, default all); returns
+  [{'prompt', 'completion', 'tokens'}] (stop token dropped)."""
+  objective = objectives.get(config)
+  if not objective.generates:
+    raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; generate needs '
                       f'a causal LM (objective=causal)')
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_causal()
@@ -217,18 +216,25 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
     raise ConfigError(f'the longest prompt ({longest} tokens) plus --max_new_tokens='
                       f'{max_new_tokens} exceeds model.max_len={config.model.max_len}, the '
                       f'length of its learned position table')
-  params, _ = resume.restore_params(s, workdir, step)
-  tokens = np.zeros((len(prompts), longest), np.int32)
+  # On the run's mesh, parameters and cache sharded as in training; the batch padded to
+  # whole rows per device with copies of the first prompt, dropped below.
+  m = inference.load(config, workdir, step, devices)
+  rows = m.padded_rows(len(prompts))
+  encoded += [encoded[0]] * (rows - len(prompts))
+  tokens = np.zeros((rows, longest), np.int32)
   for row, ids in enumerate(encoded):
     tokens[row, :len(ids)] = ids
   lengths = np.array([len(ids) for ids in encoded], np.int32)
   stop_ids = (tokenizer.eos_id,)
-  if num_beams > 1:
-    out, count, _ = jax.device_get(beam_search(s.model, params, tokens, lengths, num_beams,
-                                               max_new_tokens, float(length_penalty), stop_ids))
-  else:
-    out, count = jax.device_get(decode(s.model, params, tokens, lengths, seed, max_new_tokens,
-                                       float(temperature), top_k, float(top_p), stop_ids))
+  with m.setup.active():
+    tokens, lengths = m.put(tokens, ('batch', None)), m.put(lengths, ('batch',))
+    if num_beams > 1:
+      out, count, _ = beam_search(m.setup.model, m.params, tokens, lengths, num_beams,
+                                  max_new_tokens, float(length_penalty), stop_ids)
+    else:
+      out, count = decode(m.setup.model, m.params, tokens, lengths, seed, max_new_tokens,
+                          float(temperature), top_k, float(top_p), stop_ids)
+  out, count = inference.gather(out), inference.gather(count)
   results = []
   for prompt, row, n in zip(prompts, out, count):
     ids = [int(t) for t in row[:n] if t != tokenizer.eos_id]

@@ -147,7 +147,8 @@ class Goodput(Hook):
   def row(self, summary):
     self.take(summary)
     seconds = self.clock.breakdown()
-    row = {'goodput/segment': self.segment, 'goodput/redone_steps': self.redone,
+    row = {'goodput/segment': self.segment, 'goodput/start_step': summary.start,
+           'goodput/redone_steps': self.redone,
            'goodput/wall_s': sum(seconds.values())}
     row.update({f'goodput/{b}_s': s for b, s in seconds.items()})
     row.update({f'goodput/{b}': s for b, s in shares(seconds).items()})

@@ -122,9 +122,11 @@ class Loop:
         self._last_ready += paused
     for step in range(self.step, min(phase.end, self.total)):
       begin = time.perf_counter()
-      batch = mesh_lib.to_device(next(phase.batches), phase.batch_sharding)
-      queued = time.perf_counter()
-      state, metrics = phase.train_step(state, batch)
+      # A step marker in profiler traces: xprof's overview and step-time graph count steps by it.
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = mesh_lib.to_device(next(phase.batches), phase.batch_sharding)
+        queued = time.perf_counter()
+        state, metrics = phase.train_step(state, batch)
       self.step, step_s = step + 1, None
       if self._previous is not None:  # Step n is queued: waiting for n-1 leaves the device busy.
         jax.block_until_ready(self._previous)

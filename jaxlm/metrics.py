@@ -1,4 +1,10 @@
-"""Where training metrics go: metrics.jsonl, TensorBoard, and a progress bar on a terminal."""
+"""Where training metrics go: metrics.jsonl, TensorBoard, W&B (optional), and a progress bar on
+a terminal.
+
+metrics.jsonl keeps the flat names (`loss`, `eval_loss`, `mfu`, ...); TensorBoard groups them
+by tag (`train/loss`, `eval/loss`, `perf/mfu`, `goodput/step`, ...), one section each, and
+holds the resolved config as text and as hyperparameters (its HParams tab).
+"""
 
 import json
 import logging
@@ -11,6 +17,7 @@ import tqdm
 
 from jaxlm import paths
 from jaxlm import workdir as workdir_lib
+from jaxlm.errors import ConfigError, first_line
 
 log = logging.getLogger('jaxlm')
 
@@ -65,6 +72,36 @@ class _RemoteRows:
     self.flush()
 
 
+PERF = ('tokens_per_s', 'tflops_per_device', 'mfu')
+
+
+def tag(key):
+  """The TensorBoard tag of a metrics.jsonl key: names with a group keep it (`goodput/step`),
+  `eval_X` is `eval/X`, throughput is `perf/`, the rest `train/`."""
+  if '/' in key:
+    return key
+  if key.startswith('eval_'):
+    return 'eval/' + key[len('eval_'):]
+  return ('perf/' if key in PERF else 'train/') + key
+
+
+def flat_config(config):
+  """{'model.emb_dim': 64, ...}: the config's leaves, values that are not a number, string or
+  bool as their repr (tuples, None)."""
+  out = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(f'{prefix}{key}.', value)
+      else:
+        keep = isinstance(value, (bool, int, float, str))
+        out[prefix + key] = value if keep else repr(value)
+
+  walk('', config.to_dict() if hasattr(config, 'to_dict') else config)
+  return out
+
+
 class Writer:
   """Appends one JSON object per row to metrics.jsonl and mirrors scalars to TensorBoard.
 
@@ -80,6 +117,8 @@ class Writer:
                  _LocalRows(path))
     from tensorboardX import SummaryWriter  # Heavy import, chief only.
     self.tensorboard = SummaryWriter(paths.join(workdir, 'tensorboard'), flush_secs=flush_secs)
+    self.workdir = workdir
+    self.wandb = None  # A WandB once `start` has read the config.
 
   def write(self, step, row):
     if not self.enabled:
@@ -88,12 +127,76 @@ class Writer:
     self.rows.append(json.dumps(row) + '\n')
     for key, value in row.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
-        self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.add_scalar(tag(key), value, step)
+    if self.wandb is not None:
+      self.wandb.log(row)
+
+  def start(self, config, step):
+    """Begins this process's part of the run at `step`: the resolved config into TensorBoard
+    (as JSON text, its Text tab, and as hyperparameters against the losses, its HParams tab)
+    and, with metrics.wandb_project, the workdir's W&B run (resumed if it has one)."""
+    if not self.enabled:
+      return
+    from tensorboardX.summary import hparams
+    text = json.dumps(config.to_dict(), indent=2, default=repr)
+    self.tensorboard.add_text('config', f'```\n{text}\n```', step)
+    # The experiment and session-start summaries in this run's own event file (add_hparams
+    # would write them to a new sub-run); the metrics named are the scalars above.
+    experiment, session_start, _ = hparams(flat_config(config), {'train/loss': 0, 'eval/loss': 0})
+    for summary in (experiment, session_start):
+      self.tensorboard.file_writer.add_summary(summary, step)
+    if config.metrics.wandb_project and self.wandb is None:
+      self.wandb = WandB(self.workdir, config)
 
   def close(self):
     if self.enabled:
       self.rows.close()
       self.tensorboard.close()
+      if self.wandb is not None:
+        self.wandb.close()
+
+
+WANDB_ID_FILE = 'wandb_run_id'
+
+
+class WandB:
+  """The run's Weights & Biases run: the config, then every metrics row (train, eval, goodput,
+  downstream tasks) under its TensorBoard tag, against the x axis `step` (a resumed run
+  redoes steps it had logged; W&B's own step only grows). Its id is kept in the workdir
+  (wandb_run_id), so a resumed run continues the same W&B run."""
+
+  def __init__(self, workdir, config):
+    try:
+      import wandb
+    except ImportError as e:
+      raise ConfigError('metrics.wandb_project is set but wandb is not installed: '
+                        'pip install -e ".[wandb]", or leave metrics.wandb_project empty') from e
+    m = config.metrics
+    id_file = paths.join(workdir, WANDB_ID_FILE)
+    run_id = paths.read_text(id_file).strip() if paths.isfile(id_file) else None
+    try:
+      self.run = wandb.init(
+          project=m.wandb_project, entity=m.wandb_entity or None,
+          name=m.wandb_run_name or paths.name(paths.normalize(workdir)), id=run_id,
+          resume='allow', dir=None if paths.is_remote(workdir) else paths.normalize(workdir))
+    except wandb.errors.Error as e:
+      raise ConfigError(f'W&B could not start a run in project {m.wandb_project!r} ('
+                        f'{first_line(e)}): run `wandb login`, or set WANDB_MODE=offline') from e
+    # A resumed run may change fields (train_steps, to extend it): the latest values win.
+    self.run.config.update(config.to_dict(), allow_val_change=True)
+    self.run.define_metric('step')
+    self.run.define_metric('*', step_metric='step')
+    if run_id is None:
+      paths.atomic_write(id_file, self.run.id)
+    log.info('W&B run %s (%s)', self.run.id, self.run.url or 'offline: `wandb sync` uploads it')
+
+  def log(self, row):
+    values = {tag(k): v for k, v in row.items()
+              if k != 'step' and isinstance(v, (int, float)) and math.isfinite(v)}
+    self.run.log({'step': row['step'], **values})
+
+  def close(self):
+    self.run.finish()
 
 
 def _plain(value):

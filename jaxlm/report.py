@@ -50,8 +50,9 @@ def summary(rows):
 
 
 def print_summary(s, out):
-  out.write(f"step {s['step']}, {s['segments']} process run(s), {s['wall_s']:.0f} s of wall "
-            f"time accounted, {s['redone_steps']} step(s) redone after restarts\n")
+  out.write(f"step {s['step']}, {s['segments']} segment(s) (one per process start), "
+            f"{s['wall_s']:.0f} s of wall time accounted, {s['redone_steps']} step(s) redone "
+            f"after restarts\n")
   if 'loss' in s:
     out.write(f"loss {s['loss']:.4f}; median {s['tokens_per_s_median']:,.0f} tokens/s, "
               f"MFU {100 * s['mfu_median']:.1f}%\n")
@@ -67,15 +68,34 @@ def print_summary(s, out):
     out.write(f"  {bucket:13} {100 * s['goodput'][bucket]:5.1f}%  {s['seconds'][bucket]:9.1f} s\n")
 
 
+def segments(rows):
+  """The last goodput row of each process (restart segment) of the run, in start order."""
+  last = {}
+  for r in rows:
+    if 'goodput/segment' in r:
+      last[r['goodput/segment']] = r
+  return [last[k] for k in sorted(last)]
+
+
+def _increasing_runs(steps):
+  """[(begin, end), ...]: the index ranges over which `steps` increases; a resumed run that
+  redoes logged steps starts a new one."""
+  starts = [0] + [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+  return list(zip(starts, starts[1:] + [len(steps)]))
+
+
 def plot(rows, directory):
-  """Writes loss.png (train and eval loss), throughput.png (tokens/s and MFU) and goodput.png
-  (the breakdown of each process's time and of the whole run). Returns the paths."""
+  """Writes loss.png (train and eval loss), throughput.png (tokens/s and MFU, a panel each)
+  and goodput.png (the breakdown of each restart segment's time and of the whole run), with
+  the steps where a restart resumed marked. Returns the paths."""
   import matplotlib
   matplotlib.use('Agg')  # No display needed.
   from matplotlib import pyplot as plt
   paths.makedirs(directory)
   train = [r for r in rows if 'loss' in r]
   evals = [r for r in rows if 'eval_loss' in r]
+  parts = segments(rows)
+  restarts = [r['goodput/start_step'] for r in parts[1:] if 'goodput/start_step' in r]
   written = []
 
   def save(fig, name):
@@ -85,27 +105,32 @@ def plot(rows, directory):
       fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
 
+  def panel(ax, ylabel, *series):
+    for steps, values, style, label in series:
+      runs = _increasing_runs(steps)  # A restart's redone steps: a line of their own.
+      for k, (begin, end) in enumerate(runs):
+        ax.plot(steps[begin:end], values[begin:end], style, alpha=1.0 if k == len(runs) - 1
+                else 0.5, label=f'{label}, segment {k + 1}' if len(runs) > 1 else label)
+    for i, step in enumerate(restarts):
+      ax.axvline(step, color='grey', linestyle='--', linewidth=1,
+                 label='restart (resumed at)' if i == 0 else None)
+    ax.set(xlabel='step', ylabel=ylabel)
+    ax.legend(loc='best', fontsize='small')
+
+  steps = [r['step'] for r in train]
   fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot([r['step'] for r in train], [r['loss'] for r in train], label='train loss')
-  ax.plot([r['step'] for r in evals], [r['eval_loss'] for r in evals], 'o-', label='eval loss')
-  ax.set(xlabel='step', ylabel='loss')
-  ax.legend()
+  panel(ax, 'loss', (steps, [r['loss'] for r in train], '-', 'train loss'),
+        ([r['step'] for r in evals], [r['eval_loss'] for r in evals], 'o-', 'eval loss'))
   save(fig, 'loss.png')
 
-  fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot([r['step'] for r in train], [r['tokens_per_s'] for r in train], color='C0')
-  ax.set(xlabel='step', ylabel='tokens/s')
-  mfu = ax.twinx()
-  mfu.plot([r['step'] for r in train], [100 * r['mfu'] for r in train], color='C1')
-  mfu.set_ylabel('MFU %', color='C1')
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+  panel(top, 'tokens/s', (steps, [r['tokens_per_s'] for r in train], '-', 'tokens/s'))
+  panel(bottom, 'MFU (%)', (steps, [100 * r['mfu'] for r in train], '-C1', 'MFU'))
   save(fig, 'throughput.png')
 
-  segments = {}
-  for r in rows:
-    if 'goodput/segment' in r:
-      segments[r['goodput/segment']] = r
-  labels = [f'process {i + 1}\n(step {r["step"]})' for i, r in enumerate(segments.values())]
-  seconds = [[r.get(f'goodput/{b}_s', 0.0) for b in goodput.BUCKETS] for r in segments.values()]
+  labels = [f'segment {i + 1}\n(steps {r.get("goodput/start_step", "?")}-{r["step"]})'
+            for i, r in enumerate(parts)]
+  seconds = [[r.get(f'goodput/{b}_s', 0.0) for b in goodput.BUCKETS] for r in parts]
   total = goodput.summarize(rows)['seconds']
   labels.append('whole run')
   seconds.append([total[b] for b in goodput.BUCKETS])

@@ -248,6 +248,25 @@ def defaults(family='gpt2'):
   c.checkpoint.keep = 3  # Keep the newest N checkpoints.
   c.checkpoint.keep_every_steps = 0  # Also keep every checkpoint whose step is a multiple; 0 = no.
 
+  # Where metrics go besides metrics.jsonl and TensorBoard (always written).
+  c.metrics = ml_collections.ConfigDict()
+  # Weights & Biases project to log to ('' = no W&B). Needs `pip install wandb` and a login
+  # (`wandb login`, or WANDB_API_KEY); WANDB_MODE=offline logs to <workdir>/wandb/ only.
+  c.metrics.wandb_project = ''
+  c.metrics.wandb_entity = ''  # The W&B team or user; '' = the login's default.
+  c.metrics.wandb_run_name = ''  # The run's display name; '' = the workdir's name.
+
+  # lm-eval-harness tasks (`pip install -e ".[eval]"`) during training, on the training mesh;
+  # `jaxlm eval --tasks=...` runs them on a checkpoint. Results: metrics rows
+  # lm_eval/<task>/<metric> and <workdir>/lm_eval/step_<N>.json.
+  c.lm_eval = ml_collections.ConfigDict()
+  c.lm_eval.tasks = ''  # Comma-separated lm-eval task names; '' = none during training.
+  c.lm_eval.every_steps = 0  # Also run them every this many steps; 0 = only at the end.
+  c.lm_eval.num_fewshot = -1  # Few-shot examples per prompt; -1 = each task's own default.
+  c.lm_eval.limit = 0  # At most this many examples per task; 0 = all.
+  c.lm_eval.include_path = ''  # A directory of task YAML files of your own (local data).
+  c.lm_eval.batch_size = 8  # Sequences per scoring batch (rounded up to the batch's devices).
+
   # A jax.profiler trace of a window of steps, under <workdir>/tensorboard/plugins/profile/
   # (TensorBoard's profile tab, xprof). A file named PROFILE in the workdir, or SIGUSR1, also
   # starts one num_steps window (num_steps or 3 if 0) at the next step, without a restart.

@@ -14,7 +14,8 @@ import re
 from jaxlm.errors import ConfigError
 
 GiB = 2 ** 30
-INSTALL = "pip install 'jaxlm[test]' (or pip install 'jax[tpu]' for your jax version)"
+INSTALL = ("pip install -e '.[tpu]' in a jaxlm checkout (or pip install 'jax[tpu]' for your jax "
+           "version)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,7 @@ def devices(slice_, num_slices=1):
   # Compiling needs no chip: never take libtpu's one-process-per-machine lock, so plans run
   # side by side (and next to a training run on a TPU VM).
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  _quiet_libtpu(slice_)
   from jax.experimental import topologies
   shape = slice_.shape + (1,) * (3 - len(slice_.shape))
   # Cloud TPU hosts hold 2x2 chips (v5e/v6e slices of up to 8 chips: one host, all of them).
@@ -109,3 +111,20 @@ def devices(slice_, num_slices=1):
     kwargs['wrap'] = (all(s % 4 == 0 for s in shape),) * 3
   return list(topologies.get_topology_desc(topology_name=slice_.topology_name, platform='tpu',
                                            **kwargs).devices)
+
+
+def _quiet_libtpu(slice_):
+  """Off a TPU VM, libtpu finds no TPU metadata when it loads and says so on stderr ("could
+  not determine TPU accelerator type", an INVALID_ARGUMENT about TPU_WORKER_HOSTNAMES and a
+  source trace): harmless for a compile-only plan, and alarming. Giving it the values it looks
+  for (the planned type, one local worker) silences them; on a machine with TPU chips, the
+  real ones are left alone."""
+  try:
+    from jax._src import hardware_utils  # No public API says whether TPU chips are present.
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+      return
+  except (ImportError, AttributeError):
+    return
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', slice_.accelerator_type)
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('TPU_WORKER_ID', '0')

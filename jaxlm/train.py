@@ -54,8 +54,9 @@ def _train(config, workdir, devices, held):
   try:
     with s.active(), preemption.Watcher() as preempted:
       state, start = clock.timed('checkpoint', resume.initial_state, s, checkpoints, source)
+      writer.start(config, start)
       phases = phase_build.Phases(s, corpus, workdir, process)
-      loop = loop_lib.Loop([
+      loop_hooks = [
           hooks.Metrics(writer, s.mesh.size),
           hooks.NonFinite(config.nonfinite),
           hooks.Preemption(preempted, checkpoints.manager),
@@ -63,7 +64,12 @@ def _train(config, workdir, devices, held):
           hooks.Checkpointing(config.checkpoint.save_every_steps),
           profile.Profiler(config.profile, workdir, chief),
           goodput.Goodput(writer, workdir_lib.metrics_path(workdir), clock),
-      ], hooks.Saver(checkpoints, config), start, config.train_steps, config.log_every_steps)
+      ]
+      if config.lm_eval.tasks:  # Downstream tasks (lm-eval-harness), on the training mesh.
+        from jaxlm import harness
+        loop_hooks.insert(4, harness.DownstreamEval(s, corpus.tokenizer, writer, workdir, chief))
+      loop = loop_lib.Loop(loop_hooks, hooks.Saver(checkpoints, config), start, config.train_steps,
+                           config.log_every_steps)
       for phase in clock.timed_each('compile', phases.walk(start)):
         state = loop.run(phase, state)
         if loop.stopped:

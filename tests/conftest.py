@@ -15,6 +15,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # No persistent compilation cache (jaxlm/compile_cache.py) unless a test asks for one: the
 # suite must not depend on, nor fill, the user's cache.
 os.environ['JAXLM_COMPILE_CACHE'] = ''
+os.environ['JAXLM_PEAK_CACHE'] = ''  # Nor the measured CPU peak (jaxlm/flops.py).
 
 import pytest
 

@@ -17,6 +17,7 @@ from jaxlm import checkpoint, cli, data, evaluate, fill_mask, generate, hf, resu
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
+from jaxlm.data import tokenizer as tokenizer_lib
 
 torch = pytest.importorskip('torch', reason='the HF parity tests need the test extra: '
                             "pip install -e '.[test]' (torch, transformers)")
@@ -156,6 +157,11 @@ def test_export_matches_transformers_and_round_trips(case, tmp_path, tokenizer_f
   random_run(family, tmp_path / 'run', tokenizer_file, **model)
   assert convert('--to-hf', tmp_path / 'hf', f'--workdir={tmp_path}/run') == 0
   assert (tmp_path / 'hf' / 'tokenizer.model').exists()
+  # transformers reads the run's tokenizer (tokenizer.json), not one of its family's.
+  text = 'def main():\n    return "héllo"'
+  exported = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
+  ids = tokenizer_lib.load(str(tokenizer_file)).encode([text])[0]
+  assert exported(text, add_special_tokens=False)['input_ids'] == ids
   reference = getattr(transformers, auto_class).from_pretrained(tmp_path / 'hf').eval()
   assert type(reference).__name__ == hf.BY_FAMILY[family].architecture
   ids = tokens()

@@ -81,7 +81,7 @@ def test_a_model_that_cannot_fit_exits_2_with_the_shortfall(capsys, tmp_path):
 def test_without_libtpu_topology_says_how_to_install_it(capsys, monkeypatch):
   monkeypatch.setattr(topology, 'libtpu_installed', lambda: False)
   assert cli.main(['plan', '--config=configs/gpt_tiny.py', '--topology=v5p-8']) == 2
-  assert "pip install 'jaxlm[test]'" in capsys.readouterr().err
+  assert "pip install -e '.[tpu]' in a jaxlm checkout" in capsys.readouterr().err
 
 
 def intended_topology(name):

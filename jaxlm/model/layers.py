@@ -170,8 +170,11 @@ class Attention(nn.Module):
     key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
     value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
     write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new, (p, 0, 0)))
-    key.value = write(key.value, k, positions[:, 0])
-    value.value = write(value.value, v, positions[:, 0])
+    # Sharded like the keys and values of training (rows, heads); whole along its length,
+    # which grows one token at a time.
+    axes = ('batch', None, 'kv_heads', 'kv')
+    key.value = constrain(write(key.value, k, positions[:, 0]), axes)
+    value.value = constrain(write(value.value, v, positions[:, 0]), axes)
     length = key.value.shape[1]
     mask = jnp.arange(length)[None, None, None, :] <= positions[:, None, :, None]
     return key.value, value.value, mask
