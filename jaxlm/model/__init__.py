@@ -3,7 +3,8 @@
 import ml_collections
 
 from jaxlm import objectives
-from jaxlm.model.transformer import AUX_LOSS, CLASSIFIER_PARAMS, Transformer  # noqa: F401
+from jaxlm.model.transformer import (AUX_LOSS, CLASSIFIER_PARAMS, UPDATED_BY_GRADIENT,  # noqa: F401
+                                     Transformer)
 
 
 def build(config):
