@@ -18,10 +18,11 @@ def run(config, workdir, step=None):
   batches = data.eval_batches(corpus.validation, config, jax.process_index(),
                               jax.process_count())
   params, step = run_lib.restore_params(s, workdir, step)
+  extra = run_lib.restore_extra(s, workdir, step)
   objective = objectives.get(config)
   with s.active():
     eval_step = jax.jit(steps.make_eval_step(s.model, config, objective.prepare(corpus.tokenizer),
                                              objective.token_bytes(corpus.tokenizer)),
-                        in_shardings=(s.shardings.params, s.batch_sharding))
-    result = run_lib.evaluate(eval_step, params, batches, s.batch_sharding)
+                        in_shardings=(s.shardings.params, s.batch_sharding, s.shardings.extra))
+    result = run_lib.evaluate(eval_step, params, batches, s.batch_sharding, extra)
   return {'step': step, **result}

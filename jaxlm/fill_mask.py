@@ -50,21 +50,22 @@ def run(config, workdir, texts, top_k=5, step=None):
   tokenizer.check_specials()
   # Texts go through one at a time, on one device.
   s, params, step = run_lib.restore_for_inference(config, workdir, step)
+  extra = run_lib.restore_extra(s, workdir, step)
   special = objective.prepare(tokenizer).special  # Never a filler.
   mask_id = tokenizer.special_id(MASK)
   with s.active():
 
     @jax.jit
-    def probabilities(params, tokens):
+    def probabilities(params, extra, tokens):
       batch = {'tokens': tokens, 'positions': jnp.arange(tokens.shape[1])[None],
                'segment_ids': jnp.ones_like(tokens)}
-      logits = steps.apply(s.model, params, batch).astype(jnp.float32)
+      logits = steps.apply(s.model, params, batch, extra).astype(jnp.float32)
       return jax.nn.softmax(jnp.where(special, -jnp.inf, logits), axis=-1)
 
     results = []
     for text in texts:
       ids = encode(tokenizer, text, config.model.max_len)
-      probs = np.asarray(probabilities(params, jnp.asarray([ids], jnp.int32)))[0]
+      probs = np.asarray(probabilities(params, extra, jnp.asarray([ids], jnp.int32)))[0]
       masks = [i for i, t in enumerate(ids) if t == mask_id]
       for n, position in enumerate(masks):
         best = np.argsort(-probs[position])[:top_k]

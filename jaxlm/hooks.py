@@ -90,11 +90,11 @@ class Evaluation(Hook):
   bucket = 'eval'
 
   def __init__(self, run_eval, writer):
-    self.run_eval = run_eval  # params -> {'eval_loss': ..., ...}
+    self.run_eval = run_eval  # (params, extra) -> {'eval_loss': ..., ...}
     self.writer = writer
 
   def evaluate(self, loop, step):
-    row = self.run_eval(loop.state.params)
+    row = self.run_eval(loop.state.params, loop.state.extra)
     self.writer.write(step, row)
     log.info('step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f%s', step,
              row['eval_loss'], row['eval_perplexity'], row['eval_accuracy'],

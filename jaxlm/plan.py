@@ -151,14 +151,16 @@ def compile_eval_step(s, prepare, compiler_options=None):
   """The eval step (`jaxlm eval` and the run's periodic evaluation), compiled from shapes for
   the parameter and batch shardings of `s` (the bits-per-byte table left out: no tokenizer)."""
   step = jax.jit(steps.make_eval_step(s.model, s.config, prepare),
-                 in_shardings=(s.shardings.params, s.batch_sharding))
-  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        s.abstract_state.params, s.shardings.params)
+                 in_shardings=(s.shardings.params, s.batch_sharding, s.shardings.extra))
+  params, extra = (jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                abstract, shardings)
+                   for abstract, shardings in ((s.abstract_state.params, s.shardings.params),
+                                               (s.abstract_state.extra, s.shardings.extra)))
   shape = (s.config.batch_size, s.config.model.max_len)
   batch = {k: jax.ShapeDtypeStruct(shape[:len(axes)], jnp.int32, sharding=s.batch_sharding[k])
            for k, axes in state_lib.batch_features(s.config).items()}
   with s.active():
-    return step.lower(params, batch).compile(compiler_options)
+    return step.lower(params, batch, extra).compile(compiler_options)
 
 
 def _topology_report(s, slice_, num_slices, prepare, train_memory, report, json_path):

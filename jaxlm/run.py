@@ -135,16 +135,16 @@ class Phases:
     log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
     log_summary(s, train_step)
     eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare, self.token_bytes),
-                        in_shardings=(s.shardings.params, s.batch_sharding))
+                        in_shardings=(s.shardings.params, s.batch_sharding, s.shardings.extra))
     self.current = Phase(index, end, s, prepare, batches,
                          data.eval_batches(corpus.validation, config, *self.process),
                          train_step, eval_step)
     return self.current
 
-  def evaluate(self, params):
+  def evaluate(self, params, extra):
     """Held-out metrics at the current phase's length."""
     p = self.current
-    return evaluate(p.eval_step, params, p.eval_set, p.setup.batch_sharding)
+    return evaluate(p.eval_step, params, p.eval_set, p.setup.batch_sharding, extra)
 
 
 def inference_setup(config, batch_size=1, devices=None):
@@ -190,6 +190,22 @@ def restore_params(s, workdir, step=None, host=False):
     checkpoints.close()
 
 
+def restore_extra(s, workdir, step):
+  """The model's other variables (TrainState.extra: fp8 amax histories) of the workdir's
+  checkpoint `step`, in the shardings of `s`; a fresh state's where the checkpoint has none
+  (an imported model). What eval, generate and fill-mask run the model with."""
+  if not jax.tree.leaves(s.abstract_state.extra):
+    return {}
+  checkpoints = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir), read_only=True)
+  try:
+    with s.active():
+      extra = checkpoints.restore_extra(step, s.abstract_state.extra, s.shardings.extra)
+      return extra if extra is not None else state_lib.initial_extra(s.model, s.tx, s.config,
+                                                                     s.shardings)
+  finally:
+    checkpoints.close()
+
+
 def compile_train_step(s, prepare, compiler_options=None):
   """The train step of objective `prepare`, jit-compiled ahead of time for the state and batch
   shardings of `s`. Lowered from shapes alone, so it also plans meshes whose devices are not
@@ -221,12 +237,12 @@ def to_device(batch, shardings):
   return {k: mesh_lib.global_array(batch[k], sharding) for k, sharding in shardings.items()}
 
 
-def evaluate(eval_step, params, batches, batch_sharding):
+def evaluate(eval_step, params, batches, batch_sharding, extra=None):
   """Loss, perplexity and accuracy (of the objective's targets: next tokens, masked tokens or
-  labels) over a fixed list of held-out batches."""
+  labels) over a fixed list of held-out batches; `extra`: the model's other variables."""
   totals = None
   for batch in batches:
-    stats = eval_step(params, to_device(batch, batch_sharding))
+    stats = eval_step(params, to_device(batch, batch_sharding), extra or {})
     totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
   totals = jax.device_get(totals)  # One host sync for the whole evaluation.
   weight = max(float(totals['weight']), 1.0)

@@ -75,7 +75,7 @@ class FakeCheckpoints:
 def fake_loop(start=0, **overrides):
   config = tiny_config(**overrides)
   setup = types.SimpleNamespace(config=config, batch_sharding={})
-  loop = loop_lib.Loop(setup, types.SimpleNamespace(params='params'), start, iter(()))
+  loop = loop_lib.Loop(setup, types.SimpleNamespace(params='params', extra={}), start, iter(()))
   return loop
 
 
@@ -112,8 +112,8 @@ def test_metrics_hook_averages_only_the_finite_steps():
 
 def test_evaluation_hook_runs_at_start_every_n_and_at_the_end():
   writer = Recorder()
-  hook = hooks.Evaluation(lambda params: {'eval_loss': 1.0, 'eval_perplexity': np.e,
-                                          'eval_accuracy': 0.5}, writer)
+  hook = hooks.Evaluation(lambda params, extra: {'eval_loss': 1.0, 'eval_perplexity': np.e,
+                                                 'eval_accuracy': 0.5}, writer)
   loop = fake_loop(train_steps=6, eval_every_steps=2)
   hook.on_start(loop)
   for loop.step in range(1, 7):
@@ -125,8 +125,8 @@ def test_evaluation_hook_runs_at_start_every_n_and_at_the_end():
 
 def test_evaluation_hook_skips_the_final_eval_after_a_preemption():
   writer = Recorder()
-  hook = hooks.Evaluation(lambda params: {'eval_loss': 1.0, 'eval_perplexity': 1.0,
-                                          'eval_accuracy': 1.0}, writer)
+  hook = hooks.Evaluation(lambda params, extra: {'eval_loss': 1.0, 'eval_perplexity': 1.0,
+                                                 'eval_accuracy': 1.0}, writer)
   loop = fake_loop(start=3, train_steps=6, eval_every_steps=0)
   hook.on_start(loop)  # A resumed run: no step-0 evaluation.
   loop.stop = True
