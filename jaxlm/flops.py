@@ -73,12 +73,45 @@ def flops_per_token(m, seq_len=None, causal_halved=False, embeddings=True, head_
   return 6 * n + (attention // 2 if causal_halved else attention)
 
 
-def of_run(config, **kwargs):
-  """flops_per_token of a run's model and objective (see `head_fraction`)."""
+def head_fraction(config):
+  """The share of positions a run's output head runs on (a masked LM's gathered ones)."""
   from jaxlm import objectives  # Here: the objective modules import jax.
   predictions = objectives.get(config).predictions()
-  fraction = 1 if predictions is None else predictions / config.model.max_len
-  return flops_per_token(config.model, head_fraction=fraction, **kwargs)
+  return 1 if predictions is None else predictions / config.model.max_len
+
+
+def of_run(config, **kwargs):
+  """flops_per_token of a run's model and objective (see `head_fraction`)."""
+  return flops_per_token(config.model, head_fraction=head_fraction(config), **kwargs)
+
+
+def matmul_weights(m, head_fraction=1):
+  """{layer (matmuls.LAYERS): the weights it multiplies each token by}: N of `6 N` by layer,
+  the head's scaled by the share of positions it runs on (a classifier's are left out, as
+  in param_counts: one row per sequence)."""
+  d, f, L = m.emb_dim, m.mlp_dim, m.num_layers
+  q_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  weights = {'query': L * d * q_width, 'key': L * d * kv_width, 'value': L * d * kv_width,
+             'out': L * q_width * d, 'wi': L * d * f, 'wo': L * f * d}
+  if m.gated_mlp:
+    weights['wi_gate'] = L * d * f
+  if m.head_transform:
+    weights['head_dense'] = d * d * head_fraction
+  weights['output'] = d * m.vocab_size * head_fraction
+  return weights
+
+
+def matmul_precisions(config):
+  """([(layers, what they compute in)], the share of the step's model FLOPs (6N + 12LHQT)
+  run in 8 bits) under model.matmul and model.matmul_keep."""
+  from jaxlm import matmuls  # Here: the kinds' modules import jax.
+  m = config.model
+  groups, eight_bit = {}, 0.0
+  for layer, weights in matmul_weights(m, head_fraction(config)).items():
+    kind = matmuls.kind_of(m, layer)
+    groups.setdefault(matmuls.precision(kind, m.dtype), []).append(layer)
+    eight_bit += 2 * weights * matmuls.eight_bit_passes(kind)  # 2 FLOPs per weight per pass.
+  return [(layers, precision) for precision, layers in groups.items()], eight_bit / of_run(config)
 
 
 def device_peak_flops(device=None):

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, data, errors, flops, objectives, optim, paths, phases, resume, steps
+from jaxlm import (checkpoint, data, errors, flops, matmuls, objectives, optim, paths, phases,
+                   resume, steps)
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
@@ -263,6 +264,8 @@ def log_summary(s, compiled):
   log.info('FLOPs per token: %.4g (6N + 12LHQT), %.4g causal-halved; %.4g per step',
            flops.of_run(s.config), flops.of_run(s.config, causal_halved=True),
            flops.of_run(s.config) * s.config.batch_size * m.max_len)
+  for line in matmul_lines(s):
+    log.info('%s', line)
   log.info('%-36s %-18s %-34s %s', 'parameter', 'shape', 'logical axes', 'mesh axes')
   for name, shape, names, spec in state_lib.param_table(s.abstract, s.shardings):
     log.info('%-36s %-18s %-34s %s', name, shape, names, tuple(spec))
@@ -273,6 +276,20 @@ def log_summary(s, compiled):
     log.info('compiled step: %.1f MiB per device (arguments %.1f, temporaries %.1f)',
              memory['total'] / 2 ** 20, memory['arguments'] / 2 ** 20,
              memory['temporaries'] / 2 ** 20)
+
+
+def matmul_lines(s):
+  """Which matmuls run in which precision, the share of the step's FLOPs in 8 bits, and a line
+  for each kind this device has no fast path for (the log's and `jaxlm plan`'s)."""
+  groups, share = flops.matmul_precisions(s.config)
+  lines = [f'matmuls {", ".join(layers)}: {precision}' for layers, precision in groups]
+  if share:
+    lines.append(f'{100 * share:.1f}% of the step\'s model FLOPs (6N + 12LHQT) run in 8 bits; '
+                 f'MFU is still counted against the bf16 peak')
+  device = s.mesh.devices.flat[0]
+  kinds = {matmuls.kind_of(s.config.model, layer) for layer in matmuls.LAYERS}
+  lines += [note for kind in sorted(kinds) if (note := matmuls.fast_path(kind, device))]
+  return lines
 
 
 def init_source(s):
