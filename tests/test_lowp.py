@@ -21,12 +21,12 @@ EIGHT_BIT = {'int8': {'int8'}, 'fp8': {'float8_e4m3fn', 'float8_e5m2'}}
 
 
 def dots(jaxpr):
-  """The operand dtypes of every dot_general in a jaxpr and its sub-jaxprs (a scan's body
-  once)."""
+  """(operand dtypes, result dtype) of every dot_general in a jaxpr and its sub-jaxprs (a
+  scan's body once)."""
   found = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general':
-      found.append({str(v.aval.dtype) for v in eqn.invars})
+      found.append(({str(v.aval.dtype) for v in eqn.invars}, str(eqn.outvars[0].aval.dtype)))
     for param in eqn.params.values():
       for sub in (param if isinstance(param, (tuple, list)) else (param,)):
         inner = getattr(sub, 'jaxpr', sub)
@@ -67,8 +67,11 @@ def test_every_matmul_of_every_family_runs_the_kind_the_output_layer_kept_by_def
     extra = {k: v for k, v in variables.items() if k != 'params'}
     jaxpr = jax.make_jaxpr(lambda p, e: steps.model_loss(model, p, batch, config, extra=e))(
         variables['params'], extra).jaxpr
-    eight_bit = [d for d in dots(jaxpr) if d <= EIGHT_BIT.get(kind.split('_')[0], set())]
+    eight_bit = [out for operands, out in dots(jaxpr)
+                 if operands <= EIGHT_BIT.get(kind.split('_')[0], set())]
     assert len(eight_bit) == expected, (family, kind, loss_chunk)
+    if kind == 'int8':
+      assert set(eight_bit) == {'int32'}  # Accumulated in int32.
     assert bool(extra) == (kind == 'fp8_delayed')  # Its amax histories, one per matmul.
 
 
@@ -153,15 +156,22 @@ TPU_MODEL = dict(model__family='llama', model__dtype='bfloat16', model__scan_lay
 
 def test_int8_step_compiled_for_tpu_v5e_has_an_s8_dot_for_every_projection():
   """The TPU compiler's optimised HLO (quick compile for v5e-4): each layer's 7 projections
-  multiply s8 x s8 into s32 in the forward pass (the backward pass is bf16 by default)."""
+  multiply s8 x s8 in the forward pass (the backward pass is bf16 by default), one MXU
+  operation each. The step gives them as s8 x s8 -> s32 dots (the count test above); the
+  compiler folds the int32 result's conversion into the operation, so its output is bf16."""
   config = tiny_config(model__matmul='int8', **TPU_MODEL)
   s = run_lib.setup(config, topology.devices(topology.parse('v5e-4')))
   from jaxlm import plan
   hlo = run_lib.compile_train_step(s, objectives.build(config), plan.QUICK).as_text()
+  dtypes = dict(re.findall(r'(%[\w.\-]+) = (\w+)\[', hlo))
   # TPU HLO spells a matmul as a convolution (or a dot) inside a fusion.
-  int8 = re.findall(r'= s32\[[^\]]*\][^ ]* (?:convolution|dot)\(s8\[[^\]]*\][^ ]* [^,]+, '
-                    r's8\[', hlo)
-  assert len(int8) == 2 * 7, len(int8)
+  int8 = [re.search(r'op_name="[^"]*/(layers_\d+/\w+/\w+)/dot_general', rest).group(1)
+          for a, b, rest in re.findall(
+              r'(?:convolution|dot)\((%[\w.\-]+), (%[\w.\-]+)\)(.*)', hlo)
+          if dtypes.get(a) == dtypes.get(b) == 's8']
+  assert sorted(int8) == sorted(f'layers_{i}/{p}' for i in range(2) for p in (
+      'attention/query', 'attention/key', 'attention/value', 'attention/out', 'mlp/wi',
+      'mlp/wi_gate', 'mlp/wo'))
 
 
 def test_fp8_train_step_lowered_for_cuda_has_fp8_dots_with_their_scales():
@@ -184,5 +194,7 @@ def test_fp8_train_step_lowered_for_cuda_has_fp8_dots_with_their_scales():
   assert len(backward) == 2 * 2 * 7 and all(sorted(k) == ['f8E4M3FN', 'f8E5M2']
                                             for k in backward)
   for name, operands in found:
-    if 'f8E' in operands:
+    if 'f8E' in operands:  # A gradient's result is transposed into place first.
+      moved = re.search(rf'(%\S+) = stablehlo\.transpose {re.escape(name)},', mlir)
+      name = moved.group(1) if moved else name
       assert re.search(rf'stablehlo\.multiply {re.escape(name)}, ', mlir), name
