@@ -135,6 +135,8 @@ def main(argv):
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--llama_batch', type=int, default=16, help='sequences of 2048')
   parser.add_argument('--bert_batch', type=int, default=256, help='sequences of 128')
+  parser.add_argument('--parts', default='llama,bert,packed,numerics',
+                      help='which parts to run (a rerun of the ones that failed)')
   args = parser.parse_args(argv)
   tiny, n, w = args.tiny, args.steps, args.warmup
   device = jax.devices()[0]
@@ -142,25 +144,27 @@ def main(argv):
   print(f'{jax.device_count()} x {device.device_kind} ({device.platform}), jax '
         f'{jax.__version__}', flush=True)
   started = time.perf_counter()
-  rows = []
+  rows, parts = [], args.parts.split(',')
   # 1. llama_1b, bf16 against fp8 (the output layer stays bf16: model.matmul_keep).
-  for matmul in ('default', 'fp8', 'fp8_delayed'):
+  for matmul in ('default', 'fp8', 'fp8_delayed') if 'llama' in parts else ():
     config = load('llama_1b', tiny, batch_size=4 if tiny else args.llama_batch,
                   model__remat_policy='minimal', model__matmul=matmul)
     rows.append(timed('llama_1b', config, n, w, matmul=matmul, attention=config.model.attention))
   # 2. bert_large at sequence 128.
-  config = load('bert_large', tiny, batch_size=4 if tiny else args.bert_batch, model__max_len=128,
-                model__remat_policy='none', loss_chunk=0)
-  rows.append(timed('bert_large', config, n, w, matmul='default',
-                    attention=config.model.attention))
+  if 'bert' in parts:
+    config = load('bert_large', tiny, batch_size=4 if tiny else args.bert_batch,
+                  model__max_len=128, model__remat_policy='none', loss_chunk=0)
+    rows.append(timed('bert_large', config, n, w, matmul='default',
+                      attention=config.model.attention))
   # 3. Packed documents: cuDNN's packed flash attention against XLA's.
   kinds = ('cudnn', 'xla') if gpu else ('xla', 'xla')
-  for attention in kinds:
+  for attention in kinds if 'packed' in parts else ():
     config = load('llama_1b', tiny, batch_size=8, model__num_layers=2 if tiny else 4,
                   model__remat_policy='minimal', model__attention=attention)
     rows.append(timed('packed 8 docs/row', config, n, w, packed_batch(config),
                       matmul='default', attention=attention))
-  rows.append(attention_numerics(tiny, kinds))
+  if 'numerics' in parts:
+    rows.append(attention_numerics(tiny, kinds))
   columns = list(dict.fromkeys(k for r in rows for k in r))
   print_table([{k: r.get(k, '') for k in columns} for r in rows])
   print(f'all parts: {time.perf_counter() - started:.0f} s', flush=True)
