@@ -112,9 +112,9 @@ class Transformer(nn.Module):
     cfg = self.cfg
     if cfg.tied_embeddings:
       kind = matmuls.kind_of(cfg, 'output')
-      table = embed.embedding.astype(layers.dtype(cfg.dtype))
+      table = embed.embedding.astype(layers.dtype(cfg.dtype)).T  # As nn.Embed.attend.
       logits = layers.dot_general(kind, 'output_matmul')(
-          x.astype(table.dtype), table, (((x.ndim - 1,), (1,)), ((), ())))
+          x.astype(table.dtype), table, (((x.ndim - 1,), (0,)), ((), ())))
     else:
       logits = layers.dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'unembed', bias=False,
                             layer='output')(x)
