@@ -16,6 +16,12 @@ tokenizer, no corpus. MFU is against the device's bf16 dense peak (989 TFLOP/s f
 H200) with `6N + 12LHQT` FLOPs per token and the causal-halved variant; 8-bit matmuls do not
 change the count.
 
+Besides jax (with CUDA), flax, optax, orbax-checkpoint and sentencepiece, this path imports
+ml-collections (with PyYAML), grain (with array-record, cloudpickle, portpicker, attrs),
+tokenizers and fsspec (all pure Python but array-record and tokenizers; `pip install
+--no-deps` of their wheels is enough). `--parts=llama,bert,packed,numerics` picks parts (a
+rerun of the ones that failed).
+
 --tiny runs the same code on stand-in sizes (a few layers of width 64), for a check on a CPU
 (where cuDNN does not exist: the attention part then compares XLA with itself). With $OUT set,
 the figures are also written to $OUT/gpu_session.json.

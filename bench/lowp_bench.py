@@ -33,7 +33,7 @@ def run(config_path, overrides, kind, steps, workdir, tokenizer, dtype):
   config.train_steps, config.model.dtype, config.model.matmul = steps, dtype, kind
   config.eval_every_steps = 0  # Only at the start and the end.
   config.checkpoint.save_every_steps = steps
-  if tokenizer:
+  if tokenizer and not config.data.tokenizer:
     config.data.tokenizer = tokenizer
   config = config_lib.validate(config)
   start = time.perf_counter()
