@@ -14,6 +14,7 @@ import pytest
 from conftest import one_device, tiny_config
 from jaxlm import matmuls, objectives, run as run_lib, state as state_lib, steps, topology
 from jaxlm import model as model_lib
+from jaxlm.config import ConfigError
 from jaxlm.matmuls import fp8
 from test_checkpoint import rows, shared, start, wait_for_step, write_config
 
@@ -202,3 +203,9 @@ def test_fp8_train_step_lowered_for_cuda_has_fp8_dots_with_their_scales():
       moved = re.search(rf'(%\S+) = stablehlo\.transpose {re.escape(name)},', mlir)
       name = moved.group(1) if moved else name
       assert re.search(rf'stablehlo\.multiply {re.escape(name)}, ', mlir), name
+
+
+def test_matmul_keep_must_name_matmul_layers():
+  with pytest.raises(ConfigError, match=r"model.matmul_keep=\('outptu',\) names 'outptu', which "
+                                        r"is not a matmul layer; choose from query, key"):
+    tiny_config(model__matmul_keep=('outptu',))
