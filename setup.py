@@ -31,6 +31,7 @@ setup(
         'pyarrow>=14',  # Parquet corpora.
         'matplotlib>=3.7',  # jaxlm fit's plots.
         'safetensors>=0.4.3',  # jaxlm convert (its numpy API: no PyTorch).
+        'qwix>=0.1.8',  # model.matmul='int8' (jaxlm/matmuls/int8.py), imported only then.
         'etils[epath]>=1.7', 'fsspec>=2024.2', 'gcsfs>=2024.2',  # gs:// paths (paths.py).
     ],
     extras_require={

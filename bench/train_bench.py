@@ -25,7 +25,9 @@ from jaxlm import run as run_lib  # noqa: E402
 from table import print_table  # noqa: E402 - bench/table.py: scripts run from bench/.
 
 
-def bench(config, num_steps, warmup=2):
+def bench(config, num_steps, warmup=2, batch=None):
+  """The table's row for `config`; `batch`: {feature: [batch, length] array} to time instead
+  of random tokens in one document per row (bench/gpu_session.py: packed documents)."""
   s = run_lib.setup(config)
   start = time.perf_counter()
   compiled = run_lib.compile_train_step(s, s.objective.prepare())
@@ -34,8 +36,8 @@ def bench(config, num_steps, warmup=2):
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
     shape = (config.batch_size, config.model.max_len)
     tokens = jax.random.randint(jax.random.key(1), shape, 0, config.model.vocab_size)
-    batch = {'tokens': tokens, 'segment_ids': jnp.ones(shape, jnp.int32),
-             'positions': jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)}
+    batch = batch or {'tokens': tokens, 'segment_ids': jnp.ones(shape, jnp.int32),
+                      'positions': jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)}
     batch = {k: jax.device_put(v, s.batch_sharding[k]) for k, v in batch.items()}
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
@@ -73,6 +75,7 @@ def main(argv):
   parser.add_argument('--config', required=True)
   parser.add_argument('--steps', type=int, default=20)
   args, rest = parser.parse_known_args(argv)
+  from jaxlm import cli  # Here: bench() alone needs none of the commands' dependencies.
   config = config_lib.load(args.config, cli.parse_overrides(rest))
   print_table([bench(config, args.steps)])
 

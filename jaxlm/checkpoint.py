@@ -236,6 +236,18 @@ class Checkpointer:
         state=_restore_args({'params': target}, partial=True)))
     return restored['state']['params']
 
+  def restore_extra(self, step, abstract_extra, shardings):
+    """The model's other variables (TrainState.extra) saved at `step`, or None where the
+    checkpoint has none of them (parameters only, or written before they existed)."""
+    saved = self.manager.item_metadata(step)['state'].tree.get('extra')
+    if not jax.tree.leaves(abstract_extra) or not saved:
+      return None
+    target = _target(abstract_extra, shardings)
+    check_shapes(saved, target, f'{self.directory}/{step}')
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=_restore_args({'extra': target}, partial=True)))
+    return restored['state']['extra']
+
   def read_params(self, step, abstract_params, batch_bytes=2 ** 26):
     """The parameters saved at `step` as host numpy arrays, read about `batch_bytes` at a
     time (exporting a model that fills the host's memory: a whole-tree restore holds

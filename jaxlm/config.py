@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from jaxlm import phases
+from jaxlm import matmuls, phases
 from jaxlm.errors import ConfigError, first_line  # noqa: F401 (ConfigError re-exported)
 # Config files import `defaults` from here, the public place for it.
 from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults, sweep_defaults  # noqa: F401
@@ -273,6 +273,10 @@ def validate(config):
   if m.rope_type == 'llama3' and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
     raise ConfigError(f'model.rope_low_freq_factor={m.rope_low_freq_factor} must be positive '
                       f'and below model.rope_high_freq_factor={m.rope_high_freq_factor}')
+  unknown = [layer for layer in m.matmul_keep if layer not in matmuls.LAYERS]
+  if unknown:
+    raise ConfigError(f'model.matmul_keep={m.matmul_keep!r} names {unknown[0]!r}, which is not '
+                      f'a matmul layer; choose from {", ".join(matmuls.LAYERS)}')
   _check(config, 'loss_chunk', lambda v: v >= 0, 'must be >= 0')
   if config.loss_chunk and m.max_len % config.loss_chunk:
     raise ConfigError(f'loss_chunk={config.loss_chunk} must divide model.max_len={m.max_len}')

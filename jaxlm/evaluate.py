@@ -15,12 +15,12 @@ from jaxlm import run as run_lib
 log = logging.getLogger('jaxlm')
 
 
-def evaluate(eval_step, params, batches, batch_sharding):
+def evaluate(eval_step, params, batches, batch_sharding, extra=None):
   """Loss, perplexity and accuracy (of the objective's targets: next tokens, masked tokens or
-  labels) over a fixed list of held-out batches."""
+  labels) over a fixed list of held-out batches; `extra`: the model's other variables."""
   totals = None
   for batch in batches:
-    stats = eval_step(params, mesh_lib.to_device(batch, batch_sharding))
+    stats = eval_step(params, mesh_lib.to_device(batch, batch_sharding), extra or {})
     totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
   totals = jax.device_get(totals)  # One host sync for the whole evaluation.
   weight = max(float(totals['weight']), 1.0)
@@ -39,8 +39,9 @@ def run(config, workdir, step=None):
   batches = data.eval_batches(corpus.validation, config, jax.process_index(),
                               jax.process_count())
   params, step = resume.restore_params(s, workdir, step)
+  extra = resume.restore_extra(s, workdir, step)
   eval_step = run_lib.compile_eval_step(s, s.objective.prepare(corpus.tokenizer),
                                         s.objective.token_bytes(corpus.tokenizer))
   with s.active():
-    result = evaluate(eval_step, params, batches, s.batch_sharding)
+    result = evaluate(eval_step, params, batches, s.batch_sharding, extra)
   return {'step': step, **result}

@@ -48,21 +48,22 @@ def run(config, workdir, texts, top_k=5, step=None):
   tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
   tokenizer.check_specials()
   params, step = resume.restore_params(s, workdir, step)
+  extra = resume.restore_extra(s, workdir, step)
   special = tokenizer.special_table(config.model.vocab_size)  # Never a filler.
   mask_id = tokenizer.special_id(MASK)
   with s.active():
 
     @jax.jit
-    def probabilities(params, tokens):
+    def probabilities(params, extra, tokens):
       batch = {'tokens': tokens, 'positions': jnp.arange(tokens.shape[1])[None],
                'segment_ids': jnp.ones_like(tokens)}
-      logits = steps.apply(s.model, params, batch).astype(jnp.float32)
+      logits = steps.apply(s.model, params, batch, extra).astype(jnp.float32)
       return jax.nn.softmax(jnp.where(special, -jnp.inf, logits), axis=-1)
 
     results = []
     for text in texts:
       ids = encode(tokenizer, text, config.model.max_len)
-      probs = np.asarray(probabilities(params, jnp.asarray([ids], jnp.int32)))[0]
+      probs = np.asarray(probabilities(params, extra, jnp.asarray([ids], jnp.int32)))[0]
       masks = [i for i, t in enumerate(ids) if t == mask_id]
       for n, position in enumerate(masks):
         best = np.argsort(-probs[position])[:top_k]

@@ -79,8 +79,43 @@ def flops_per_token(m, seq_len=None, causal_halved=False, embeddings=True, head_
 def of_run(config, predictions, **kwargs):
   """flops_per_token of a run's model, its head on `predictions` positions per row (the
   objective's, objectives.base.Objective.predictions; None = every position)."""
-  fraction = 1 if predictions is None else predictions / config.model.max_len
-  return flops_per_token(config.model, head_fraction=fraction, **kwargs)
+  return flops_per_token(config.model, head_fraction=head_fraction(config, predictions),
+                         **kwargs)
+
+
+def head_fraction(config, predictions):
+  """The share of positions a run's output head runs on (a masked LM's gathered ones)."""
+  return 1 if predictions is None else predictions / config.model.max_len
+
+
+def matmul_weights(m, head_fraction=1):
+  """{layer (matmuls.LAYERS): the weights it multiplies each token by}: N of `6 N` by layer,
+  the head's scaled by the share of positions it runs on (a classifier's are left out, as
+  in param_counts: one row per sequence)."""
+  d, f, L = m.emb_dim, m.mlp_dim, m.num_layers
+  q_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  weights = {'query': L * d * q_width, 'key': L * d * kv_width, 'value': L * d * kv_width,
+             'out': L * q_width * d, 'wi': L * d * f, 'wo': L * f * d}
+  if m.gated_mlp:
+    weights['wi_gate'] = L * d * f
+  if m.head_transform:
+    weights['head_dense'] = d * d * head_fraction
+  weights['output'] = d * m.vocab_size * head_fraction
+  return weights
+
+
+def matmul_precisions(config, predictions):
+  """([(layers, what they compute in)], the share of the step's model FLOPs (6N + 12LHQT)
+  run in 8 bits) under model.matmul and model.matmul_keep; `predictions` as in `of_run`."""
+  from jaxlm import matmuls  # Here: the kinds' modules import jax.
+  m = config.model
+  groups, eight_bit = {}, 0.0
+  for layer, weights in matmul_weights(m, head_fraction(config, predictions)).items():
+    kind = matmuls.kind_of(m, layer)
+    groups.setdefault(matmuls.precision(kind, m.dtype), []).append(layer)
+    eight_bit += 2 * weights * matmuls.eight_bit_passes(kind)  # 2 FLOPs per weight per pass.
+  return ([(layers, precision) for precision, layers in groups.items()],
+          eight_bit / of_run(config, predictions))
 
 
 def device_peak_flops(device=None):

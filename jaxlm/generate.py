@@ -41,11 +41,12 @@ def sample(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
                                              'top_p', 'stop_ids'))
 def decode(model, params, tokens, lengths, seed, max_new_tokens, temperature=0.0, top_k=0,
-           top_p=1.0, stop_ids=()):
+           top_p=1.0, stop_ids=(), extra=None):
   """tokens [B, P] (prompts right-padded), lengths [B] -> new tokens [B, max_new_tokens] and how
-  many of them each row produced (a row stops after its first stop token)."""
+  many of them each row produced (a row stops after its first stop token). `extra`: the
+  model's other variables (TrainState.extra)."""
   batch = tokens.shape[0]
-  step, cache, last = _prefill(model, params, tokens, lengths, max_new_tokens)
+  step, cache, last = _prefill(model, params, tokens, lengths, max_new_tokens, extra)
   stops = jnp.asarray(stop_ids, jnp.int32)
 
   def body(carry):
@@ -69,7 +70,7 @@ def decode(model, params, tokens, lengths, seed, max_new_tokens, temperature=0.0
   return out, count
 
 
-def _prefill(model, params, tokens, lengths, max_new_tokens):
+def _prefill(model, params, tokens, lengths, max_new_tokens, extra=None):
   """(step(cache, tokens, positions) -> (logits, cache), the cache holding the prompts, each
   row's logits after its last prompt token [B, V])."""
   batch, prompt_len = tokens.shape
@@ -78,8 +79,8 @@ def _prefill(model, params, tokens, lengths, max_new_tokens):
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def step(cache, tokens, positions):
-    logits, variables = model.apply({'params': params, 'cache': cache}, tokens, positions,
-                                    decode=True, mutable=['cache'])
+    logits, variables = model.apply({'params': params, 'cache': cache, **(extra or {})},
+                                    tokens, positions, decode=True, mutable=['cache'])
     return logits, variables['cache']
 
   logits, cache = step(cache, tokens, jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape))
@@ -89,7 +90,7 @@ def _prefill(model, params, tokens, lengths, max_new_tokens):
 @functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens',
                                              'length_penalty', 'stop_ids'))
 def beam_search(model, params, tokens, lengths, num_beams, max_new_tokens, length_penalty=1.0,
-                stop_ids=()):
+                stop_ids=(), extra=None):
   """The best continuation of each prompt found by beam search -> (tokens [B, max_new_tokens],
   count [B], score [B]).
 
@@ -102,7 +103,7 @@ def beam_search(model, params, tokens, lengths, num_beams, max_new_tokens, lengt
   """
   batch, beams = tokens.shape[0], num_beams
   step, cache, last = _prefill(model, params, jnp.repeat(tokens, beams, axis=0),
-                               jnp.repeat(lengths, beams), max_new_tokens)
+                               jnp.repeat(lengths, beams), max_new_tokens, extra)
   row_lengths = jnp.repeat(lengths, beams)
   layer_axis = 1 if model.cfg.scan_layers else 0  # Scanned caches lead with the layer axis.
   stops = jnp.asarray(stop_ids, jnp.int32)
@@ -230,10 +231,10 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
     tokens, lengths = m.put(tokens, ('batch', None)), m.put(lengths, ('batch',))
     if num_beams > 1:
       out, count, _ = beam_search(m.setup.model, m.params, tokens, lengths, num_beams,
-                                  max_new_tokens, float(length_penalty), stop_ids)
+                                  max_new_tokens, float(length_penalty), stop_ids, m.extra)
     else:
       out, count = decode(m.setup.model, m.params, tokens, lengths, seed, max_new_tokens,
-                          float(temperature), top_k, float(top_p), stop_ids)
+                          float(temperature), top_k, float(top_p), stop_ids, m.extra)
   out, count = inference.gather(out), inference.gather(count)
   results = []
   for prompt, row, n in zip(prompts, out, count):

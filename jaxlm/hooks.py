@@ -75,7 +75,7 @@ class Evaluation(Hook):
     self.row = {}
 
   def evaluate(self, summary, step):
-    row = summary.phase.evaluate(summary.state.params)
+    row = summary.phase.evaluate(summary.state.params, summary.state.extra)
     self.writer.write(step, row)
     log.info('step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f%s', step,
              row['eval_loss'], row['eval_perplexity'], row['eval_accuracy'],

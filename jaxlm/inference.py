@@ -26,6 +26,7 @@ class Model:
   setup: object  # run.Setup: mesh, rules, model, shardings.
   params: object  # In the setup's parameter shardings.
   step: int = 0  # The checkpoint's.
+  extra: dict = dataclasses.field(default_factory=dict)  # TrainState.extra (fp8 amax histories).
 
   def splits(self, axis):
     """How many devices a dimension of logical `axis` splits over."""
@@ -55,7 +56,7 @@ def load(config, workdir, step=None, devices=None):
   checkpoint `step` (default: the latest)."""
   s = run_lib.setup(config, devices)
   params, step = resume.restore_params(s, workdir, step)
-  return Model(s, params, step)
+  return Model(s, params, step, resume.restore_extra(s, workdir, step))
 
 
 def gather(x):

@@ -50,11 +50,11 @@ class Phase:
   def tokens_per_step(self):
     return self.setup.config.batch_size * self.setup.config.model.max_len
 
-  def evaluate(self, params):
+  def evaluate(self, params, extra):
     """Held-out metrics at the phase's length."""
     if self.eval_step is None:
       self.eval_step = run_lib.compile_eval_step(self.setup, self.prepare, self.token_bytes)
-    return evaluate.evaluate(self.eval_step, params, self.eval_set, self.batch_sharding)
+    return evaluate.evaluate(self.eval_step, params, self.eval_set, self.batch_sharding, extra)
 
 
 class Phases:
@@ -123,6 +123,8 @@ def log_summary(s, compiled):
   log.info('FLOPs per token: %.4g (6N + 12LHQT), %.4g causal-halved; %.4g per step',
            per_token, flops.of_run(s.config, predictions, causal_halved=True),
            per_token * s.config.batch_size * m.max_len)
+  for line in run_lib.matmul_lines(s):
+    log.info('%s', line)
   log.info('%-36s %-18s %-34s %s', 'parameter', 'shape', 'logical axes', 'mesh axes')
   for name, shape, names, spec in state_lib.param_table(s.abstract, s.shardings):
     log.info('%-36s %-18s %-34s %s', name, shape, names, tuple(spec))

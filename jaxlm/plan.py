@@ -72,6 +72,11 @@ def run(config, topology='', num_slices=1, json_path='', quick=False):
   }
   print(f'parameters: {counts["total"]:,}; FLOPs per step: {report["flops_per_step"]:.4g} '
         f'(6N + 12LHQT x {tokens_per_step:,} tokens)')
+  for line in run_lib.matmul_lines(s):
+    print(line)
+  groups, report['eight_bit_flops_share'] = flops.matmul_precisions(config, predictions)
+  report['matmul_precision'] = {layer: precision for layers, precision in groups
+                                for layer in layers}
   if memory:
     print(f'per device: state {report["state_bytes_per_device"] / GiB:.2f} GiB, compiled step '
           f'{memory["total"] / GiB:.2f} GiB (temporaries {memory["temporaries"] / GiB:.2f})')

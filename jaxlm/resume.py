@@ -150,6 +150,22 @@ def restore_params(s, workdir, step=None, host=False):
     checkpoints.close()
 
 
+def restore_extra(s, workdir, step):
+  """The model's other variables (TrainState.extra: fp8 amax histories) of the workdir's
+  checkpoint `step`, in the shardings of `s`; a fresh state's where the checkpoint has none
+  (an imported model). What eval, generate and fill-mask run the model with."""
+  if not jax.tree.leaves(s.abstract_state.extra):
+    return {}
+  checkpoints = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir), read_only=True)
+  try:
+    with s.active():
+      extra = checkpoints.restore_extra(step, s.abstract_state.extra, s.shardings.extra)
+      return extra if extra is not None else state_lib.initial_extra(s.model, s.tx, s.config,
+                                                                     s.shardings)
+  finally:
+    checkpoints.close()
+
+
 def init_source(s):
   """(Checkpointer, step) that `init_from` names, checked against the model; or None."""
   if not s.config.init_from:

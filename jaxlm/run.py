@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import errors, objectives, optim, steps
+from jaxlm import errors, flops, matmuls, objectives, optim, steps
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
@@ -124,8 +124,9 @@ def compile_eval_step(s, prepare, token_bytes=None, compiler_options=None):
   tokenizer's byte table) also the bytes the targets stand for (bits per byte)."""
   step = steps.make_eval_step(s.model, s.objective, prepare, token_bytes)
   params = shapes(s.abstract_state.params, s.shardings.params)
-  return compile_step(s, step, (params, batch_shapes(s)), compiler_options,
-                      in_shardings=(s.shardings.params, s.batch_sharding))
+  extra = shapes(s.abstract_state.extra, s.shardings.extra)
+  return compile_step(s, step, (params, batch_shapes(s), extra), compiler_options,
+                      in_shardings=(s.shardings.params, s.batch_sharding, s.shardings.extra))
 
 
 def memory_per_device(compiled):
@@ -138,3 +139,17 @@ def memory_per_device(compiled):
           'temporaries': m.temp_size_in_bytes,
           'total': (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
                     m.alias_size_in_bytes)}
+
+
+def matmul_lines(s):
+  """Which matmuls run in which precision, the share of the step's FLOPs in 8 bits, and a line
+  for each kind this device has no fast path for (the log's and `jaxlm plan`'s)."""
+  groups, share = flops.matmul_precisions(s.config, s.objective.predictions())
+  lines = [f'matmuls {", ".join(layers)}: {precision}' for layers, precision in groups]
+  if share:
+    lines.append(f'{100 * share:.1f}% of the step\'s model FLOPs (6N + 12LHQT) run in 8 bits; '
+                 f'MFU is still counted against the bf16 peak')
+  device = s.mesh.devices.flat[0]
+  kinds = {matmuls.kind_of(s.config.model, layer) for layer in matmuls.LAYERS}
+  lines += [note for kind in sorted(kinds) if (note := matmuls.fast_path(kind, device))]
+  return lines

@@ -135,7 +135,13 @@ def defaults(family='gpt2'):
   m.init_std = 0.02  # Std of the normal init; residual output projections get /sqrt(2 L).
   m.dtype = 'float32'  # Compute dtype of activations ('bfloat16' on accelerators).
   m.param_dtype = 'float32'  # Storage dtype of parameters (the optimizer's master copy).
-  m.matmul = 'default'  # Every Dense layer's matmul (jaxlm/matmuls): 'default' = lax's.
+  # Every matmul of the model (jaxlm/matmuls): 'default' (lax's, in model.dtype), 'int8'
+  # (int8 forward, backward in model.dtype), 'int8_grads' (int8 gradients too), 'fp8' (e4m3
+  # forward, e5m2 gradients, current scaling) or 'fp8_delayed' (scales from an amax history).
+  m.matmul = 'default'
+  # Layers (matmuls.LAYERS) kept on the 'default' matmul whatever model.matmul says: the
+  # output layer, as MaxText and torchtitan keep it; () puts every matmul in the kind.
+  m.matmul_keep = ('output',)
   # Attention kernel (jaxlm/model/attention.py): 'xla' (materialises the scores), 'cudnn'
   # (flash attention, NVIDIA GPUs), 'splash' (Pallas, TPU; interpret mode elsewhere, slow);
   # 'auto' = splash on TPU, cudnn on NVIDIA GPUs for 16-bit compute, xla otherwise.

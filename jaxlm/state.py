@@ -58,6 +58,14 @@ def abstract_state(model, tx, config):
   return jax.eval_shape(lambda r: boxed_state(model, tx, config, r), rng)
 
 
+def initial_extra(model, tx, config, shardings):
+  """The model's other variables (TrainState.extra) as a fresh state has them, in their
+  shardings (the parameters' initialisation is computed and dropped by the compiler)."""
+  init = jax.jit(lambda r: nn.unbox(boxed_state(model, tx, config, r)).extra,
+                 out_shardings=shardings.extra)
+  return init(jax.random.key(config.seed))
+
+
 def state_shardings(abstract, mesh, rules):
   """A tree of NamedShardings matching the (unboxed) state."""
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)

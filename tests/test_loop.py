@@ -90,7 +90,7 @@ def fake_phase(end=10, evaluate=None, **fields):
 
 def summary(step=0, start=0, total=10, phase=None, seconds=None, **fields):
   """A loop.Summary as hooks see it."""
-  return loop_lib.Summary(step, start, total, types.SimpleNamespace(params='params'),
+  return loop_lib.Summary(step, start, total, types.SimpleNamespace(params='params', extra={}),
                           phase or fake_phase(total), types.MappingProxyType(seconds or {}),
                           **fields)
 
@@ -123,7 +123,7 @@ def test_metrics_hook_writes_each_logged_interval_with_its_throughput():
 
 def test_evaluation_hook_runs_at_start_every_n_and_at_the_end():
   writer = Recorder()
-  phase = fake_phase(6, evaluate=lambda params: {'eval_loss': 1.0, 'eval_perplexity': np.e,
+  phase = fake_phase(6, evaluate=lambda params, extra: {'eval_loss': 1.0, 'eval_perplexity': np.e,
                                                  'eval_accuracy': 0.5})
   hook = hooks.Evaluation(writer, every=2)
   hook.on_start(summary(total=6, phase=phase))

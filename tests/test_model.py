@@ -201,7 +201,8 @@ def test_every_dense_layer_runs_the_registered_matmul(family, monkeypatch):
   an untied output layer's, BERT's head transform) goes through it."""
   from jaxlm import matmuls
   monkeypatch.setitem(matmuls.REGISTRY, 'doubling', f'{__name__}:doubling_dot_general')
-  overrides = dict(model__family=family, model__scan_layers=False, model__tied_embeddings=False)
+  overrides = dict(model__family=family, model__scan_layers=False, model__tied_embeddings=False,
+                   model__matmul_keep=())
   _, default, params, tokens = build(**overrides)
   config = tiny_config(model__matmul='doubling', **overrides)
   doubled = model_lib.build(config.model)

@@ -263,7 +263,8 @@ def test_a_new_objective_kernel_or_matmul_is_one_module_and_one_registry_line(tm
            'positions': jnp.broadcast_to(jnp.arange(T), tokens.shape)}
   with s.active():
     state = state_lib.initialize(s.model, s.tx, config, s.shardings)
-  eval_stats = run_lib.compile_eval_step(s, s.objective.prepare())(state.params, batch)
+  eval_stats = run_lib.compile_eval_step(s, s.objective.prepare())(state.params, batch,
+                                                                    state.extra)
   state, metrics = run_lib.compile_train_step(s, s.objective.prepare())(state, batch)
   # Targets T/2 .. T-1 of each row (the last position predicts nothing), and a step trains.
   assert float(eval_stats['weight']) == 2 * (T // 2 - 1)

@@ -53,6 +53,10 @@ CLASSIFIER_PARAMS = ('pooler', 'classifier')
 # its target count and adds to the objective (steps.model_loss). No layer sows one today.
 AUX_LOSS = 'aux_loss'
 
+# Model state whose new value comes back as its gradient (fp8 delayed scaling's amax
+# histories, flax.linen.fp8_ops' convention): the train step writes it back (steps.py).
+UPDATED_BY_GRADIENT = ('_overwrite_with_gradient',)  # flax.linen.fp8_ops.OVERWRITE_WITH_GRADIENT
+
 
 def get(registry, name):
   """What `name` stands for in `registry` (one of the dicts above)."""

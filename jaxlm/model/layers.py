@@ -66,8 +66,8 @@ class Dense(nn.Module):
     if len(rows) > 1 and not _sharded('length'):
       x = x.reshape(-1, *x.shape[-num_in:])
     contract = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
-    dot_general = matmuls.get(self.matmul)
-    y = dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    y = dot_general(self.matmul)(x.astype(self.dtype), kernel.astype(self.dtype),
+                                 (contract, ((), ())))
     y = y.reshape(*rows, *self.features)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
@@ -84,12 +84,20 @@ def _sharded(logical_axis):
   return any(sizes.get(a, 1) > 1 for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def dense(cfg, features, kernel_axes, name, std=None, bias=None):
-  """A Dense layer configured by the model config."""
+def dot_general(kind, name='matmul'):
+  """The dot_general of matmul kind `kind` (jaxlm/matmuls): its function, or for a kind with
+  state, an instance of its module made here, a child `name` of the calling module."""
+  fn = matmuls.get(kind)
+  return fn(name=name) if isinstance(fn, type) else fn
+
+
+def dense(cfg, features, kernel_axes, name, std=None, bias=None, layer=None):
+  """A Dense layer configured by the model config. `layer`: its name among matmuls.LAYERS
+  (default: `name`), which model.matmul_keep may keep out of the matmul kind."""
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   return Dense(features, kernel_axes, cfg.init_std if std is None else std,
-               cfg.use_bias if bias is None else bias, cfg.dtype, cfg.param_dtype, cfg.matmul,
-               name=name)
+               cfg.use_bias if bias is None else bias, cfg.dtype, cfg.param_dtype,
+               matmuls.kind_of(cfg, layer or name), name=name)
 
 
 def norm(cfg, name):

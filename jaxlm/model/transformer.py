@@ -7,7 +7,9 @@ BERT-style encoder). The head predicts tokens, or with `num_labels` classifies t
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 
+from jaxlm import matmuls
 from jaxlm import model as model_lib
 from jaxlm.model import layers
 
@@ -37,16 +39,20 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, token_types=None,
-               deterministic=True, project=True, decode=False, predict_positions=None):
+               deterministic=True, project=True, decode=False, predict_positions=None,
+               final_states=None):
     """predict_positions [B, P]: run the head at these positions only (a masked LM's chosen
     tokens; objectives.masked.Masking), giving [B, P, vocab].
     project=False stops before the output layer: the final states [B, T, embed], for a
     loss that projects them itself (objectives.base.chunked_loss, with `lm_head`).
+    final_states [..., embed]: such states; only the output layer runs (see `lm_head`).
     decode=True reads and extends the key/value cache (layers.Attention; generate.py)."""
     cfg = self.cfg
+    embed = self.embedding(cfg.vocab_size, 'token_embed', 'vocab')
+    if final_states is not None:
+      return self.output_layer(final_states, embed)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    embed = self.embedding(cfg.vocab_size, 'token_embed', 'vocab')
     x = embed(tokens)
     if cfg.position == 'learned':
       x += self.embedding(cfg.max_len, 'position_embed')(positions)
@@ -73,26 +79,32 @@ class Transformer(nn.Module):
       x = layers.norm(cfg, 'head_norm')(x)
     if not project:
       return x
+    return layers.constrain(self.output_layer(x, embed), ('batch', length_axis, 'vocab'))
+
+  def lm_head(self, x):
+    """Logits [..., vocab] of final states x [..., embed] (from project=False): the output
+    layer alone, for a loss that projects the states itself, chunk by chunk. The step asks
+    the model (`model.apply(variables, x, method='lm_head')`) instead of knowing its
+    parameter names, and the layer runs its own matmul kind."""
+    return self(None, final_states=x)
+
+  def output_layer(self, x, embed):
+    """The output layer: the token embedding transposed (tied) or its own kernel, through the
+    matmul kind of layer 'output', plus the output bias."""
+    cfg = self.cfg
     if cfg.tied_embeddings:
-      logits = embed.attend(x)
+      kind = matmuls.kind_of(cfg, 'output')
+      table = embed.embedding.astype(layers.dtype(cfg.dtype)).T  # As nn.Embed.attend.
+      logits = layers.dot_general(kind, 'output_matmul')(
+          x.astype(table.dtype), table, (((x.ndim - 1,), (0,)), ((), ())))
     else:
-      logits = layers.dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'unembed', bias=False)(x)
+      logits = layers.dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'unembed', bias=False,
+                            layer='output')(x)
     if cfg.output_bias:
       logits += self.param('output_bias', nn.with_logical_partitioning(
           nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,),
                            layers.dtype(cfg.param_dtype)).astype(logits.dtype)
-    return layers.constrain(logits, ('batch', length_axis, 'vocab'))
-
-  def lm_head(self):
-    """(kernel [embed, vocab], bias [vocab] or None) of the output layer, for a loss that
-    projects the final states itself: the step asks the model (`model.apply(variables,
-    method='lm_head')`) instead of knowing its parameter names."""
-    params = self.variables['params']
-    if self.cfg.tied_embeddings:
-      kernel = params['token_embed']['embedding'].T
-    else:
-      kernel = params['unembed']['kernel']
-    return kernel, params.get('output_bias')
+    return logits
 
   def embedding(self, num, name, axis=None):
     cfg = self.cfg
@@ -112,7 +124,8 @@ class Transformer(nn.Module):
     else:
       pooled = jnp.tanh(layers.dense(cfg, cfg.emb_dim, ('embed', None), 'pooler')(x[:, 0]))
     pooled = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(pooled)
-    return layers.dense(cfg, self.num_labels, ('embed', None), 'classifier', bias=True)(pooled)
+    return layers.dense(cfg, self.num_labels, ('embed', None), 'classifier', bias=True,
+                        layer='output')(pooled)
 
   def blocks(self, x, positions, segment_ids, deterministic, decode):
     cfg = self.cfg
@@ -123,7 +136,8 @@ class Transformer(nn.Module):
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(block, length=cfg.num_layers,
-                      variable_axes={'params': 0, 'cache': 0, model_lib.AUX_LOSS: 0},
+                      variable_axes={'params': 0, 'cache': 0, model_lib.AUX_LOSS: 0,
+                                     OVERWRITE_WITH_GRADIENT: 0},
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast),
                       metadata_params={nn.PARTITION_NAME: 'layers'})

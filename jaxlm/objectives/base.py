@@ -130,8 +130,9 @@ def _objective(loss_sum, z_sum, correct, batch):
   return loss_sum + z_sum, stats
 
 
-def chunked_loss(hidden, kernel, bias, batch, z_loss, chunk):
-  """`loss` of the output layer applied to `hidden` [B, T, embed], without ever holding the
+def chunked_loss(hidden, lm_head, batch, z_loss, chunk):
+  """`loss` of the output layer `lm_head` (states [B, C, embed] -> logits [B, C, vocab]: the
+  model's, with its matmul kind) applied to `hidden` [B, T, embed], without ever holding the
   [B, T, vocab] logits: the layer and the cross-entropy run over `chunk` positions at a time,
   and the backward pass recomputes each chunk's logits instead of keeping them.
 
@@ -147,9 +148,7 @@ def chunked_loss(hidden, kernel, bias, batch, z_loss, chunk):
   @jax.checkpoint
   def body(totals, xs):
     h, targets, weights = xs
-    logits = jnp.einsum('bcd,dv->bcv', h, kernel.astype(h.dtype))
-    if bias is not None:
-      logits += bias.astype(logits.dtype)
+    logits = lm_head(h)
     return jax.tree.map(jnp.add, totals, cross_entropy(logits, targets, weights, z_loss)), None
 
   zeros = (jnp.zeros((), jnp.float32),) * 3
