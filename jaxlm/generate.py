@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import data, objectives
+from jaxlm import data, limits, objectives
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
-from jaxlm.data import tokenizer as tokenizer_lib
 
 
 def sample(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
@@ -201,6 +200,23 @@ def reference_beam(model, params, prompt, num_beams, max_new_tokens, length_pena
   return max(final, key=lambda h: h[1])
 
 
+def _check_memory(config, rows, prompt_len, max_new_tokens):
+  """Refuses a decode whose key/value cache (and prefill scores) cannot fit the device, before
+  the checkpoint is read: a RoPE model takes any length, so only memory bounds it."""
+  m = config.model
+  length = prompt_len + max_new_tokens
+  if length >= 2 ** 31:
+    raise ConfigError(f'the longest prompt ({prompt_len} tokens) plus --max_new_tokens='
+                      f'{max_new_tokens} is beyond int32 positions')
+  cache = 2 * m.num_layers * rows * length * m.num_kv_heads * m.head_dim * np.dtype(
+      jnp.dtype(m.dtype)).itemsize
+  scores = rows * m.num_heads * prompt_len * length * 4  # The prefill's float32 attention.
+  limits.check_devices(cache + scores, jax.local_devices()[:1],
+                       f'decoding {rows} rows (prompts x --num_beams) of {length} positions '
+                       f'(--max_new_tokens={max_new_tokens})',
+                       'ask for fewer new tokens, beams or prompts at once')
+
+
 def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
         seed=0, step=None, num_beams=1, length_penalty=1.0):
   """Continues each prompt; returns [{'prompt', 'completion', 'tokens'}] (stop token dropped)."""
@@ -208,7 +224,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
   if not objective.generates:
     raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; generate needs '
                       f'a causal LM (objective=causal)')
-  tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
+  tokenizer = data.run_tokenizer(config, workdir)
   tokenizer.check_causal()
   encoded = [[tokenizer.bos_id] + ids for ids in tokenizer.encode(prompts)]
   longest = max(len(ids) for ids in encoded)
@@ -216,6 +232,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
     raise ConfigError(f'the longest prompt ({longest} tokens) plus --max_new_tokens='
                       f'{max_new_tokens} exceeds model.max_len={config.model.max_len}, the '
                       f'length of its learned position table')
+  _check_memory(config, len(prompts) * num_beams, longest, max_new_tokens)
   # One device: decoding a few prompts needs no mesh.
   s, params, _ = run_lib.restore_for_inference(config, workdir, step, len(prompts))
   tokens = np.zeros((len(prompts), longest), np.int32)

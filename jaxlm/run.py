@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import checkpoint, data, errors, flops, objectives, optim, paths, phases, resume, steps
+from jaxlm import limits
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
@@ -133,6 +134,11 @@ class Phases:
     compile_start = time.perf_counter()
     train_step = compile_train_step(s, prepare)
     log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
+    memory = memory_per_device(train_step)
+    if memory is not None:  # Refused before its buffers are allocated, not OOM-killed.
+      limits.check_devices(memory['total'], list(s.mesh.devices.flat), 'the train step',
+                           'lower batch_size, raise optimizer.grad_accum_steps, or set '
+                           "model.remat_policy='full' or loss_chunk")
     log_summary(s, train_step)
     eval_step = jax.jit(steps.make_eval_step(s.model, config, prepare, self.token_bytes),
                         in_shardings=(s.shardings.params, s.batch_sharding))
@@ -164,6 +170,9 @@ def restore_for_inference(config, workdir, step=None, batch_size=1):
   return (s, *restore_params(s, workdir, step))
 
 
+READ_TRIES = 8
+
+
 def restore_params(s, workdir, step=None, host=False):
   """(the parameters of the workdir's checkpoint `step`, default the latest, in the shardings
   of `s` - or as host numpy arrays, read a batch of leaves at a time, if `host`; that step)."""
@@ -179,13 +188,21 @@ def restore_params(s, workdir, step=None, host=False):
     if step is not None and step not in saved:
       raise errors.ConfigError(f'--step={step}: --workdir={workdir} has checkpoints of steps '
                                f'{", ".join(map(str, saved))}')
-    for candidate in ([step] if step is not None else reversed(saved)):
-      params = resume.read_good_params(s, checkpoints, candidate, host,
-                                       explicit=step is not None)
-      if params is not None:
-        return params, candidate
-    raise errors.RunError(f'--workdir={workdir} has no usable checkpoint (see the warnings '
-                          f'above); nothing was changed')
+    for _ in range(READ_TRIES):  # A training run may delete checkpoints (keep-N) meanwhile.
+      for candidate in ([step] if step is not None else reversed(saved)):
+        params = resume.read_good_params(s, checkpoints, candidate, host,
+                                         explicit=step is not None)
+        if params is resume.GONE:
+          break  # A newer one replaced it: list them again.
+        if params is not None:
+          return params, candidate
+      else:
+        raise errors.RunError(f'--workdir={workdir} has no usable checkpoint (see the warnings '
+                              f'above); nothing was changed')
+      checkpoints.manager.reload()
+      saved = checkpoints.all_steps()
+    raise errors.RunError(f'--workdir={workdir}: its checkpoints were deleted faster than '
+                          f'they could be read ({READ_TRIES} tries); try again')
   finally:
     checkpoints.close()
 
@@ -264,6 +281,10 @@ def init_source(s):
   if not s.config.init_from:
     return None
   source, step = checkpoint.find(s.config.init_from)
+  problem = resume.verify(paths.join(source.directory, str(step)))
+  if problem not in ('ok', 'unverified'):
+    raise errors.ConfigError(f'init_from={s.config.init_from!r}: checkpoint {step} is unusable '
+                             f'({problem})')
   saved = source.saved_config(step)
   if saved is not None:
     objectives.get(s.config).check_init_from(objectives.get(saved), s.config.init_from)
@@ -273,6 +294,9 @@ def init_source(s):
 
 def initial_state(s, checkpoints, batches, source):
   """(state, step): the newest readable checkpoint, or a fresh state (`source`'s parameters)."""
+  limits.check_devices(state_lib.bytes_per_device(s.abstract_state, s.shardings),
+                       list(s.mesh.devices.flat), 'the train state (parameters and optimizer)',
+                       'make the model smaller or shard it over more devices (mesh.fsdp)')
   state, step = checkpoints.restore_latest(s.abstract_state, s.shardings, batches)
   if state is not None:
     log.info('resumed from the checkpoint of step %d', step)
@@ -286,6 +310,10 @@ def initial_state(s, checkpoints, batches, source):
     log.info('initialising the parameters from %s/%d', checkpointer.directory, source_step)
     restored = checkpointer.restore_params(source_step, s.abstract_state.params,
                                            s.shardings.params, model_lib.CLASSIFIER_PARAMS)
+    bad = resume.nonfinite_leaf(restored)  # Else no step would ever be finite.
+    if bad:
+      raise errors.ConfigError(f'{checkpointer.directory}/{source_step} holds non-finite values '
+                               f'in {bad}; start from another checkpoint')
     fresh = sorted(set(state.params) - set(restored))
     if fresh:
       log.info('new parameters (not in the checkpoint): %s', ', '.join(fresh))
