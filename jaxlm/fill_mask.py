@@ -8,7 +8,6 @@ from jaxlm import objectives, steps
 from jaxlm import data
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
-from jaxlm.data import tokenizer as tokenizer_lib
 
 MASK = '[MASK]'
 
@@ -46,7 +45,7 @@ def run(config, workdir, texts, top_k=5, step=None):
   if not objective.fills_masks:
     raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; fill-mask needs '
                       f'a masked LM (objective=masked)')
-  tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
+  tokenizer = data.run_tokenizer(config, workdir)
   tokenizer.check_specials()
   # Texts go through one at a time, on one device.
   s, params, step = run_lib.restore_for_inference(config, workdir, step)

@@ -126,10 +126,19 @@ def verify(step_dir):
   return 'ok'
 
 
+GONE = 'gone'  # What read_good_params returns for a checkpoint deleted while it was read.
+
+
 def read_good_params(s, checkpoints, step, host, explicit):
   """The parameters of checkpoint `step` if it is intact and finite; else None (a warning) for
-  the latest, or an error for one the user asked for. Reads only: nothing is set aside."""
-  problem = verify(paths.join(checkpoints.directory, str(step)))
+  the latest, or an error for one the user asked for; GONE if it is being deleted (a run
+  rotating its checkpoints: the listing changed, a newer one exists). Reads only: nothing is
+  set aside."""
+  step_dir = paths.join(checkpoints.directory, str(step))
+  try:
+    problem = verify(step_dir)
+  except OSError as e:  # A file deleted under the checksum pass.
+    problem = f'{type(e).__name__}: {first_line(e)}'
   params = None
   if problem in ('ok', 'unverified'):
     try:
@@ -148,6 +157,17 @@ def read_good_params(s, checkpoints, step, host, explicit):
       problem = f'non-finite values in {bad}' if bad else None
   if problem is None:
     return params
+  gone = not paths.exists(step_dir)
+  if not gone and not explicit:  # Half deleted? Then a newer checkpoint is complete.
+    listed = checkpoints.all_steps()
+    checkpoints.manager.reload()
+    gone = checkpoints.all_steps() != listed
+  if gone:
+    if explicit:
+      raise ConfigError(f'--step={step}: checkpoint {step} in {checkpoints.directory} was '
+                        f'deleted while it was read (a run keeps only its newest '
+                        f'checkpoint.keep); choose another --step')
+    return GONE
   if explicit:
     raise RunError(f'checkpoint {step} in {checkpoints.directory} is unusable ({problem}); '
                    f'choose another --step')

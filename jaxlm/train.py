@@ -39,6 +39,7 @@ def _train(config, workdir, devices, held):
                  for p in paths.glob(paths.join(workdir_lib.checkpoint_dir(workdir), '*')))
   if resuming:
     resume.check_compatible(workdir, config)
+    data.check_run_tokenizer(config, workdir)  # Before tokenizing anything with another one.
   source = run_lib.init_source(s)
   # Every process tokenizes its share of the corpus unless its manifest exists (the chief
   # trains the tokenizer first, if there is none), then opens the shards.
@@ -47,6 +48,7 @@ def _train(config, workdir, devices, held):
     held.append(lock.acquire(workdir))
     if not resuming:  # A resumed run's config.json changes once its new save is good.
       workdir_lib.save_config(workdir, config)
+    workdir_lib.record_inputs(workdir, corpus.tokenizer)
   distributed.barrier(DATA_PREPARED)
   # What a checkpoint's data position is restored into; each length phase (run.Phases) then
   # makes its own iterator at that position.
