@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import flops, objectives, steps, run as run_lib, topology as topology_lib
+from jaxlm import flops, objectives, paths, steps, run as run_lib, topology as topology_lib
 from jaxlm import mesh as mesh_lib, state as state_lib
 from jaxlm.errors import ConfigError
 
@@ -86,8 +86,7 @@ def run(config, topology='', num_slices=1, json_path='', quick=False):
 
 
 def _write(report, json_path):
-  with open(json_path, 'w') as f:  # A local file (no gs://): a script's input.
-    json.dump(report, f, indent=1)
+  paths.atomic_write(json_path, json.dumps(report, indent=1))
 
 
 def _refuse(report, json_path):
