@@ -170,11 +170,21 @@ class NonFinite(Hook):
 
   def __init__(self, checkpointing):
     self.checkpointing = checkpointing
+    self.logged, self.trained = None, False  # The last log step; a finite step since start.
 
   def on_step(self, loop):
     count = loop.row['nonfinite'] if loop.row else 0
+    if loop.row:
+      since = loop.step - (loop.start if self.logged is None else self.logged)
+      self.trained = self.trained or count < since
+      self.logged = loop.step
     if not count:
       return
+    if not self.trained:  # 'skip' would run to the end having trained nothing, exit 0.
+      raise errors.RunError(
+          f'every step of this run so far ({loop.start}-{loop.step}) had a non-finite loss or '
+          f'gradient: nothing is being trained; lower optimizer.learning_rate (or check '
+          f'init_from and the data)')
     if loop.config.nonfinite == 'skip':
       log.warning('%d step(s) before step %d had a non-finite loss or gradient; their updates '
                   'were skipped', count, loop.step)
