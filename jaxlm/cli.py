@@ -30,15 +30,16 @@ def _number(flag, kind, ok, rule):
   """An argparse type: text -> `kind` (int or float), finite, with ok(value); else one line
   naming the flag, e.g. '--temperature=nan must be a finite number >= 0'."""
   def parse(text):
+    shown = text if text.isprintable() else repr(text)
     try:
       value = kind(text)
     except (ValueError, OverflowError):
       raise argparse.ArgumentTypeError(
-          f'{flag}={text} must be {"an integer" if kind is int else "a number"}') from None
+          f'{flag}={shown} must be {"an integer" if kind is int else "a number"}') from None
     if kind is float and not math.isfinite(value):
-      raise argparse.ArgumentTypeError(f'{flag}={text} must be a finite number, {rule}')
+      raise argparse.ArgumentTypeError(f'{flag}={shown} must be a finite number, {rule}')
     if not ok(value):
-      raise argparse.ArgumentTypeError(f'{flag}={text} must be {rule}')
+      raise argparse.ArgumentTypeError(f'{flag}={shown} must be {rule}')
     return value
   return parse
 
