@@ -18,6 +18,7 @@ one that fails to read for another reason stops the run with nothing renamed.
 """
 
 import logging
+import re
 import time
 
 import jax
@@ -84,14 +85,14 @@ class Checkpointer:
   def save(self, step, state, data_iterator, config):
     """Starts an asynchronous save; raises CheckpointError if this or an earlier write failed."""
     start = time.perf_counter()
-    try:
-      self.manager.check_for_errors()  # An earlier background write may have failed.
+    try:  # An earlier background write may have failed: that is the step to name.
+      self.manager.check_for_errors()
+      self.manager.wait_until_finished()  # What manager.save would wait for anyway.
+      self._complete()
     except Exception as e:
       raise self._write_error(self._saving, e) from e
     self._saving = step
     try:
-      self.manager.wait_until_finished()  # What manager.save would wait for anyway.
-      self._complete()
       self._pending = step
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(state),
@@ -150,6 +151,9 @@ class Checkpointer:
       callback(step)
 
   def _write_error(self, step, e):
+    # The failing write's own directory, where the error names it, over the step we assume.
+    named = re.search(r'/(\d+)\.orbax-checkpoint-tmp', str(e))
+    step = int(named.group(1)) if named else step
     return CheckpointError(f'writing the checkpoint of step {step} under {self.directory} '
                            f'failed ({type(e).__name__}: {first_line(e)}); the earlier '
                            f'checkpoints are intact')

@@ -7,6 +7,7 @@ Config validation runs before jax is imported, so bad input fails in well under 
 import argparse
 import json
 import logging
+import math
 import sys
 import threading
 import traceback
@@ -20,7 +21,35 @@ class _Parser(argparse.ArgumentParser):
   """argparse that raises instead of printing usage and exiting, for one-line errors."""
 
   def error(self, message):
-    raise ConfigError(message)
+    # A flag's own check (see _number) already names it: drop argparse's "argument --x: ".
+    raise ConfigError(message.split(': ', 1)[1] if message.startswith('argument --') and
+                      ': --' in message else message)
+
+
+def _number(flag, kind, ok, rule):
+  """An argparse type: text -> `kind` (int or float), finite, with ok(value); else one line
+  naming the flag, e.g. '--temperature=nan must be a finite number >= 0'."""
+  def parse(text):
+    shown = text if text.isprintable() else repr(text)
+    try:
+      value = kind(text)
+    except (ValueError, OverflowError):
+      raise argparse.ArgumentTypeError(
+          f'{flag}={shown} must be {"an integer" if kind is int else "a number"}') from None
+    if kind is float and not math.isfinite(value):
+      raise argparse.ArgumentTypeError(f'{flag}={shown} must be a finite number, {rule}')
+    if not ok(value):
+      raise argparse.ArgumentTypeError(f'{flag}={shown} must be {rule}')
+    return value
+  return parse
+
+
+INT32 = 2 ** 31 - 1  # Token counts, positions and ids are int32 on the device.
+# Simulated CPU devices cost ~0.1 MB and a superlinear start-up each (10,000: 4 minutes,
+# 1.3 GB); a TPU slice is planned with --topology instead.
+MAX_SIMULATED_DEVICES = 4096
+MAX_SLICES = 1024
+MAX_BOOTSTRAP = 100_000
 
 
 def _config(args, overrides):
@@ -106,8 +135,6 @@ def _fill_mask(args, overrides):
   _require_workdir(args)
   if not args.text:
     raise ConfigError('--text is required, e.g. --text="The [MASK] sat on the mat."')
-  if args.top_k < 1:
-    raise ConfigError(f'--top_k={args.top_k} must be at least 1')
   config = _config(args, overrides)
   if args.top_k > config.model.vocab_size:
     raise ConfigError(f'--top_k={args.top_k} is above the vocabulary '
@@ -121,14 +148,6 @@ def _generate(args, overrides):
   _require_workdir(args)
   if not args.prompt:
     raise ConfigError('--prompt is required, e.g. --prompt="def main("')
-  if args.max_new_tokens < 1:
-    raise ConfigError(f'--max_new_tokens={args.max_new_tokens} must be at least 1')
-  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-    raise ConfigError('--temperature and --top_k must be >= 0 and --top_p in (0, 1]')
-  if args.num_beams < 1 or args.length_penalty < 0:
-    raise ConfigError('--num_beams must be at least 1 and --length_penalty >= 0')
-  if not 0 <= args.seed < 2**32:
-    raise ConfigError(f'--seed={args.seed} must be in [0, 2**32)')
   if args.num_beams > 1 and (args.temperature or args.top_k or args.top_p < 1):
     raise ConfigError('--num_beams searches for the likeliest text; it cannot be combined with '
                       'sampling (--temperature, --top_k, --top_p)')
@@ -147,6 +166,8 @@ def _generate(args, overrides):
 def _tokenize(args, overrides):
   config = _config(args, overrides)
   _require_workdir(args)
+  from jaxlm import workdir as workdir_lib
+  workdir_lib.check_writable(args.workdir)  # Not minutes of tokenizing first.
   _join(config, args)
   from jaxlm import data, objectives
   # Documents are framed as the run that will train on them frames them (BOS/EOS, [CLS]/[SEP]).
@@ -164,13 +185,13 @@ def _report(args, overrides):
 
 def _plan(args, overrides):
   config = _config(args, overrides)
-  if args.devices < 0:
-    raise ConfigError(f'--devices={args.devices} must be a positive number of devices')
   if args.devices and args.topology:
     raise ConfigError('give --devices=N (simulated CPU devices) or --topology=TYPE (a TPU '
                       'slice), not both')
   if args.num_slices != 1 and not args.topology:
     raise ConfigError('--num_slices needs --topology=TYPE (the type of each slice)')
+  from jaxlm import paths
+  paths.check_output_file(args.json, '--json')  # Before minutes of compiling, not after.
   if args.devices:
     import os  # Must be set before jax is imported: N simulated CPU devices.
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -209,10 +230,6 @@ def _fit(args, overrides):
   _require_workdir(args)
   if overrides or args.config:
     raise ConfigError('jaxlm fit takes no --config; it reads the sweep\'s --workdir/runs.jsonl')
-  if args.budget is not None and not args.budget > 0:
-    raise ConfigError(f'--budget={args.budget} must be a positive number of FLOPs, e.g. 1e18')
-  if args.bootstrap < 1:
-    raise ConfigError(f'--bootstrap={args.bootstrap} must be at least 1 (200 is the default)')
   from jaxlm import fit
   return fit.run(args.workdir, args.budget, args.bootstrap)
 
@@ -225,14 +242,14 @@ def _convert(args, overrides):
   if args.config:
     raise ConfigError('jaxlm convert takes no --config: the model is the checkpoint\'s '
                       '(--config.a.b=V overrides still apply to an import)')
-  from jaxlm import convert
+  from jaxlm import convert, paths
+  for flag, location in (('--from-hf', args.from_hf), ('--to-hf', args.to_hf)):
+    paths.require_utf8(location, flag)
   if args.from_hf:
     return convert.from_hf(args.from_hf, args.workdir, overrides)
   if overrides:
     raise ConfigError('--to-hf exports the run as it was trained; it takes no --config.* '
                       'overrides')
-  if not args.max_shard_mb > 0:
-    raise ConfigError(f'--max_shard_mb={args.max_shard_mb} must be positive')
   return convert.to_hf(_config(args, ()), args.workdir, args.to_hf, args.step, args.max_shard_mb,
                        args.dtype)
 
@@ -240,6 +257,8 @@ def _convert(args, overrides):
 def _require_workdir(args):
   if not args.workdir:
     raise ConfigError('--workdir=DIR is required')
+  from jaxlm import paths
+  paths.require_utf8(args.workdir, '--workdir')
 
 
 COMMANDS = {
@@ -267,7 +286,8 @@ def _parser():
     p.add_argument('--workdir', default='', help='the run directory')
     p.add_argument('--verbose', action='store_true', help='debug logging and full tracebacks')
     if name in ('eval', 'fill-mask', 'generate', 'convert'):
-      p.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+      p.add_argument('--step', type=_number('--step', int, lambda v: v >= 0, 'a step >= 0'),
+                     default=None, help='checkpoint step (default latest)')
     if name == 'eval':
       p.add_argument('--tasks', default='',
                      help='lm-eval-harness tasks, comma-separated (instead of held-out loss)')
@@ -282,24 +302,43 @@ def _parser():
     if name == 'fill-mask':
       p.add_argument('--text', action='append', default=[],
                      help='a text with [MASK] where a token is missing (may be repeated)')
-      p.add_argument('--top_k', type=int, default=5, help='fillers shown per mask')
+      p.add_argument('--top_k', type=_number('--top_k', int, lambda v: 1 <= v <= INT32,
+                                             'in [1, 2**31)'),
+                     default=5, help='fillers shown per mask')
     if name == 'generate':
       p.add_argument('--prompt', action='append', default=[],
                      help='a text to continue (may be repeated: one batch)')
-      p.add_argument('--max_new_tokens', type=int, default=64, help='tokens added per prompt')
-      p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
-      p.add_argument('--top_k', type=int, default=0, help='sample from the k likeliest (0 = all)')
-      p.add_argument('--top_p', type=float, default=1.0, help='nucleus sampling mass')
-      p.add_argument('--seed', type=int, default=0, help='sampling seed')
-      p.add_argument('--num_beams', type=int, default=1, help='beam search with N beams (1 = off)')
-      p.add_argument('--length_penalty', type=float, default=1.0,
+      p.add_argument('--max_new_tokens', type=_number('--max_new_tokens', int,
+                                                      lambda v: 1 <= v <= INT32,
+                                                      'in [1, 2**31)'),
+                     default=64, help='tokens added per prompt')
+      p.add_argument('--temperature', type=_number('--temperature', float, lambda v: v >= 0,
+                                                   '>= 0 (0 = greedy)'),
+                     default=0.0, help='0 = greedy')
+      p.add_argument('--top_k', type=_number('--top_k', int, lambda v: 0 <= v <= INT32,
+                                             'in [0, 2**31) (0 = all)'),
+                     default=0, help='sample from the k likeliest (0 = all)')
+      p.add_argument('--top_p', type=_number('--top_p', float, lambda v: 0 < v <= 1,
+                                             'in (0, 1]'),
+                     default=1.0, help='nucleus sampling mass')
+      p.add_argument('--seed', type=_number('--seed', int, lambda v: 0 <= v < 2**32,
+                                            'in [0, 2**32)'),
+                     default=0, help='sampling seed')
+      p.add_argument('--num_beams', type=_number('--num_beams', int, lambda v: 1 <= v <= INT32,
+                                                 'in [1, 2**31)'),
+                     default=1, help='beam search with N beams (1 = off)')
+      p.add_argument('--length_penalty', type=_number('--length_penalty', float,
+                                                      lambda v: v >= 0, '>= 0'),
+                     default=1.0,
                      help='beam search: finished beams score log-prob / length ** this')
     if name == 'convert':
       p.add_argument('--from-hf', dest='from_hf', default='',
                      help='a Hugging Face checkpoint directory to import into --workdir')
       p.add_argument('--to-hf', dest='to_hf', default='',
                      help='a new directory to export the run in --workdir to')
-      p.add_argument('--max_shard_mb', type=float, default=5000.0,
+      p.add_argument('--max_shard_mb', type=_number('--max_shard_mb', float, lambda v: v > 0,
+                                                    'positive'),
+                     default=5000.0,
                      help='export: largest safetensors file; more are written with an index')
       p.add_argument('--dtype', default='', choices=('', 'float32', 'bfloat16', 'float16'),
                      help='export: tensor dtype (default: model.param_dtype)')
@@ -308,17 +347,27 @@ def _parser():
                      help='i/n: run only every n-th run, starting from the i-th (0-based); '
                           'host: each process of the job runs its own share alone')
     if name == 'fit':
-      p.add_argument('--budget', type=float, default=None,
+      p.add_argument('--budget', type=_number('--budget', float, lambda v: v > 0,
+                                              'a positive number of FLOPs, e.g. 1e18'),
+                     default=None,
                      help='print the compute-optimal N and D for this many training FLOPs')
-      p.add_argument('--bootstrap', type=int, default=200,
-                     help='resamples for the confidence intervals')
+      p.add_argument('--bootstrap', type=_number('--bootstrap', int,
+                                                 lambda v: 1 <= v <= MAX_BOOTSTRAP,
+                                                 f'at least 1 (at most {MAX_BOOTSTRAP:,}; '
+                                                 f'200 is the default)'),
+                     default=200, help='resamples for the confidence intervals')
     if name == 'plan':
-      p.add_argument('--devices', type=int, default=0,
-                     help='plan for N simulated CPU devices instead of the real ones')
+      p.add_argument('--devices', type=_number(
+          '--devices', int, lambda v: 1 <= v <= MAX_SIMULATED_DEVICES,
+          f'a positive number of devices, at most {MAX_SIMULATED_DEVICES} (a TPU slice: '
+          f'--topology)'), default=None,
+          help='plan for N simulated CPU devices instead of the real ones')
       p.add_argument('--topology', default='',
                      help='compile for a Cloud TPU slice, e.g. v5p-128 (needs libtpu, no TPU)')
-      p.add_argument('--num_slices', type=int, default=1,
-                     help='with --topology: this many slices joined over DCN')
+      p.add_argument('--num_slices', type=_number('--num_slices', int,
+                                                  lambda v: 1 <= v <= MAX_SLICES,
+                                                  f'in [1, {MAX_SLICES}]'),
+                     default=1, help='with --topology: this many slices joined over DCN')
       p.add_argument('--json', default='', help='also write the report to this file')
       p.add_argument('--quick', action='store_true',
                      help="compile with XLA's least effort: several times faster, memory "

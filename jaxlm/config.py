@@ -46,7 +46,9 @@ def load_sweep(path, overrides=()):
 
 def _load_file(path, schema=defaults):
   if not os.path.isfile(path):  # A Python file imported from local disk.
-    raise ConfigError(f'config file {path!r} not found; pass --config=configs/<name>.py')
+    kind = ('is a directory' if os.path.isdir(path) else
+            'is not a regular file' if os.path.exists(path) else 'not found')
+    raise ConfigError(f'config file {path!r} {kind}; pass --config=configs/<name>.py')
   spec = importlib.util.spec_from_file_location('_jaxlm_config_file', path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -230,14 +232,28 @@ def validate(config):
                'data.shard_bytes'):
     _check(config, name, lambda v: v > 0, 'must be positive')
   for name in ('eval_every_steps', 'z_loss', 'optimizer.warmup_steps', 'optimizer.weight_decay',
-               'optimizer.grad_clip', 'optimizer.eps', 'data.max_documents', 'model.norm_eps',
+               'optimizer.grad_clip', 'data.max_documents', 'model.norm_eps',
                'checkpoint.keep_every_steps', 'distributed.num_processes'):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check(config, 'optimizer.learning_rate', lambda v: v > 0, 'must be positive')
+  # Adam divides by sqrt(v) + eps: with eps 0, a parameter whose gradient is 0 (an embedding
+  # row never seen) gets 0/0 and every update is non-finite, so nothing would train.
+  _check(config, 'optimizer.eps', lambda v: v > 0, 'must be positive (Adam divides by it)')
   # jax.random.key and sentencepiece keep 32 bits of a seed: a larger one would collide.
   _check(config, 'seed', lambda v: 0 <= v < 2**32, 'must be in [0, 2**32)')
-  _check(config, 'model.init_std', lambda v: v > 0, 'must be positive')
-  _check(config, 'distributed.heartbeat_timeout_s', lambda v: v > 0, 'must be positive')
+  # The train state's step counter is int32.
+  _check(config, 'train_steps', lambda v: v < 2**31, 'must be below 2**31')
+  # Above 1, float32 initial weights overflow in the first layers and no step is finite.
+  _check(config, 'model.init_std', lambda v: 0 < v <= 1, 'must be in (0, 1]')
+  for name in ('distributed.heartbeat_timeout_s', 'distributed.barrier_timeout_s'):
+    _check(config, name, lambda v: 0 < v <= 10**6, 'must be positive, in seconds (at most 1e6)')
+  # Each reading thread, and each batch read ahead, is held at once (see limits.py).
+  _check(config, 'data.num_threads', lambda v: v <= 256, 'must be at most 256')
+  _check(config, 'data.prefetch', lambda v: v <= 1024, 'must be at most 1024')
+  for name in ('model.splash_block_q', 'model.splash_block_kv'):
+    _check(config, name, lambda v: v >= 0 and v % 128 == 0,
+           'must be a multiple of 128 (or 0 = auto)')
+  _check(config, 'model.cudnn_max_documents', lambda v: v > 0, 'must be positive')
   for name in ('model.rope_theta', 'model.rope_scaling_factor', 'model.rope_original_max_len'):
     _check(config, name, lambda v: v > 0, 'must be positive')
   for name in ('model.dropout_rate', 'optimizer.b1', 'optimizer.b2', 'masking.rate'):
@@ -251,6 +267,8 @@ def validate(config):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check(config, 'lm_eval.num_fewshot', lambda v: v >= -1, 'must be >= 0, or -1 (the task\'s)')
   _check(config, 'lm_eval.batch_size', lambda v: v > 0, 'must be positive')
+  # The profiler holds a window's events in host memory until the window ends.
+  _check(config, 'profile.num_steps', lambda v: v <= 1000, 'must be at most 1000')
   _check_mixture(config.data)
   phases.check(config)
   if config.data.path and config.data.tfds_name:
@@ -308,8 +326,8 @@ def _check_rules(rules):
 def _check_mixture(d):
   for entry in d.mixture:
     if (not isinstance(entry, (tuple, list)) or len(entry) != 2
-        or isinstance(entry[0], bool) or not isinstance(entry[0], (int, float)) or entry[0] <= 0
-        or not isinstance(entry[1], str) or not entry[1]):
+        or isinstance(entry[0], bool) or not isinstance(entry[0], (int, float))
+        or not 0 < entry[0] < math.inf or not isinstance(entry[1], str) or not entry[1]):
       raise ConfigError(f'data.mixture entry {entry!r} must be (positive weight, source), e.g. '
                         f"(0.7, '/data/web/*.jsonl') or (0.3, 'tfds:lm1b')")
   if d.mixture and (d.path or d.tfds_name):

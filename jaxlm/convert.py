@@ -24,6 +24,7 @@ The tensor tables of each family are in hf.py.
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ import tempfile
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, hf, hf_tokenizer, paths, resume
+from jaxlm import checkpoint, hf, hf_tokenizer, limits, paths, resume
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import run as run_lib
@@ -71,6 +72,8 @@ class Reader:
 
   def _open(self, path):
     from safetensors import safe_open
+    if not paths.isfile(path):  # A FIFO would block the reader; a directory is no file.
+      raise ConfigError(f'{path} is not a regular file')
     try:
       return safe_open(path, framework='flax')
     except Exception as e:  # OSError, or safetensors' own error types.
@@ -200,6 +203,9 @@ def _from_hf(hf_dir, local, workdir, overrides):
   reader = Reader(local)
 
   m = config.model
+  limits.check_host(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(
+      s.abstract_state.params)), f'importing {hf_dir} (one host copy of its parameters)',
+                    'convert on a machine with more memory')
   # One host copy of the parameters, filled in place tensor by tensor.
   params = jax.tree.map(lambda a: _aligned_zeros(a.shape, a.dtype), s.abstract_state.params)
   used = set()
@@ -214,6 +220,11 @@ def _from_hf(hf_dir, local, workdir, overrides):
     if tensor.shape != hf.hf_shape(entry, shapes):
       raise ConfigError(f'{hf_dir}: tensor {stored} has shape {tuple(tensor.shape)}, but its '
                         f'config.json makes it {hf.hf_shape(entry, shapes)}')
+    # A sum (in float64, without a copy) is finite exactly when every element is: a NaN
+    # weight imported would make a run whose only checkpoint is unusable.
+    if not math.isfinite(float(np.sum(tensor, dtype=np.float64))):
+      raise ConfigError(f'{hf_dir}: tensor {stored} holds NaN or infinite values; the '
+                        f'checkpoint is damaged, nothing was imported')
     for target, array in zip(targets, hf.from_hf(entry, tensor, shapes)):
       target[...] = array  # Cast to model.param_dtype.
     used.add(stored)
@@ -281,6 +292,8 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   _check_new_directory(out_dir, '--to-hf')
   tokenizer_file = config.data.tokenizer or data.tokenizer_path(workdir)
   tokenizer = tokenizer_lib.load(tokenizer_file) if paths.exists(tokenizer_file) else None
+  if tokenizer is not None:
+    workdir_lib.check_tokenizer(workdir, tokenizer)
   # Before the tensors: a tokenizer that cannot be converted fails in seconds, not after them.
   tokenizer_files = (hf_tokenizer.files(tokenizer, data.frame(config, tokenizer),
                                         config.model.max_len) if tokenizer else {})
@@ -364,6 +377,7 @@ def _build_then_rename(path, write):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path),
                            prefix=f'{os.path.basename(path)}.converting.')
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would stay on the renamed output.
     result = write(tmp)
     os.replace(tmp, path)  # Also replaces an empty directory at `path`.
     return result
@@ -372,6 +386,17 @@ def _build_then_rename(path, write):
   finally:
     if tmp is not None and os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask():
+  """The process's umask, read without changing it where Linux says it."""
+  try:
+    with open('/proc/self/status') as f:
+      return next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+  except (OSError, StopIteration, ValueError):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _read_json(path):

@@ -33,12 +33,15 @@ def evaluate(eval_step, params, batches, batch_sharding, extra=None):
 
 
 def run(config, workdir, step=None):
-  """Evaluates the checkpoint at `step` (default: the latest) on config.eval_batches batches."""
+  """Evaluates the checkpoint at `step` (default: the latest) on config.eval_batches batches.
+  A run without a checkpoint or its tokenizer is refused before anything is written (no
+  tokenizer is trained, no corpus tokenized)."""
   s = run_lib.setup(config)
+  params, step = resume.restore_params(s, workdir, step)
+  data.run_tokenizer(config, workdir)
   corpus = data.prepare(config, workdir, s.objective.frame, s.objective.labeled)
   batches = data.eval_batches(corpus.validation, config, jax.process_index(),
                               jax.process_count())
-  params, step = resume.restore_params(s, workdir, step)
   extra = resume.restore_extra(s, workdir, step)
   eval_step = run_lib.compile_eval_step(s, s.objective.prepare(corpus.tokenizer),
                                         s.objective.token_bytes(corpus.tokenizer))

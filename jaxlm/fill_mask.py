@@ -7,7 +7,6 @@ import numpy as np
 from jaxlm import data, resume, steps
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
-from jaxlm.data import tokenizer as tokenizer_lib
 
 MASK = '[MASK]'
 
@@ -45,7 +44,7 @@ def run(config, workdir, texts, top_k=5, step=None):
   if not s.objective.fills_masks:
     raise ConfigError(f'--workdir={workdir} holds a {s.objective.name!r} model; fill-mask needs '
                       f'a masked LM (objective=masked)')
-  tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
+  tokenizer = data.run_tokenizer(config, workdir)
   tokenizer.check_specials()
   params, step = resume.restore_params(s, workdir, step)
   extra = resume.restore_extra(s, workdir, step)

@@ -19,6 +19,7 @@ from jaxlm.errors import ConfigError
 
 log = logging.getLogger('jaxlm')
 MIN_RUNS = 5  # The law has five constants.
+MIN_LEVELS = 3  # Distinct N and distinct D: a power law's exponent needs three points.
 
 
 def run(workdir, budget=None, samples=200, seed=0):
@@ -27,6 +28,13 @@ def run(workdir, budget=None, samples=200, seed=0):
     raise ConfigError(f'{sweep_lib.runs_path(workdir)} has {len(rows)} finished run(s); the fit '
                       f'needs at least {MIN_RUNS}: run (or finish) jaxlm sweep first')
   N, D, C, loss = _columns(rows)
+  for name, values in (('N', N), ('D', D)):
+    if len(np.unique(values)) < MIN_LEVELS:  # Else E, A, alpha (B, beta) are not determined.
+      raise ConfigError(
+          f'{sweep_lib.runs_path(workdir)}: its {len(rows)} runs have {len(np.unique(values))} '
+          f'distinct {name} ({", ".join(f"{v:.4g}" for v in np.unique(values)[:4])}); fitting '
+          f'L(N, D) needs at least {MIN_LEVELS} model sizes N and {MIN_LEVELS} token counts D '
+          f'(sweep several sizes over several budgets or tokens)')
   groups = _budget_groups(rows)
   law = laws.fit_parametric(N, D, loss)
   law['intervals'] = laws.bootstrap_parametric(N, D, loss, law, samples, seed)

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import data, inference, objectives
+from jaxlm import data, inference, limits, objectives
 from jaxlm.errors import ConfigError
-from jaxlm.data import tokenizer as tokenizer_lib
 
 
 def sample(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
@@ -201,6 +200,26 @@ def reference_beam(model, params, prompt, num_beams, max_new_tokens, length_pena
   return max(final, key=lambda h: h[1])
 
 
+def _check_memory(config, rows, prompt_len, max_new_tokens, devices=None):
+  """Refuses a decode whose key/value cache (and prefill scores) cannot fit the devices (its
+  rows split over them), before the checkpoint is read: a RoPE model takes any length, so only
+  memory bounds it."""
+  m = config.model
+  devices = devices or jax.devices()
+  rows = -(-rows // len(devices))  # Per device: the batch axis splits over them.
+  length = prompt_len + max_new_tokens
+  if length >= 2 ** 31:
+    raise ConfigError(f'the longest prompt ({prompt_len} tokens) plus --max_new_tokens='
+                      f'{max_new_tokens} is beyond int32 positions')
+  cache = 2 * m.num_layers * rows * length * m.num_kv_heads * m.head_dim * np.dtype(
+      jnp.dtype(m.dtype)).itemsize
+  scores = rows * m.num_heads * prompt_len * length * 4  # The prefill's float32 attention.
+  limits.check_devices(cache + scores, list(devices)[:1],
+                       f'decoding {rows} rows (prompts x --num_beams) of {length} positions '
+                       f'(--max_new_tokens={max_new_tokens})',
+                       'ask for fewer new tokens, beams or prompts at once')
+
+
 def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
         seed=0, step=None, num_beams=1, length_penalty=1.0, devices=None):
   """Continues each prompt on the run's mesh (over `devices`, default all); returns
@@ -209,7 +228,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
   if not objective.generates:
     raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; generate needs '
                       f'a causal LM (objective=causal)')
-  tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
+  tokenizer = data.run_tokenizer(config, workdir)
   tokenizer.check_causal()
   encoded = [[tokenizer.bos_id] + ids for ids in tokenizer.encode(prompts)]
   longest = max(len(ids) for ids in encoded)
@@ -217,6 +236,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
     raise ConfigError(f'the longest prompt ({longest} tokens) plus --max_new_tokens='
                       f'{max_new_tokens} exceeds model.max_len={config.model.max_len}, the '
                       f'length of its learned position table')
+  _check_memory(config, len(prompts) * num_beams, longest, max_new_tokens, devices)
   # On the run's mesh, parameters and cache sharded as in training; the batch padded to
   # whole rows per device with copies of the first prompt, dropped below.
   m = inference.load(config, workdir, step, devices)

@@ -145,11 +145,21 @@ class NonFinite(Hook):
 
   def __init__(self, policy):
     self.policy = policy
+    self.logged, self.trained = None, False  # The last log step; a finite step since start.
 
   def on_step(self, summary):
     count = summary.logged['nonfinite'] if summary.logged else 0
+    if summary.logged:
+      since = summary.step - (summary.start if self.logged is None else self.logged)
+      self.trained = self.trained or count < since
+      self.logged = summary.step
     if not count:
       return None
+    if not self.trained:  # 'skip' would run to the end having trained nothing, exit 0.
+      raise errors.RunError(
+          f'every step of this run so far ({summary.start}-{summary.step}) had a non-finite loss '
+          f'or gradient: nothing is being trained; lower optimizer.learning_rate (or check '
+          f'init_from and the data)')
     if self.policy == 'skip':
       log.warning('%d step(s) before step %d had a non-finite loss or gradient; their updates '
                   'were skipped', count, summary.step)

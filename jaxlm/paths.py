@@ -12,15 +12,20 @@ object store a single object write is already atomic (readers see the old object
 
 import builtins
 import contextlib
+import errno
 import glob as glob_lib
 import io
 import os
 import shutil
+import socket
+import stat
 import tempfile
 
 import fsspec
 import fsspec.config
 from etils import epath
+
+from jaxlm.errors import ConfigError
 
 _WILDCARDS = '*?['
 # Other writers share the bucket (tensorstore under Orbax, the other hosts): a directory
@@ -47,6 +52,12 @@ def path(location):
   return epath.Path(normalize(location))
 
 
+def filesystem(location):
+  """(fsspec filesystem, its name for the object) of a URL: for what epath does not offer,
+  such as a write with a precondition or an object's metadata."""
+  return fsspec.core.url_to_fs(normalize(location))
+
+
 def join(location, *parts):
   return str(path(location).joinpath(*parts))
 
@@ -68,8 +79,39 @@ def isdir(location):
 
 
 def isfile(location):
+  """Whether `location` is a file to read: locally a regular one (not a FIFO, socket or
+  device, whose reads block or never end)."""
+  if not is_remote(location):
+    return os.path.isfile(normalize(location))
   p = path(location)
   return p.exists() and not p.is_dir()
+
+
+def require_utf8(location, what):
+  """A ConfigError unless `location` is valid UTF-8: a name the operating system handed over
+  in bytes (surrogate escapes) that Orbax, tensorstore or safetensors cannot take."""
+  try:
+    str(location).encode('utf-8')
+  except UnicodeEncodeError:
+    raise ConfigError(f'{what}={location!r} is not valid UTF-8, which checkpoints and '
+                      f'tensorstore need; rename it') from None
+
+
+def check_output_file(location, what):
+  """A ConfigError unless a file can be written at `location` (before the work that makes
+  it): not a directory nor a special file, in a folder that exists."""
+  if not location or is_remote(location):
+    return
+  full = normalize(location)
+  if os.path.isdir(full):
+    raise ConfigError(f'{what}={location} is a directory; give a file name')
+  if os.path.exists(full) and not os.path.isfile(full):
+    raise ConfigError(f'{what}={location} is not a regular file')
+  folder = os.path.dirname(full)
+  if not os.path.isdir(folder):
+    raise ConfigError(f'{what}={location}: its folder {folder} does not exist')
+  if not os.access(folder, os.W_OK):
+    raise ConfigError(f'{what}={location}: its folder {folder} is not writable')
 
 
 def size(location):
@@ -111,11 +153,22 @@ def makedirs(location):
 
 def open(location, mode='r', encoding=None, newline=None):  # noqa: A001 - this layer's open.
   if not is_remote(location):
+    if 'r' in mode:  # Opening a FIFO blocks until a writer comes, and a device never ends.
+      _must_be_regular(normalize(location))
     return builtins.open(normalize(location), mode, encoding=encoding, newline=newline)
   binary = path(location).open(mode if 'b' in mode else mode + 'b')
   if 'b' in mode:
     return binary
   return io.TextIOWrapper(binary, encoding=encoding or 'utf-8', newline=newline)
+
+
+def _must_be_regular(local):
+  try:
+    mode = os.stat(local).st_mode
+  except OSError:
+    return  # Missing or unreadable: open() says so.
+  if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+    raise OSError(errno.EINVAL, 'not a regular file (a FIFO, socket or device)', local)
 
 
 def read_bytes(location):
@@ -125,6 +178,23 @@ def read_bytes(location):
 
 def read_text(location):
   return read_bytes(location).decode('utf-8')
+
+
+def crc32c(location):
+  """The CRC-32C of a file's bytes, read in chunks (not memory-mapped: the pages stay out of
+  the process). On GCS the object's own CRC-32C from its metadata, without reading it."""
+  import google_crc32c  # With gcsfs (google-cloud-storage needs it); a C implementation.
+  if is_remote(location):
+    fs, name = filesystem(location)
+    stored = fs.info(name).get('crc32c')
+    if stored:
+      import base64
+      return int.from_bytes(base64.b64decode(stored), 'big')
+  crc = 0
+  with open(location, 'rb') as f:
+    while chunk := f.read(1 << 24):
+      crc = google_crc32c.extend(crc, chunk)
+  return crc
 
 
 def glob(pattern):
@@ -175,7 +245,7 @@ def atomic_file(location):
     f.close()
     return
   location = normalize(location)
-  tmp = f'{location}.tmp.{os.getpid()}'
+  tmp = f'{location}.tmp.{socket.gethostname()}.{os.getpid()}'
   try:
     with builtins.open(tmp, 'wb') as f:
       yield f
@@ -186,6 +256,27 @@ def atomic_file(location):
     if os.path.exists(tmp):
       os.remove(tmp)
   _fsync_dir(os.path.dirname(location))
+
+
+def remove_abandoned_temporaries(location):
+  """Removes the temporary files of atomic writes to a local `location` whose writer has
+  exited on this host (a process killed while writing). Another live writer's are kept:
+  two commands may write the same file at once (two `jaxlm tokenize` on one workdir)."""
+  if is_remote(location):
+    return
+  for tmp in glob_lib.glob(glob_lib.escape(normalize(location)) + '.tmp.*'):
+    *host, pid = tmp.rsplit('.tmp.', 1)[1].rsplit('.', 1)
+    if host and host[0] != socket.gethostname() or not pid.isdigit():
+      continue  # Another machine's, or not ours at all.
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      try:
+        os.remove(tmp)
+      except FileNotFoundError:
+        pass
+    except (PermissionError, OverflowError):
+      pass
 
 
 def _fsync_dir(directory):

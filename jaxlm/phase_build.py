@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 
-from jaxlm import data, evaluate, flops, phases
+from jaxlm import data, evaluate, flops, limits, phases
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import run as run_lib
@@ -103,6 +103,11 @@ class Phases:
     compile_start = time.perf_counter()
     train_step = run_lib.compile_train_step(s, prepare)
     log.info('compiled the train step in %.1f s', time.perf_counter() - compile_start)
+    memory = run_lib.memory_per_device(train_step)
+    if memory:  # Refused before its buffers are allocated, not OOM-killed.
+      limits.check_devices(memory['total'], list(s.mesh.devices.flat), 'the train step',
+                           'lower batch_size, raise optimizer.grad_accum_steps, or set '
+                           "model.remat_policy='full' or loss_chunk")
     log_summary(s, train_step)
     self.current = Phase(index, step, end, s, batches,
                          data.eval_batches(corpus.validation, config, *self.process),

@@ -22,7 +22,7 @@ import time
 import flax.linen as nn
 import jax
 
-from jaxlm import flops, run as run_lib, topology as topology_lib
+from jaxlm import flops, paths, run as run_lib, topology as topology_lib
 from jaxlm import mesh as mesh_lib, state as state_lib
 from jaxlm.errors import ConfigError
 
@@ -90,8 +90,7 @@ def run(config, topology='', num_slices=1, json_path='', quick=False):
 
 
 def _write(report, json_path):
-  with open(json_path, 'w') as f:  # A local file (no gs://): a script's input.
-    json.dump(report, f, indent=1)
+  paths.atomic_write(json_path, json.dumps(report, indent=1))
 
 
 def _refuse(report, json_path):

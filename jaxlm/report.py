@@ -18,12 +18,15 @@ def read_rows(workdir):
   if not paths.exists(path):
     raise ConfigError(f'--workdir={workdir} has no metrics.jsonl; train first')
   rows = []
-  with paths.open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except ValueError:
-        pass  # The half-written last line of a run killed mid-write (or still writing).
+  try:
+    with paths.open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:
+          pass  # The half-written last line of a run killed mid-write (or still writing).
+  except (OSError, UnicodeDecodeError) as e:  # A directory, a FIFO, bytes that are not text.
+    raise ConfigError(f'{path} cannot be read ({e})') from e
   return rows
 
 

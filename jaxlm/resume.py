@@ -20,7 +20,7 @@ import logging
 
 import jax
 
-from jaxlm import checkpoint, errors, integrity, objectives, optim, paths
+from jaxlm import checkpoint, errors, integrity, limits, objectives, optim, paths
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
@@ -88,10 +88,19 @@ def _describe(entry):
   return 'absent' if entry is None else f'{entry[1]}{list(entry[0])}'
 
 
+GONE = 'gone'  # What read_good_params returns for a checkpoint deleted while it was read.
+
+
 def read_good_params(s, checkpoints, step, host, explicit):
   """The parameters of checkpoint `step` if it is intact and finite; else None (a warning) for
-  the latest, or an error for one the user asked for. Reads only: nothing is set aside."""
-  problem = integrity.verify(paths.join(checkpoints.directory, str(step)))
+  the latest, or an error for one the user asked for; GONE if it is being deleted (a run
+  rotating its checkpoints: the listing changed, a newer one exists). Reads only: nothing is
+  set aside."""
+  step_dir = paths.join(checkpoints.directory, str(step))
+  try:
+    problem = integrity.verify(step_dir)
+  except OSError as e:  # A file deleted under the checksum pass.
+    problem = f'{type(e).__name__}: {first_line(e)}'
   params = None
   if problem in ('ok', 'unverified'):
     try:
@@ -110,6 +119,17 @@ def read_good_params(s, checkpoints, step, host, explicit):
       problem = f'non-finite values in {bad}' if bad else None
   if problem is None:
     return params
+  gone = not paths.exists(step_dir)
+  if not gone and not explicit:  # Half deleted? Then a newer checkpoint is complete.
+    listed = checkpoints.all_steps()
+    checkpoints.manager.reload()
+    gone = checkpoints.all_steps() != listed
+  if gone:
+    if explicit:
+      raise ConfigError(f'--step={step}: checkpoint {step} in {checkpoints.directory} was '
+                        f'deleted while it was read (a run keeps only its newest '
+                        f'checkpoint.keep); choose another --step')
+    return GONE
   if explicit:
     raise RunError(f'checkpoint {step} in {checkpoints.directory} is unusable ({problem}); '
                    f'choose another --step')
@@ -123,6 +143,9 @@ def restore_for_inference(config, workdir, step=None, batch_size=1):
   that step), for the commands that only run the model (fill-mask, generate)."""
   s = run_lib.inference_setup(config, batch_size)
   return (s, *restore_params(s, workdir, step))
+
+
+READ_TRIES = 8
 
 
 def restore_params(s, workdir, step=None, host=False):
@@ -140,12 +163,20 @@ def restore_params(s, workdir, step=None, host=False):
     if step is not None and step not in saved:
       raise errors.ConfigError(f'--step={step}: --workdir={workdir} has checkpoints of steps '
                                f'{", ".join(map(str, saved))}')
-    for candidate in ([step] if step is not None else reversed(saved)):
-      params = read_good_params(s, checkpoints, candidate, host, explicit=step is not None)
-      if params is not None:
-        return params, candidate
-    raise errors.RunError(f'--workdir={workdir} has no usable checkpoint (see the warnings '
-                          f'above); nothing was changed')
+    for _ in range(READ_TRIES):  # A training run may delete checkpoints (keep-N) meanwhile.
+      for candidate in ([step] if step is not None else reversed(saved)):
+        params = read_good_params(s, checkpoints, candidate, host, explicit=step is not None)
+        if params is GONE:
+          break  # A newer one replaced it: list them again.
+        if params is not None:
+          return params, candidate
+      else:
+        raise errors.RunError(f'--workdir={workdir} has no usable checkpoint (see the warnings '
+                              f'above); nothing was changed')
+      checkpoints.manager.reload()
+      saved = checkpoints.all_steps()
+    raise errors.RunError(f'--workdir={workdir}: its checkpoints were deleted faster than '
+                          f'they could be read ({READ_TRIES} tries); try again')
   finally:
     checkpoints.close()
 
@@ -171,6 +202,10 @@ def init_source(s):
   if not s.config.init_from:
     return None
   source, step = checkpoint.find(s.config.init_from)
+  problem = integrity.verify(paths.join(source.directory, str(step)))
+  if problem not in ('ok', 'unverified'):
+    raise errors.ConfigError(f'init_from={s.config.init_from!r}: checkpoint {step} is unusable '
+                             f'({problem})')
   saved = source.saved_config(step)
   if saved is not None:
     s.objective.check_init_from(saved_objective(saved), s.config.init_from)
@@ -181,6 +216,9 @@ def init_source(s):
 def initial_state(s, checkpoints, source):
   """(state, step): the newest readable checkpoint, or a fresh state (`source`'s parameters).
   The data needs no restoring: batch s is a pure function of (seed, s) (jaxlm/phases.py)."""
+  limits.check_devices(state_lib.bytes_per_device(s.abstract_state, s.shardings),
+                       list(s.mesh.devices.flat), 'the train state (parameters and optimizer)',
+                       'make the model smaller or shard it over more devices (mesh.fsdp)')
   state, step = checkpoints.restore_latest(s.abstract_state, s.shardings)
   if state is not None:
     log.info('resumed from the checkpoint of step %d', step)
@@ -194,6 +232,10 @@ def initial_state(s, checkpoints, source):
     log.info('initialising the parameters from %s/%d', checkpointer.directory, source_step)
     restored = checkpointer.restore_params(source_step, s.abstract_state.params,
                                            s.shardings.params, model_lib.CLASSIFIER_PARAMS)
+    bad = integrity.nonfinite_leaf(restored)  # Else no step would ever be finite.
+    if bad:
+      raise errors.ConfigError(f'{checkpointer.directory}/{source_step} holds non-finite values '
+                               f'in {bad}; start from another checkpoint')
     fresh = sorted(set(state.params) - set(restored))
     if fresh:
       log.info('new parameters (not in the checkpoint): %s', ', '.join(fresh))

@@ -57,10 +57,20 @@ def check(sweep):
     raise ConfigError('set exactly one of budgets (isoFLOP: FLOPs per run) and tokens (a grid '
                       'of training tokens per run)')
   for name in ('budgets', 'tokens'):
-    if not all(isinstance(v, (int, float)) and v > 0 for v in sweep[name]):
-      raise ConfigError(f'{name}={tuple(sweep[name])!r} must all be positive numbers')
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               and v > 0 for v in sweep[name]):
+      raise ConfigError(f'{name}={tuple(sweep[name])!r} must all be positive finite numbers')
+  for name in ('sizes', 'budgets', 'tokens'):
+    twice = next((v for i, v in enumerate(sweep[name]) if v in sweep[name][:i]), None)
+    if twice is not None:
+      raise ConfigError(f'{name} lists {twice!r} twice; each run is trained once')
   if not 0 <= sweep.warmup_fraction < 1:
     raise ConfigError(f'warmup_fraction={sweep.warmup_fraction!r} must be in [0, 1)')
+  if not 0 <= sweep.batch_compute_exponent <= 1:
+    raise ConfigError(f'batch_compute_exponent={sweep.batch_compute_exponent!r} must be in '
+                      f'[0, 1]')
+  if sweep.max_steps < 0:
+    raise ConfigError(f'max_steps={sweep.max_steps} must be >= 0 (0 = no limit)')
 
 
 def plan(sweep):
@@ -98,6 +108,14 @@ def plan(sweep):
   if not runs:
     raise ConfigError('every run of the sweep is outside [min_steps, max_steps]; lower '
                       'min_steps or change budgets/tokens')
+  named = {}
+  for r in runs:  # A run is found by its name: two of one name would train once.
+    other = named.setdefault(r.name, r)
+    if other is not r:
+      field = 'budgets' if sweep.budgets else 'tokens'
+      raise ConfigError(f'two entries of {field}={tuple(sweep[field])!r} give the same run name '
+                        f'{r.name} (names keep 3 significant digits); make them differ in the '
+                        f'first 3 digits')
   return sorted(runs, key=lambda r: (r.budget or r.C, r.N))
 
 
@@ -315,6 +333,8 @@ def read_runs(workdir):
             raise ConfigError(f'{path}, line {number} is not JSON: {e}') from e
   except UnicodeDecodeError as e:
     raise ConfigError(f'{path} is not UTF-8 text: {e}') from e
+  except OSError as e:  # A directory or a FIFO where the file should be.
+    raise ConfigError(f'{path} cannot be read: {e.strerror or e}') from e
   return rows
 
 

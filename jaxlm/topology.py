@@ -66,6 +66,9 @@ def default_shape(chips, dims):
   return tuple(shape)
 
 
+MAX_CHIPS = 16384
+
+
 def parse(accelerator_type):
   """The Slice of a Cloud TPU accelerator type ('v4-32', 'v5litepod-16', 'v5p-128', ...)."""
   known = ', '.join(f'{g}-N' for g in CHIPS) + ', v5litepod-N'
@@ -76,12 +79,14 @@ def parse(accelerator_type):
                       f'this plan knows; use one of {known} (e.g. v5p-128)')
   chip, count = CHIPS[generation], int(match.group(2))
   chips, cores_left = divmod(count, chip.cores_per_chip)
-  shape = default_shape(chips, chip.dims) if chips and not cores_left else None
+  # The largest slices are 8960 chips (v5p); a compile-only device each costs host memory.
+  shape = (default_shape(chips, chip.dims) if chips and not cores_left and chips <= MAX_CHIPS
+           else None)
   if shape is None:
     unit = 'TensorCores (2 per chip)' if chip.cores_per_chip == 2 else 'chips'
     raise ConfigError(f'--topology={accelerator_type}: {count} {unit} is not a slice size of '
-                      f'{generation}; use a power of two (e.g. {generation}-'
-                      f'{8 * chip.cores_per_chip})')
+                      f'{generation}; use a power of two of at most {MAX_CHIPS} chips (e.g. '
+                      f'{generation}-{8 * chip.cores_per_chip})')
   return Slice(accelerator_type, chip, shape)
 
 

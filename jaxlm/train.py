@@ -38,6 +38,7 @@ def _train(config, workdir, devices, held):
                  for p in paths.glob(paths.join(workdir_lib.checkpoint_dir(workdir), '*')))
   if resuming:
     resume.check_compatible(workdir, config, s.abstract_state)
+    data.check_run_tokenizer(config, workdir)  # Before tokenizing anything with another one.
   source = resume.init_source(s)
   # Every process tokenizes its share of the corpus unless its manifest exists (the chief
   # trains the tokenizer first, if there is none), then opens the shards.
@@ -46,6 +47,7 @@ def _train(config, workdir, devices, held):
     held.append(lock.acquire(workdir))
     if not resuming:  # A resumed run's config.json changes once its new save is good.
       workdir_lib.save_config(workdir, config)
+    workdir_lib.record_inputs(workdir, corpus.tokenizer)
   distributed.barrier(DATA_PREPARED)
   checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
   if chief and resuming:

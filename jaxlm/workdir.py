@@ -6,8 +6,12 @@
 <workdir>/tokenizer.model the sentencepiece model (unless data.tokenizer names one)
 <workdir>/checkpoints/    Orbax checkpoints, one directory per saved step
 <workdir>/data/           the tokenized corpus cache (unless data.cache_dir is set)
+<workdir>/inputs.json     what the run was started with (its tokenizer's SHA-256): every later
+                          command on the run is checked against it
 """
 
+import hashlib
+import json
 import os
 
 from jaxlm import config as config_lib
@@ -44,6 +48,18 @@ def check(workdir, config):
   Leaves nothing behind: a run writes nothing until its config, mesh and data have all been
   checked. Writability is tried, not inferred (root passes os.access even on /proc).
   """
+  check_writable(workdir)
+  previous = read_config(workdir)
+  if previous is not None:
+    for name in SHAPE_FIELDS:
+      old, new = config_lib.get_field(previous, name), config_lib.get_field(config, name)
+      if old != new:
+        raise ConfigError(f'--workdir={workdir} holds a run with {name}={old!r}, this config '
+                          f'has {new!r}; use a new --workdir')
+
+
+def check_writable(workdir):
+  """Refuses a workdir that is not a directory (or cannot be made one) or cannot be written."""
   if paths.is_remote(workdir):
     probe = paths.join(workdir, f'.jaxlm-write-test.{os.getpid()}')
   else:
@@ -59,13 +75,6 @@ def check(workdir, config):
     paths.remove(probe)
   except Exception as e:  # noqa: BLE001 - OSError, or a storage client's own error types.
     raise ConfigError(f'--workdir={workdir!r} is not writable: {io_reason(e)}') from e
-  previous = read_config(workdir)
-  if previous is not None:
-    for name in SHAPE_FIELDS:
-      old, new = config_lib.get_field(previous, name), config_lib.get_field(config, name)
-      if old != new:
-        raise ConfigError(f'--workdir={workdir} holds a run with {name}={old!r}, this config '
-                          f'has {new!r}; use a new --workdir')
 
 
 def create(workdir):
@@ -93,3 +102,44 @@ def read_config(workdir):
     return config_lib.from_json(paths.read_text(path))
   except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors.
     raise ConfigError(f'{path} is not a valid jaxlm config: {e}') from e
+
+
+def inputs_path(workdir):
+  return paths.join(workdir, 'inputs.json')
+
+
+def _sha256(data):
+  return hashlib.sha256(data).hexdigest()
+
+
+def read_inputs(workdir):
+  """The run's record of its inputs (dict), or None if it has none (a run of an older jaxlm,
+  or one not started yet)."""
+  path = inputs_path(workdir)
+  if not paths.exists(path):
+    return None
+  try:
+    record = json.loads(paths.read_text(path))
+    if not isinstance(record, dict) or not isinstance(record.get('tokenizer_sha256'), str):
+      raise ValueError('no tokenizer_sha256')
+    return record
+  except (ValueError, OSError) as e:
+    raise ConfigError(f'{path} cannot be read ({e}); it records the run\'s tokenizer: restore '
+                      f'it, or delete it to accept the tokenizer there is now') from e
+
+
+def record_inputs(workdir, tokenizer):
+  """Records the tokenizer the run starts with (once: a resumed run keeps its record)."""
+  if read_inputs(workdir) is None:
+    atomic_write(inputs_path(workdir), json.dumps(
+        {'tokenizer': tokenizer.path, 'tokenizer_sha256': _sha256(tokenizer.data)}, indent=1))
+
+
+def check_tokenizer(workdir, tokenizer):
+  """A ConfigError if `tokenizer` is not the one the run in `workdir` recorded."""
+  record = read_inputs(workdir)
+  if record is not None and record['tokenizer_sha256'] != _sha256(tokenizer.data):
+    raise ConfigError(f'tokenizer {tokenizer.path} is not the one --workdir={workdir} was '
+                      f'trained with ({record["tokenizer"]}; its SHA-256 is recorded in '
+                      f'{inputs_path(workdir)}): restore that file, or train a new run in a new '
+                      f'--workdir')

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import numpy as np
 import pytest
@@ -95,15 +97,75 @@ COMMAND_CASES = [
     ('convert-hf-fractional-layers', ['convert', '--from-hf={tmp}/hf', '--workdir={work}'],
      {'hf/config.json': json.dumps({**HF_LLAMA, 'num_hidden_layers': 2.5})},
      'num_hidden_layers=2.5 is not valid for model.num_layers'),
+    # Every numeric flag: non-finite, zero, negative or huge is refused by the flag itself.
+    ('generate-temperature-nan', ['generate', '--workdir={work}', '--prompt=x',
+                                  '--temperature=nan'], {'work/config.json': 'RUN2'},
+     '--temperature=nan must be a finite number'),
+    ('generate-top-p-nan', ['generate', '--workdir={work}', '--prompt=x', '--top_p=nan'],
+     {'work/config.json': 'RUN2'}, '--top_p=nan must be a finite number'),
+    ('generate-length-penalty-infinite', ['generate', '--workdir={work}', '--prompt=x',
+                                          '--num_beams=2', '--length_penalty=inf'],
+     {'work/config.json': 'RUN2'}, '--length_penalty=inf must be a finite number'),
+    ('generate-new-tokens-beyond-int32', ['generate', '--workdir={work}', '--prompt=x',
+                                          '--max_new_tokens=3000000000'],
+     {'work/config.json': 'RUN2'}, '--max_new_tokens=3000000000 must be in [1, 2**31)'),
+    ('generate-zero-beams', ['generate', '--workdir={work}', '--prompt=x', '--num_beams=0'],
+     {'work/config.json': 'RUN2'}, '--num_beams=0 must be in [1, 2**31)'),
+    ('generate-rope-cache-beyond-memory', ['generate', '--workdir={work}', '--prompt=x',
+                                           '--max_new_tokens=100000000'],
+     {'work/config.json': ('RUN2', {'model': {'position': 'rope'},
+                                    'data': {'tokenizer': '{shared}/tokenizer.model'}})},
+     'per device, more than the'),
+    ('fill-mask-top-k-zero', ['fill-mask', '--workdir={work}', '--text=a [MASK]', '--top_k=0'],
+     {'work/config.json': 'RUN2'}, '--top_k=0 must be in [1, 2**31)'),
+    ('eval-negative-step', ['eval', '--workdir={work}', '--step=-1'],
+     {'work/config.json': 'RUN2'}, '--step=-1 must be a step >= 0'),
+    ('eval-without-a-checkpoint-trains-no-tokenizer', ['eval', '--workdir={work}'],
+     {'work/config.json': 'RUN2'}, 'has no checkpoint; train first'),
+    ('plan-zero-devices', ['plan', '--config={root}/configs/gpt_tiny.py', '--devices=0'], {},
+     '--devices=0 must be a positive number of devices'),
+    ('plan-devices-beyond-simulation', ['plan', '--config={root}/configs/gpt_tiny.py',
+                                        '--devices=100000000'], {}, 'at most 4096'),
+    ('plan-slices-beyond-bound', ['plan', '--config={root}/configs/gpt_tiny.py',
+                                  '--topology=v5p-8', '--num_slices=100000'], {},
+     '--num_slices=100000 must be in [1, 1024]'),
+    ('plan-json-is-a-directory', ['plan', '--config={root}/configs/gpt_tiny.py', '--json={tmp}'],
+     {}, '--json={tmp} is a directory'),
+    ('plan-json-folder-missing', ['plan', '--config={root}/configs/gpt_tiny.py',
+                                  '--json={tmp}/none/plan.json'], {}, 'does not exist'),
+    ('plan-config-is-a-directory', ['plan', '--config={tmp}'], {}, 'is a directory'),
+    ('fit-budget-infinite', ['fit', '--workdir={work}', '--budget=inf'], {},
+     '--budget=inf must be a finite number'),
+    ('fit-bootstrap-huge', ['fit', '--workdir={work}', '--bootstrap=1000000000'], {},
+     'at most 100,000'),
+    ('convert-shard-size-nan', ['convert', '--to-hf={tmp}/out', '--workdir={work}',
+                                '--max_shard_mb=nan'], {}, '--max_shard_mb=nan must be a finite'),
+    ('convert-workdir-not-utf8', ['convert', '--to-hf={tmp}/out', '--workdir={tmp}/w\udcff'], {},
+     'is not valid UTF-8'),
+    # Settings that would train nothing, or train less than asked.
+    ('fit-one-model-size', ['fit', '--workdir={work}'],
+     {'work/runs.jsonl': rows(*({'D': 1e7 * k} for k in range(1, 7)))}, 'have 1 distinct N'),
+    ('sweep-budgets-round-to-one-name', [*SWEEP, '--config.budgets=(4e11, 4.0001e11)'], {},
+     'give the same run name L1-d32-C4e11'),
+    ('sweep-infinite-budget', [*SWEEP, '--config.budgets=(1e400,)'], {},
+     'must all be positive finite numbers'),
+    ('sweep-size-twice', [*SWEEP, '--config.sizes=((1, 32), (1, 32))'], {},
+     'sizes lists (1, 32) twice'),
+    ('sweep-batch-exponent-huge', [*SWEEP, '--config.batch_compute_exponent=1e300'], {},
+     'batch_compute_exponent=1e+300 must be in [0, 1]'),
+    ('finetune-label-twice', ['finetune', '--config={root}/configs/finetune_cls.py',
+                              '--workdir={work}', '--config.finetune.train={tmp}/t.jsonl',
+                              "--config.finetune.labels=('pos', 'neg', 'pos')"], {},
+     "names the label 'pos' twice"),
 ]
 
 
 @pytest.mark.parametrize('name,argv,files,message', COMMAND_CASES,
                          ids=[c[0] for c in COMMAND_CASES])
 def test_every_command_refuses_bad_input_in_one_line_and_changes_nothing(
-    name, argv, files, message, tmp_path, capsys):
+    name, argv, files, message, tmp_path, capsys, shared_data):
   tmp, work = str(tmp_path), str(tmp_path / 'work')
-  fill = lambda text: fill_in(text, tmp, work).replace('{root}', ROOT)
+  fill = lambda text: fill_in(text, tmp, work, str(shared_data)).replace('{root}', ROOT)
   for rel, content in files.items():
     write(os.path.join(tmp, rel), file_content(content, fill))
   before = snapshot(tmp)
@@ -310,3 +372,353 @@ def test_config_json_changes_only_after_the_resumed_run_saves(trained_run, tmp_p
   monkeypatch.setattr(train.checkpoint.Checkpointer, 'save', real)
   train.train(config, str(run), devices=one_device())
   assert config_lib.from_json((run / 'config.json').read_text()).train_steps == 6
+
+
+# --- every flag of every command, fuzzed ------------------------------------------------------
+
+def _flags():
+  """(command, flag, argparse action) of every option of every command."""
+  import argparse
+  parser = cli._parser()
+  commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+  return [(command, action.option_strings[-1], action)
+          for command, sub in commands.choices.items() for action in sub._actions
+          if action.option_strings and action.dest != 'help']
+
+
+NUMERIC = [f for f in _flags() if f[2].type is not None]
+
+
+def test_every_numeric_flag_checks_its_own_range():
+  """A number flag is parsed by cli._number (finite, in its range, one line naming it); none is
+  a bare int or float whose NaN, zero, negative or huge values would pass."""
+  assert len(NUMERIC) >= 15
+  for command, flag, action in _flags():
+    numeric = isinstance(action.default, (int, float)) and not isinstance(action.default, bool)
+    if numeric or action.type is not None:
+      assert action.type.__qualname__.startswith('_number'), (command, flag)
+
+
+VALUES = st.one_of(st.text(max_size=20), st.integers().map(str), st.floats().map(str),
+                   st.sampled_from(['nan', '-inf', '1e400', '0', '-1', '0.0', str(2**31),
+                                    str(2**64), '', ' ', '1_000', '0x10', '٣']))
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(flag=st.sampled_from(NUMERIC), value=VALUES)
+def test_random_values_of_every_numeric_flag_are_refused_in_one_line_or_in_range(flag, value):
+  command, name, action = flag
+  try:
+    args, _ = cli._parser().parse_known_args([command, f'{name}={value}'])
+  except config_lib.ConfigError as e:
+    assert '\n' not in str(e) and name in str(e), str(e)
+  else:
+    parsed = getattr(args, action.dest)
+    assert math.isfinite(parsed) and parsed == action.type(value)
+
+
+READERS = ['eval', 'generate', 'fill-mask', 'report', 'fit']
+
+
+@hypothesis.settings(max_examples=150, deadline=None,  # capsys is read out in every example.
+                    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(command=st.sampled_from(READERS), flag=st.sampled_from(['--workdir', '--config']),
+                  value=st.one_of(st.text(max_size=30), st.sampled_from(
+                      ['/', '/dev/null', '/proc/self', 'x\udcff', '~', '.', '/dev/zero'])))
+def test_random_paths_given_to_the_read_only_commands_are_refused_in_one_line(command, flag,
+                                                                              value, capsys):
+  hypothesis.assume('://' not in value)  # A bucket URL would ask the network.
+  argv = [command, f'{flag}={value}', '--prompt=x', '--text=[MASK]']
+  if flag == '--config':
+    argv.append('--workdir=/nonexistent/run')
+  argv = [a for a in argv if command in ('generate', 'fill-mask') or not a.startswith(
+      ('--prompt', '--text'))]
+  capsys.readouterr()
+  code = cli.main(argv)
+  err = capsys.readouterr().err
+  assert code == 2 and 'Traceback' not in err, err
+  assert len([line for line in err.splitlines() if line.startswith('jaxlm: error:')]) == 1
+
+
+# --- the workdir lock under a race --------------------------------------------------------------
+
+RACE = '''
+import json, os, random, socket, sys, time
+from jaxlm import lock
+workdir, starters, trials = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+read = lock._holder
+def slow(path):  # Widens the gap between reading the lock and acting on it.
+  holder = read(path)
+  time.sleep(random.random() * 0.02)
+  return holder
+lock._holder = slow
+path = os.path.join(workdir, lock.NAME)
+for trial in range(trials):
+  dead = os.fork()
+  if dead == 0:
+    os._exit(0)
+  os.waitpid(dead, 0)
+  with open(path, 'w') as f:  # A lock left by a process that has exited.
+    json.dump({'host': socket.gethostname(), 'pid': dead, 'time': time.time(), 'id': 'x'}, f)
+  reader, writer = os.pipe()
+  start = time.time() + 0.2
+  children = []
+  for _ in range(starters):
+    pid = os.fork()
+    if pid == 0:
+      random.seed(os.getpid())
+      time.sleep(max(0.0, start - time.time()))
+      try:
+        held = lock.acquire(workdir)
+        span = f'{time.time()} '
+        time.sleep(0.05)
+        span += f'{time.time()}'
+        held.release()
+      except Exception as e:  # noqa: BLE001
+        span = 'lost' if 'in use by' in str(e) else f'error {e}'
+      os.write(writer, (span + '\\n').encode())
+      os._exit(0)
+    children.append(pid)
+  for pid in children:
+    os.waitpid(pid, 0)
+  os.close(writer)
+  print(trial, os.read(reader, 1 << 16).decode().replace('\\n', ';'), flush=True)
+  os.close(reader)
+'''
+
+
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_many_racing_processes(tmp_path):
+  out = subprocess.run([sys.executable, '-c', RACE, str(tmp_path), '4', '12'],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 0, out.stderr
+  for line in out.stdout.splitlines():
+    trial, results = line.split(' ', 1)
+    results = [r for r in results.split(';') if r]
+    assert len(results) == 4 and not [r for r in results if r.startswith('error')], line
+    spans = sorted(tuple(map(float, r.split())) for r in results if r != 'lost')
+    assert spans, line  # Someone took the stale lock over...
+    assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), line  # ...one at a time.
+  assert len(out.stdout.splitlines()) == 12
+  assert os.listdir(tmp_path) == []  # No temporary, claim or lock file left behind.
+
+
+def test_a_full_disk_leaves_no_lock_file(tmp_path, monkeypatch):
+  import errno
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(lock.os, 'fsync', full)
+  with pytest.raises(OSError):
+    lock.acquire(str(tmp_path))
+  assert os.listdir(tmp_path) == []  # Not an empty lock.json that reads as stale.
+
+
+# --- what a run depends on is what it recorded ------------------------------------------------
+
+def test_a_zeroed_token_shard_is_refused_naming_it(trained_run, tmp_path, capsys):
+  """Zeros are valid token ids: only the checksum the manifest recorded tells them apart."""
+  from jaxlm import data
+  run = copy_run(trained_run, tmp_path)
+  for split in ('validation', 'train'):
+    victim = max(run.glob(f'data/*/shards/*.{split}.tokens'), key=lambda p: p.stat().st_size)
+    victim.write_bytes(bytes(victim.stat().st_size))
+  before = snapshot(run)
+  code, _, err = run_cli(capsys, 'eval', f'--workdir={run}')
+  assert code == 2 and f'token file {run}' in err and 'does not match the checksum' in err, err
+  assert snapshot(run) == before
+  config = tiny_config(data__cache_dir=str(run / 'data'),
+                       data__tokenizer=str(run / 'tokenizer.model'))
+  corpus = data.prepare(config, str(run))  # What train reads its batches from.
+  with pytest.raises(config_lib.ConfigError, match=r'\.train\.tokens does not match'):
+    for i in range(len(corpus.train)):
+      corpus.train[i]
+
+
+def test_a_replaced_tokenizer_is_refused_by_the_commands_that_read_the_run(trained_run, tmp_path,
+                                                                            capsys):
+  run = copy_run(trained_run, tmp_path)
+  record = json.loads((run / 'inputs.json').read_text())
+  assert record['tokenizer_sha256'] and record['tokenizer'].endswith('tokenizer.model')
+  (run / 'inputs.json').write_text(json.dumps(dict(record, tokenizer_sha256='0' * 64)))
+  before = snapshot(run)
+  for argv in (['eval'], ['generate', '--prompt=x'], ['convert', f'--to-hf={tmp_path}/hf']):
+    code, _, err = run_cli(capsys, *argv, f'--workdir={run}')
+    assert code == 2 and 'is not the one' in err and 'was trained with' in err, (argv, err)
+  assert snapshot(run) == before and not (tmp_path / 'hf').exists()
+
+
+def test_readers_read_the_newer_checkpoint_when_one_is_deleted_under_them(trained_run, tmp_path,
+                                                                         capsys, monkeypatch):
+  """A run rotating its checkpoints (keep=1) deletes the one being read once a newer one is
+  complete: eval, generate and convert list them again instead of calling it unusable."""
+  from jaxlm import checkpoint
+  run = copy_run(trained_run, tmp_path)
+  real = checkpoint.Checkpointer.restore_params
+  calls = []
+
+  def rotated(self, step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) == 1:  # The trainer saves step 6 and deletes 4 and 2 while 4 is read.
+      os.rename(run / 'checkpoints' / '4', run / 'checkpoints' / '6')
+      shutil.rmtree(run / 'checkpoints' / '2')
+      raise FileNotFoundError(f'{run}/checkpoints/4/state/_METADATA')
+    return real(self, step, *args, **kwargs)
+  monkeypatch.setattr(checkpoint.Checkpointer, 'restore_params', rotated)
+  code, out, err = run_cli(capsys, 'eval', f'--workdir={run}')
+  assert code == 0, err
+  assert json.loads(out)['step'] == 6 and calls == [4, 6] and 'unusable' not in err
+
+
+# --- corpus files of every kind ----------------------------------------------------------------
+
+@pytest.fixture
+def no_hang():
+  """Fails a test that blocks (reading a FIFO waits for a writer forever) instead of hanging."""
+  import signal
+
+  def expired(*_):
+    raise TimeoutError('blocked: a FIFO was read?')
+  previous = signal.signal(signal.SIGALRM, expired)
+  signal.alarm(60)
+  yield
+  signal.alarm(0)
+  signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifos_long_texts_long_lines_and_odd_names_in_a_corpus(tmp_path, shared_data,
+                                                                monkeypatch, caplog, no_hang):
+  from jaxlm.data import shards, sources
+  from jaxlm.data import tokenizer as tokenizer_lib
+  monkeypatch.setattr(sources, 'PIECE_CHARS', 1000)
+  monkeypatch.setattr(sources, 'MAX_LINE_BYTES', 5000)
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  os.mkfifo(corpus / 'pipe.txt')
+  long_text = ''.join(f'line {i} of a long document\n' for i in range(400))  # ~11 kB
+  (corpus / 'long.txt').write_text(long_text)
+  with open(os.path.join(os.fsencode(corpus), b'caf\xe9.txt'), 'w') as f:  # Not UTF-8.
+    f.write('a short document')
+  (corpus / 'lines.jsonl').write_text(json.dumps({'text': 'x ' * 4000}) + '\n' +
+                                      json.dumps({'text': 'kept'}) + '\n')
+  _, files = sources.list_files(str(corpus))
+  assert len(files) == 3 and 'skipped 1 entries that are not regular files' in caplog.text
+  source = config_lib.defaults().data
+  source.path = str(corpus)
+  assert sources.fingerprint(source)  # Names that are not UTF-8 hash like any other.
+  pieces = list(sources.file_documents(str(corpus / 'long.txt'), 'long.txt', 'text',
+                                       sources.Skipped()))
+  assert len(pieces) > 10 and ''.join(p.text for p in pieces) == long_text
+  assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
+  skipped = sources.Skipped()
+  assert [d.text for d in sources.file_documents(str(corpus / 'lines.jsonl'), 'lines.jsonl',
+                                                 'text', skipped)] == ['kept']
+  assert skipped == {'JSONL lines over 0 MB': 1}
+  tokenizer = tokenizer_lib.load(str(shared_data / 'tokenizer.model'))
+  units = shards.plan(source, 1 << 20)
+  index = shards.write_shard(str(tmp_path / 'cache'), units[0], source, tokenizer, (2, 3),
+                             'uint16', shards.Progress(1, 'test'))
+  assert sum(index[s]['documents'] for s in shards.SPLITS) == 3  # The long text is one.
+
+
+def test_special_files_given_as_inputs_are_refused_not_waited_on(tmp_path, no_hang):
+  from jaxlm.data import tokenizer as tokenizer_lib
+  os.mkfifo(tmp_path / 'fifo')
+  with pytest.raises(config_lib.ConfigError, match='not a regular file'):
+    tokenizer_lib.load(str(tmp_path / 'fifo'))
+  with pytest.raises(config_lib.ConfigError, match='is not a regular file'):
+    config_lib.load(str(tmp_path / 'fifo'))
+
+
+def test_an_edited_token_manifest_is_a_one_line_error(shared_data, tmp_path):
+  from jaxlm.data import store
+  original = json.loads(next(shared_data.glob('data/*/manifest.json')).read_text())
+  for edit in ({'dtype': 'float8'}, {'train': {'documents': '12', 'tokens': 5}},
+               {'shards': [{**original['shards'][0], 'crc32c': {}}]},
+               {'shards': [{'id': '../../etc'}]}, {'starts_crc32c': None}):
+    (tmp_path / 'manifest.json').write_text(json.dumps({**original, **edit}))
+    with pytest.raises(config_lib.ConfigError, match='cannot be read') as e:
+      store.read_manifest(str(tmp_path))
+    assert '\n' not in str(e.value)
+
+
+def test_two_writers_of_one_file_keep_each_others_temporary_files(tmp_path):
+  """Two `jaxlm tokenize` on one workdir: neither deletes the file the other is writing; a
+  killed writer's is removed."""
+  import socket
+  from jaxlm import paths
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True).stdout.strip()
+  host = socket.gethostname()
+  names = [f'x.tokens.tmp.{host}.{os.getpid()}', f'x.tokens.tmp.{host}.{dead}',
+           f'x.tokens.tmp.{dead}', 'x.tokens.tmp.elsewhere.1']
+  for name in names:
+    (tmp_path / name).write_text('')
+  paths.remove_abandoned_temporaries(str(tmp_path / 'x.tokens'))
+  assert sorted(os.listdir(tmp_path)) == sorted([names[0], names[3]])
+
+
+# --- commands that would write something wrong ---------------------------------------------------
+
+def test_an_async_save_failure_names_the_step_that_failed(tmp_path):
+  from jaxlm import checkpoint
+  checkpoints = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+
+  class Failed:
+    def check_for_errors(self):
+      pass
+
+    def wait_until_finished(self):  # The background write of step 6 failed.
+      raise OSError(f'No space left: {tmp_path}/checkpoints/6.orbax-checkpoint-tmp-17/state')
+  real, checkpoints.manager = checkpoints.manager, Failed()
+  checkpoints._saving = 6
+  with pytest.raises(checkpoint.CheckpointError, match='checkpoint of step 6 under'):
+    checkpoints.save(8, None, None, None)
+  checkpoints.manager = real
+  checkpoints.close()
+
+
+def test_convert_refuses_a_nan_weight_and_writes_nothing(tmp_path, shared_data, capsys):
+  from safetensors.numpy import save_file
+  h, f, v, layers = 64, 128, 512, 2
+  rng = np.random.default_rng(0)
+  shapes = {'model.embed_tokens.weight': (v, h), 'model.norm.weight': (h,),
+            'lm_head.weight': (v, h)}
+  for i in range(layers):
+    for name, shape in (('self_attn.q_proj', (h, h)), ('self_attn.k_proj', (h, h)),
+                        ('self_attn.v_proj', (h, h)), ('self_attn.o_proj', (h, h)),
+                        ('mlp.gate_proj', (f, h)), ('mlp.up_proj', (f, h)),
+                        ('mlp.down_proj', (h, f)), ('input_layernorm', (h,)),
+                        ('post_attention_layernorm', (h,))):
+      shapes[f'model.layers.{i}.{name}.weight'] = shape
+  tensors = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  tensors['model.layers.1.mlp.up_proj.weight'][3, 5] = np.nan
+  (tmp_path / 'hf').mkdir()
+  save_file(tensors, str(tmp_path / 'hf' / 'model.safetensors'))
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps(HF_LLAMA))
+  code, _, err = run_cli(capsys, 'convert', f'--from-hf={tmp_path}/hf', f'--workdir={tmp_path}/run',
+                         f'--config.data.tokenizer={shared_data}/tokenizer.model')
+  assert code == 2 and 'tensor model.layers.1.mlp.up_proj.weight holds NaN' in err, err
+  assert sorted(os.listdir(tmp_path)) == ['hf']  # No run, no half-built directory.
+
+
+def test_convert_output_follows_the_umask(tmp_path):
+  from jaxlm import convert
+  previous = os.umask(0o027)
+  try:
+    convert._build_then_rename(str(tmp_path / 'out'), lambda tmp: None)
+  finally:
+    os.umask(previous)
+  assert (tmp_path / 'out').stat().st_mode & 0o777 == 0o750
+
+
+def test_a_run_none_of_whose_steps_is_finite_stops_instead_of_training_nothing():
+  from types import SimpleNamespace
+  from jaxlm import hooks
+  from jaxlm.errors import RunError
+  config = SimpleNamespace(nonfinite='skip')
+  some = SimpleNamespace(start=0, step=4, row={'nonfinite': 3}, config=config)
+  hooks.NonFinite(checkpointing=None).on_step(some)  # One of four steps trained: go on.
+  none = SimpleNamespace(start=4, step=8, row={'nonfinite': 4}, config=config)
+  with pytest.raises(RunError, match=r'every step of this run so far \(4-8\)'):
+    hooks.NonFinite(checkpointing=None).on_step(none)

@@ -185,6 +185,43 @@ CASES = [
     ('workdir-locked-other-host', [],
      {'work/lock.json': '{"host": "elsewhere", "pid": 1, "time": {now}}'},
      'is in use by process 1 on elsewhere'),
+    # A lock's odd fields are never trusted, nor is an empty one stale: judged by its age.
+    ('workdir-lock-odd-fields', [],
+     {'work/lock.json': '{"host": 5, "pid": "x", "time": "yesterday"}'}, 'names no valid holder'),
+    ('workdir-lock-pid-beyond-range', [],
+     {'work/lock.json': '{"host": "{host}", "pid": 100000000000000000000, "time": 1e400}'},
+     'names no valid holder'),
+    ('workdir-lock-empty', [], {'work/lock.json': ''}, 'names no valid holder'),
+    # Numbers that train nothing or cannot fit, refused before anything is allocated.
+    ('eps-zero', ['--config.optimizer.eps=0.0'], {}, 'optimizer.eps=0.0 must be positive'),
+    ('init-std-overflows', ['--config.model.init_std=1e30'], {},
+     'model.init_std=1e+30 must be in (0, 1]'),
+    ('steps-beyond-int32', ['--config.train_steps=3000000000'], {},
+     'train_steps=3000000000 must be below 2**31'),
+    ('prefetch-unbounded', ['--config.data.prefetch=100000'], {},
+     'data.prefetch=100000 must be at most 1024'),
+    ('profile-window-unbounded', ['--config.profile.num_steps=1000000000'], {},
+     'profile.num_steps=1000000000 must be at most 1000'),
+    ('threads-unbounded', ['--config.data.num_threads=100000'], {},
+     'data.num_threads=100000 must be at most 256'),
+    ('splash-tile-negative', ['--config.model.splash_block_q=-128'], {},
+     'model.splash_block_q=-128 must be a multiple of 128'),
+    ('cudnn-documents-zero', ['--config.model.cudnn_max_documents=0'], {},
+     'model.cudnn_max_documents=0 must be positive'),
+    ('barrier-timeout-zero', ['--config.distributed.barrier_timeout_s=0.0'], {},
+     'distributed.barrier_timeout_s=0.0 must be positive'),
+    ('mixture-weight-infinite', ["--config.data.mixture=((1e400, 'a'),)"], {},
+     "data.mixture entry (inf, 'a') must be (positive weight, source)"),
+    ('batch-beyond-host-memory', ['--config.batch_size=1000000000000'], {},
+     'of host memory, more than the'),
+    # Paths of the wrong kind.
+    ('tokenizer-is-a-directory', ['--config.data.tokenizer={tmp}'], {}, 'Is a directory'),
+    ('workdir-not-utf8', ['--workdir={tmp}/w\udcff'], {}, 'is not valid UTF-8'),
+    ('config-is-a-directory', ['--config={tmp}'], {}, 'is a directory'),
+    # A run's recorded tokenizer is the only one it resumes with.
+    ('resume-another-tokenizer', [],
+     {**RESUMABLE, 'work/inputs.json': '{"tokenizer": "old.model", "tokenizer_sha256": "0"}'},
+     'is not the one --workdir={work} was trained with'),
 ]
 
 

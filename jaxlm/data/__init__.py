@@ -12,7 +12,8 @@ import math
 import grain
 import numpy as np
 
-from jaxlm import distributed, paths
+from jaxlm import distributed, limits, paths
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import ConfigError
 from jaxlm.data import labeled, packing, shards, sources, store
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -45,19 +46,50 @@ def init_from_tokenizer(init_from):
   return ''
 
 
+def existing_tokenizer(config, workdir):
+  """The tokenizer file a run uses - data.tokenizer, the workdir's, or that of the run
+  `init_from` continues - or '' when there is none (a run then trains one)."""
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  if paths.exists(tokenizer_path(workdir)):
+    return tokenizer_path(workdir)
+  return init_from_tokenizer(config.init_from)
+
+
+def run_tokenizer(config, workdir):
+  """The tokenizer of the run in `workdir`, for the commands that read a trained run (eval,
+  generate, fill-mask, convert): never trained here, and checked against the one the run
+  recorded when it started (a replaced file would turn its ids into other words)."""
+  path = existing_tokenizer(config, workdir)
+  if not path:
+    raise ConfigError(f'--workdir={workdir} has no {" or ".join(tokenizer_lib.FILENAMES)} and '
+                      f'data.tokenizer is empty: the run\'s tokenizer is missing')
+  tokenizer = tokenizer_lib.load(path)
+  workdir_lib.check_tokenizer(workdir, tokenizer)
+  return tokenizer
+
+
+def check_run_tokenizer(config, workdir):
+  """A resumed run's tokenizer must be the one it recorded: a ConfigError if it is missing
+  (one would be trained anew) or differs."""
+  if workdir_lib.read_inputs(workdir) is not None:
+    run_tokenizer(config, workdir)
+
+
 def get_tokenizer(config, workdir, sample=None):
   """The configured tokenizer, the one cached in the workdir, the one of the run `init_from`
   continues, or a new one trained here on `sample` (Documents; default: a sample of the corpus)
   and not yet saved: `tokenizer.path` is '' until it is."""
-  if config.data.tokenizer:
-    tokenizer = tokenizer_lib.load(config.data.tokenizer)
-  elif paths.exists(tokenizer_path(workdir)):
-    tokenizer = tokenizer_lib.load(tokenizer_path(workdir))
-  elif init_from_tokenizer(config.init_from):
-    tokenizer = tokenizer_lib.load(init_from_tokenizer(config.init_from))
+  path = existing_tokenizer(config, workdir)
+  if path:
+    tokenizer = tokenizer_lib.load(path)
   else:
     # An unbiased sample from all over the corpus: each training document with probability
     # sample_bytes / corpus bytes, decided by a hash of its name.
+    # Sentencepiece holds its whole sample, ~15x its bytes (measured: 5 and 20 MB of text).
+    limits.check_host(16 * config.data.tokenizer_sample_bytes,
+                      f'training a tokenizer on data.tokenizer_sample_bytes='
+                      f'{config.data.tokenizer_sample_bytes:,}', 'lower it')
     train_docs = sample if sample is not None else _tokenizer_sample(config)
     log.info('training a %d-piece %s tokenizer on up to %.0f MB of text',
              config.model.vocab_size, config.data.tokenizer_type,
@@ -116,6 +148,8 @@ def prepare(config, workdir, frame, labeled=False):
   that data never asks which objective a run trains. A new tokenizer is saved only once the
   corpus has been found usable (with one process).
   """
+  import jax
+  limits.check_batches(config, jax.process_count())  # Before anything is read or written.
   if labeled:
     return _prepare_labeled(config, workdir, frame)
   tokenizer, parts = tokenize(config, workdir, frame)
@@ -136,9 +170,11 @@ def tokenize(config, workdir, frame, refresh=False):
   `refresh` (jaxlm tokenize): then the changed files are tokenized again and the manifest
   replaced, the shards of unchanged files kept.
   """
+  cache_dir = config.data.cache_dir or paths.join(workdir, 'data')
+  if paths.exists(cache_dir) and not paths.isdir(cache_dir):
+    raise ConfigError(f'data.cache_dir={cache_dir!r} is not a directory')
   tokenizer = _shared_tokenizer(config, workdir)
   ids = frame(tokenizer)
-  cache_dir = config.data.cache_dir or paths.join(workdir, 'data')
   found = [(weight, *_tokenize_source(config, source, tokenizer, ids, cache_dir, refresh))
            for weight, source in sources.components(config.data)]
   return tokenizer, found
@@ -316,6 +352,7 @@ def eval_batches(rows, config, process_index=0, process_count=1):
   """A fixed list of this process's held-out batches; the last is padded with empty rows."""
   count = min(len(rows), config.eval_batches * config.batch_size)
   per_process = config.batch_size // process_count
+  limits.check_eval_set(config, math.ceil(count / config.batch_size) * per_process)
   batches = []
   for b in range(math.ceil(count / config.batch_size)):
     first = b * config.batch_size + process_index * per_process

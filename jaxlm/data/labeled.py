@@ -78,7 +78,14 @@ def resolve_labels(config):
     raise ConfigError('finetune.train is empty: give the labeled training data '
                       '(--config.finetune.train=FILE.jsonl|FILE.csv|tfds:NAME:SPLIT)')
   if fc.labels:
-    fc.labels = tuple(str(label) for label in fc.labels)
+    given = tuple(fc.labels)
+    fc.labels = tuple(_label_name(label) for label in given)
+    twice = next((n for i, n in enumerate(fc.labels) if n in fc.labels[:i]), None)
+    if twice is not None:  # Its second class would never be trained.
+      raise ConfigError(f'finetune.labels={given!r} names the label {twice!r} twice; list '
+                        f'each class once')
+    if '' in fc.labels or len(fc.labels) < 2:
+      raise ConfigError(f'finetune.labels={given!r} must name at least two classes, none empty')
     return
   names = {label for _, label in read(fc.train, 'finetune.train', fc, sources.Skipped())}
   numeric = all(n.lstrip('-').isdigit() for n in names)

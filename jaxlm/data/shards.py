@@ -13,16 +13,19 @@ for any number of processes, and documents keep the order the in-memory tokenize
 A shard, each file written atomically and its index last (the index marks it finished):
   shards/<id>.<split>.tokens  the split's documents, framed, back to back (manifest's dtype)
   shards/<id>.<split>.ends    int64 end offset of each of those documents
-  shards/<id>.json            documents and tokens per split, skipped records by reason
+  shards/<id>.json            documents and tokens per split, skipped records by reason, and
+                              the CRC-32C of each file above (computed as it is written)
 After every process is done, process 0 writes (store.py reads them):
   <split>.starts              int64 start of every document of the split, then the total
-  manifest.json               last: the shards in order, counts and the input's fingerprint
+  manifest.json               last: the shards in order with their checksums, counts, the
+                              checksums of the starts files and the input's fingerprint
+Every file is checked against its checksum when training first opens it (store.py): a shard
+zeroed or replaced on disk is refused, never trained on.
 """
 
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -30,6 +33,7 @@ import queue
 import threading
 import time
 
+import google_crc32c
 import numpy as np
 
 from jaxlm import paths
@@ -101,10 +105,27 @@ def read_index(index_path):
   if not paths.exists(index_path):
     return None
   try:
-    return json.loads(paths.read_text(index_path))
-  except (ValueError, UnicodeDecodeError, OSError) as e:
+    index = json.loads(paths.read_text(index_path))
+    check_counts(index, index.get('crc32c'), index_path)
+    return index
+  except (ValueError, UnicodeDecodeError, OSError, AttributeError) as e:
     raise ConfigError(f'token shard index {index_path} cannot be read ({e}); delete it and '
                       f'its shard is tokenized again') from e
+
+
+def check_counts(entry, crcs, where):
+  """A ValueError unless a shard's index (or manifest entry) has a count of documents and of
+  tokens per split (non-negative integers) and a CRC-32C for each of its files."""
+  for split in SPLITS:
+    counts = entry.get(split) if isinstance(entry, dict) else None
+    if not isinstance(counts, dict) or not all(
+        isinstance(counts.get(k), int) and not isinstance(counts.get(k), bool)
+        and counts.get(k) >= 0 for k in ('documents', 'tokens')):
+      raise ValueError(f'{where}: the {split} counts are not non-negative integers')
+  names = {f'{s}.{kind}' for s in SPLITS for kind in ('tokens', 'ends')}
+  if not isinstance(crcs, dict) or set(crcs) != names or not all(
+      isinstance(crcs[n], int) and not isinstance(crcs[n], bool) for n in names):
+    raise ValueError(f'{where}: no CRC-32C of each of its files (written by an older jaxlm?)')
 
 
 class Progress:
@@ -134,26 +155,30 @@ def write_shard(directory, unit, source, tokenizer, frame, dtype, progress, limi
   files, index_path = shard_files(directory, unit.id)
   paths.makedirs(paths.parent(index_path))
   for path in (*files.values(), index_path):  # Left by a process killed while writing it.
-    for stale in paths.glob(f'{path}.tmp.*') if not paths.is_remote(path) else ():
-      paths.remove(stale)
+    paths.remove_abandoned_temporaries(path)
   skipped = sources.Skipped()
   documents = _unit_documents(source, unit, skipped)
   if limit:
-    documents = itertools.islice(documents, limit)
+    documents = sources.whole_documents(documents, limit)
   counts = {s: [0, 0] for s in SPLITS}  # documents, tokens
   with contextlib.ExitStack() as stack:
-    out = {name: stack.enter_context(paths.atomic_file(path)) for name, path in files.items()}
+    out = {name: stack.enter_context(Checksummed(paths.atomic_file(path)))
+           for name, path in files.items()}
     text_bytes = 0
+    within = {s: False for s in SPLITS}  # In a long document that came in pieces.
     for batch in _prefetch(_batches(documents)):
       encoded = tokenizer.encode([d.text for d in batch], num_threads=os.cpu_count() or 1)
       framed = {s: ([], []) for s in SPLITS}
       for doc, ids in zip(batch, encoded):
         split = 'validation' if sources.sampled(doc.name, source.validation_fraction) else 'train'
         flat, ends = framed[split]
-        flat.append(frame[0])
+        if not within[split]:
+          flat.append(frame[0])
         flat.extend(ids)
-        flat.append(frame[1])
-        ends.append(counts[split][1] + len(flat))
+        within[split] = not doc.last
+        if doc.last:
+          flat.append(frame[1])
+          ends.append(counts[split][1] + len(flat))
       for split, (flat, ends) in framed.items():
         out[f'{split}.tokens'].write(np.asarray(flat, dtype).tobytes())
         out[f'{split}.ends'].write(np.asarray(ends, np.int64).tobytes())
@@ -162,10 +187,30 @@ def write_shard(directory, unit, source, tokenizer, frame, dtype, progress, limi
       text_bytes += sum(len(d.text) for d in batch)
       progress.update(min(text_bytes, unit.bytes), sum(len(f) for f, _ in framed.values()))
   index = {'unit': dataclasses.asdict(unit), 'skipped': dict(skipped),
-           **{s: {'documents': counts[s][0], 'tokens': counts[s][1]} for s in SPLITS}}
+           **{s: {'documents': counts[s][0], 'tokens': counts[s][1]} for s in SPLITS},
+           'crc32c': {name: f.crc for name, f in out.items()}}
   paths.atomic_write(index_path, json.dumps(index))
   progress.done_bytes += unit.bytes
   return index
+
+
+class Checksummed:
+  """A file being written (a context manager giving a binary file) that keeps the CRC-32C of
+  what is written to it."""
+
+  def __init__(self, context):
+    self.context, self.crc = context, 0
+
+  def __enter__(self):
+    self.file = self.context.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return self.context.__exit__(*exc)
+
+  def write(self, data):
+    self.crc = google_crc32c.extend(self.crc, data)
+    self.file.write(data)
 
 
 def _unit_documents(source, unit, skipped):
@@ -260,22 +305,25 @@ def write_manifest(directory, units, fingerprint, header):
       raise ConfigError(f'token shard {unit.id} of {directory} is missing after tokenizing '
                         f'(was a process stopped?); run jaxlm tokenize again to finish it')
     indexes.append(index)
+  starts_crc = {}
   for split in SPLITS:  # Streamed: one shard's offsets in memory at a time.
-    with paths.atomic_file(paths.join(directory, f'{split}.starts')) as f:
+    with Checksummed(paths.atomic_file(paths.join(directory, f'{split}.starts'))) as f:
       base = 0
       f.write(np.zeros(1, np.int64).tobytes())
       for unit, index in zip(units, indexes):
-        ends = np.frombuffer(paths.read_bytes(shard_files(directory, unit.id)[0][f'{split}.ends']),
-                             np.int64)
-        if len(ends) != index[split]['documents']:
+        data = paths.read_bytes(shard_files(directory, unit.id)[0][f'{split}.ends'])
+        ends = np.frombuffer(data, np.int64) if len(data) % 8 == 0 else None
+        if (ends is None or len(ends) != index[split]['documents']
+            or google_crc32c.value(data) != index['crc32c'][f'{split}.ends']):
           raise ConfigError(f'token shard {unit.id} of {directory} does not match its index '
                             f'(corrupted?); delete shards/{unit.id}.* and tokenize again')
         f.write((ends + base).tobytes())
         base += index[split]['tokens']
+    starts_crc[split] = f.crc
   skipped = sum((sources.Skipped(i['skipped']) for i in indexes), sources.Skipped())
   manifest = dict(header, fingerprint=fingerprint, skipped=dict(skipped),
-                  shards=[{'id': u.id, **{s: i[s] for s in SPLITS}}
-                          for u, i in zip(units, indexes)],
+                  shards=[{'id': u.id, **{s: i[s] for s in SPLITS}, 'crc32c': i['crc32c']}
+                          for u, i in zip(units, indexes)], starts_crc32c=starts_crc,
                   **{s: {k: sum(i[s][k] for i in indexes) for k in ('documents', 'tokens')}
                      for s in SPLITS})
   paths.atomic_write(paths.join(directory, MANIFEST), json.dumps(manifest, indent=1))

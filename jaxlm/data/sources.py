@@ -6,6 +6,7 @@ A document is (name, text). Its name is stable across machines and runs, because
 validation split is decided by hashing it.
 """
 
+import codecs
 import collections
 import contextlib
 import dataclasses
@@ -14,6 +15,7 @@ import glob
 import gzip
 import hashlib
 import json
+import logging
 import os
 import random
 import sysconfig
@@ -22,16 +24,27 @@ import zlib
 from jaxlm import paths
 from jaxlm.errors import ConfigError, first_line
 
+log = logging.getLogger('jaxlm')
+
 JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
 PARQUET_SUFFIXES = ('.parquet', '.pq')
 COMPRESSED_SUFFIXES = ('.gz', '.zst', '.zstd')
 MAX_SAMPLE_FILES = 64  # Files (or a TFDS split's records / 1000) a tokenizer sample reads from.
 
 
+# Memory stays bounded whatever the corpus holds: a text longer than PIECE_CHARS comes as
+# consecutive pieces of one document (cut at line ends; encoding a whole long text at once
+# takes ~60x its size in token lists), a text file is read a piece at a time, and a JSONL line
+# (parsed whole) longer than MAX_LINE_BYTES is skipped and counted.
+PIECE_CHARS = 1 << 20
+MAX_LINE_BYTES = 64 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class Document:
   name: str
   text: str
+  last: bool = True  # False: a piece of a long document, which goes on in the next one.
 
 
 def stdlib_files():
@@ -45,7 +58,7 @@ def list_files(path):
   """(root, sorted files) for a comma-separated list of globs; '' means the standard library."""
   if not path:
     return stdlib_files()
-  files, seen = set(), set()
+  files, seen, special = set(), set(), set()
   for pattern in path.split(','):
     pattern = pattern.strip()
     if paths.isdir(pattern):
@@ -56,9 +69,24 @@ def list_files(path):
       if paths.isfile(match) and real not in seen:  # One name per file: a file reached
         seen.add(real)  # through two links must not land in both train and validation.
         files.add(match)
+      elif not paths.is_remote(match) and not os.path.isdir(match):
+        special.add(match)  # A FIFO (reading it would wait forever), socket, device, dead link.
+  if special:
+    _warn_once(f'data.path={path!r}: skipped {len(special)} entries that are not regular files '
+               f'(FIFOs, sockets, devices, broken links), e.g. {min(special)}')
   if not files:
     raise ConfigError(f'data.path={path!r} matches no files')
   return paths.common_dir(sorted(files)), sorted(files)
+
+
+_warned = set()
+
+
+def _warn_once(message):
+  """A warning logged once per process (the corpus is listed several times in a run)."""
+  if message not in _warned:
+    _warned.add(message)
+    log.warning('%s', message)
 
 
 def _glob(pattern):
@@ -111,7 +139,7 @@ def fingerprint(data_config, listing=None):
     h.update(f'tfds\0{data_config.tfds_name}\0{data_config.tfds_split}\0{len(source)}'.encode())
     return h.hexdigest()[:16]
   for f, _, size, mtime in listing or list_signatures(data_config.path):
-    h.update(f'{f}\0{size}\0{mtime}\n'.encode())
+    h.update(f'{f}\0{size}\0{mtime}\n'.encode('utf-8', 'surrogateescape'))
   return h.hexdigest()[:16]
 
 
@@ -186,7 +214,7 @@ def iter_documents(data_config, skipped=None):
   count = 0
   for doc in _all_documents(data_config, skipped):
     yield doc
-    count += 1
+    count += doc.last
     if data_config.max_documents and count >= data_config.max_documents:
       return
 
@@ -215,7 +243,7 @@ def tfds_documents(data_config, start, stop, skipped, source=None):
       if not isinstance(text, str):
         skipped[f'TFDS records without a text feature {data_config.text_field!r}'] += 1
       elif text.strip():
-        yield Document(f'{data_config.tfds_name}/{data_config.tfds_split}:{i}', text)
+        yield from _pieces(f'{data_config.tfds_name}/{data_config.tfds_split}:{i}', (text,))
 
 
 def file_documents(path, name, field, skipped):
@@ -263,24 +291,71 @@ def open_bytes(path):
 
 
 def _text_document(path, name, _, skipped):
-  with open_bytes(path) as f:
-    raw = f.read()
-  try:
-    text = raw.decode('utf-8')
-  except UnicodeDecodeError:
-    skipped['files not UTF-8'] += 1
+  """The file as one document, in pieces if long; read twice if it is (a first pass checks
+  that it is UTF-8 text, so that no piece of a file that is not goes into the corpus)."""
+  problem = _text_problem(path)
+  if problem:
+    skipped[problem] += 1
     return
-  if text.strip():
-    yield Document(name, text)
-  else:
-    skipped['empty files'] += 1
+  yield from _pieces(name, _decoded_chunks(path))
+
+
+def _decoded_chunks(path):
+  decoder = codecs.getincrementaldecoder('utf-8')()
+  with open_bytes(path) as f:
+    while chunk := f.read(PIECE_CHARS):
+      yield decoder.decode(chunk)
+  yield decoder.decode(b'', final=True)
+
+
+def _text_problem(path):
+  """Why a file is not a text document ('files not UTF-8', 'empty files'), or None."""
+  blank = True
+  try:
+    for text in _decoded_chunks(path):
+      blank = blank and not text.strip()
+  except UnicodeDecodeError:
+    return 'files not UTF-8'
+  return 'empty files' if blank else None
+
+
+def _pieces(name, chunks):
+  """Documents named `name` holding the text of `chunks` (strings), in pieces of about
+  PIECE_CHARS cut after a line end (else a space) where there is one; the last marked so."""
+  buffer, piece = '', None
+  for chunk in chunks:
+    buffer += chunk
+    while len(buffer) > PIECE_CHARS:
+      half = PIECE_CHARS // 2
+      cut = (buffer.rfind('\n', half, PIECE_CHARS) + 1 or buffer.rfind(' ', half, PIECE_CHARS) + 1
+             or PIECE_CHARS)
+      if piece is not None:
+        yield Document(name, piece, last=False)
+      piece, buffer = buffer[:cut], buffer[cut:]
+  if piece is not None:
+    yield Document(name, piece, last=not buffer)
+  if buffer:
+    yield Document(name, buffer)
+
+
+def whole_documents(documents, limit):
+  """The pieces of the first `limit` documents."""
+  count = 0
+  for doc in documents:
+    if count >= limit:
+      return
+    yield doc
+    count += doc.last
 
 
 def jsonl_records(path, skipped):
   """(line number, dict) for each JSON object line of a file; lines that are not UTF-8 JSON
-  are counted in `skipped`, and other JSON values come as {}."""
+  or longer than MAX_LINE_BYTES are counted in `skipped`, and other JSON values come as {}."""
   with open_bytes(path) as f:
     for line_no, raw in enumerate(_lines(f), 1):
+      if raw is None:
+        skipped[f'JSONL lines over {MAX_LINE_BYTES >> 20} MB'] += 1
+        continue
       if not raw.strip():
         continue
       try:
@@ -292,16 +367,37 @@ def jsonl_records(path, skipped):
 
 
 def _lines(f):
-  """Lines of a binary file (zstd's reader has no line iteration of its own)."""
-  if hasattr(f, 'readline') and not type(f).__module__.startswith('zstandard'):
-    yield from f
+  """Lines of a binary file; None for a line longer than MAX_LINE_BYTES, which is never held
+  whole (skipped to its end a piece at a time)."""
+  if not hasattr(f, 'readline') or type(f).__module__.startswith('zstandard'):
+    yield from _chunked_lines(f)  # zstd's reader has no readline of its own.
     return
-  rest = b''
-  while chunk := f.read(1 << 20):
-    *lines, rest = (rest + chunk).split(b'\n')
-    yield from (line + b'\n' for line in lines)
-  if rest:
-    yield rest
+  while line := f.readline(MAX_LINE_BYTES + 1):
+    if len(line) <= MAX_LINE_BYTES or line.endswith(b'\n'):
+      yield line
+      continue
+    while (rest := f.readline(1 << 16)) and not rest.endswith(b'\n'):
+      pass
+    yield None
+
+
+def _chunked_lines(f):
+  pending, size, too_long = [], 0, False  # A line's start, which goes on in the next chunk.
+  while chunk := f.read(1 << 16):
+    *lines, rest = chunk.split(b'\n')
+    for line in lines:
+      if too_long or size + len(line) > MAX_LINE_BYTES:
+        yield None
+      else:
+        yield b''.join((*pending, line, b'\n'))
+      pending, size, too_long = [], 0, False
+    if not too_long:
+      pending.append(rest)
+      size += len(rest)
+      if size > MAX_LINE_BYTES:  # Skipped to its end, a chunk at a time.
+        pending, size, too_long = [], 0, True
+  if too_long or size:
+    yield None if too_long else b''.join(pending)
 
 
 def _jsonl_documents(path, name, field, skipped):
@@ -310,7 +406,7 @@ def _jsonl_documents(path, name, field, skipped):
     if not isinstance(text, str):
       skipped[f'JSONL lines without a string field {field!r}'] += 1
     elif text.strip():
-      yield Document(f'{name}:{line_no}', text)
+      yield from _pieces(f'{name}:{line_no}', (text,))
 
 
 def _parquet_documents(path, name, field, skipped):
@@ -331,7 +427,7 @@ def _parquet_documents(path, name, field, skipped):
       if not isinstance(text, str):
         skipped[f'Parquet rows without a string {field!r}'] += 1
       elif text.strip():
-        yield Document(f'{name}:{row}', text)
+        yield from _pieces(f'{name}:{row}', (text,))
 
 
 def sampled(name, fraction):

@@ -17,11 +17,13 @@ import threading
 import numpy as np
 
 from jaxlm import paths
+from jaxlm.data import shards as shards_lib
 from jaxlm.data.shards import MANIFEST, SPLITS, shard_files
 from jaxlm.errors import ConfigError, first_line
 
-FORMAT = 1  # Of the files below; part of the cache key.
+FORMAT = 2  # Of the files below; part of the cache key. 2: every file has a CRC-32C.
 OPEN_MAPS = 128  # Memory-mapped shards kept open (each holds a file descriptor).
+DTYPES = ('uint16', 'uint32')
 
 
 @dataclasses.dataclass
@@ -54,22 +56,69 @@ def read_manifest(directory):
   try:
     manifest = json.loads(paths.read_text(path))
     if (not isinstance(manifest, dict) or manifest.get('format') != FORMAT
-        or not {'shards', 'dtype', 'fingerprint', 'source', *SPLITS} <= manifest.keys()):
+        or not {'shards', 'dtype', 'fingerprint', 'source', 'starts_crc32c',
+                *SPLITS} <= manifest.keys()):
       raise ValueError('not a jaxlm token manifest of this version')
+    _check_manifest(manifest)
     return manifest
   except (ValueError, UnicodeDecodeError, OSError) as e:
     raise ConfigError(f'token manifest {path} cannot be read ({first_line(e)}); delete '
                       f'{directory} and the corpus is tokenized again') from e
 
 
+def _check_manifest(manifest):
+  """A ValueError naming the first field of a manifest that is not of its kind (an edited or
+  damaged file): the dtype, each shard's id, counts and checksums, the splits' totals."""
+  if manifest['dtype'] not in DTYPES:
+    raise ValueError(f'dtype={manifest["dtype"]!r} is not one of {", ".join(DTYPES)}')
+  if not isinstance(manifest['shards'], list):
+    raise ValueError('shards is not a list')
+  for n, shard in enumerate(manifest['shards']):
+    if not isinstance(shard, dict) or not isinstance(shard.get('id'), str) or not (
+        shard['id'].isalnum() and shard['id'].isascii()):
+      raise ValueError(f'shard {n} has no id')
+    shards_lib.check_counts(shard, shard.get('crc32c'), f'shard {shard["id"]}')
+  shards_lib.check_counts(manifest, {f'{s}.{kind}': 0 for s in SPLITS
+                                      for kind in ('tokens', 'ends')}, 'its totals')
+  crcs = manifest['starts_crc32c']
+  if not isinstance(crcs, dict) or not all(isinstance(crcs.get(s), int) for s in SPLITS):
+    raise ValueError('starts_crc32c is not a checksum per split')
+
+
+# Files whose checksum this process has checked, with the (size, mtime) it had then: each is
+# read once per process, when first opened, however often a split is packed again.
+_verified = {}
+
+
+def verify(path, crc, directory):
+  """A ConfigError unless the file's CRC-32C is `crc` (what tokenize recorded)."""
+  try:
+    signature = paths.signature(path)
+    if _verified.get(path) == (signature, crc):
+      return
+    actual = paths.crc32c(path)
+  except OSError as e:
+    raise ConfigError(f'token file {path} cannot be read ({first_line(e)}); delete '
+                      f'{directory} and the corpus is tokenized again') from e
+  if actual != crc:
+    raise ConfigError(f'token file {path} does not match the checksum its manifest recorded '
+                      f'(changed or damaged on disk since it was tokenized); delete '
+                      f'{directory} and the corpus is tokenized again')
+  _verified[path] = (signature, crc)
+
+
 def open_streams(directory, manifest, vocab_size):
-  """{split: TokenStream} of a tokenized source; nothing is read but the document starts."""
+  """{split: TokenStream} of a tokenized source; nothing is read but the document starts
+  (each shard's token file is checked against its checksum when first read)."""
   streams = {}
   for split in SPLITS:
     counts = [s[split]['tokens'] for s in manifest['shards']]
     files = [shard_files(directory, s['id'])[0][f'{split}.tokens'] for s in manifest['shards']]
-    tokens = ShardedTokens(files, counts, manifest['dtype'], vocab_size, directory)
-    starts = _array(paths.join(directory, f'{split}.starts'), np.int64, directory)
+    crcs = [s['crc32c'][f'{split}.tokens'] for s in manifest['shards']]
+    tokens = ShardedTokens(files, counts, manifest['dtype'], vocab_size, directory, crcs)
+    starts_path = paths.join(directory, f'{split}.starts')
+    verify(starts_path, manifest['starts_crc32c'][split], directory)
+    starts = _array(starts_path, np.int64, directory)
     if len(starts) != manifest[split]['documents'] + 1 or starts[-1] != len(tokens):
       raise ConfigError(f'{directory}/{split}.starts does not match its manifest (corrupted?); '
                         f'delete {directory} and the corpus is tokenized again')
@@ -99,12 +148,13 @@ class ShardedTokens:
   the vocabulary: a damaged shard is an error naming it, never garbage fed to the model."""
   ndim = 1
 
-  def __init__(self, files, counts, dtype, vocab_size, directory):
+  def __init__(self, files, counts, dtype, vocab_size, directory, crcs=None):
     self.files, self.dtype, self.vocab_size = files, np.dtype(dtype), vocab_size
-    self.directory = directory
+    self.directory, self.crcs = directory, crcs
     self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
     self.shape = (int(self.offsets[-1]),)
     self._maps, self._lock = collections.OrderedDict(), threading.Lock()
+    self._checked = set()  # Shards whose checksum is verified.
 
   def __len__(self):
     return self.shape[0]
@@ -137,6 +187,9 @@ class ShardedTokens:
 
   def _read(self, shard, a, b):
     path = self.files[shard]
+    if self.crcs is not None and shard not in self._checked:
+      verify(path, self.crcs[shard], self.directory)
+      self._checked.add(shard)
     if paths.is_remote(path):  # One ranged GET; stateless, so threads may share it.
       import fsspec
       fs, name = fsspec.core.url_to_fs(path)
@@ -158,10 +211,19 @@ def layout_path(directory, split, seq_len):
 
 
 def load_layout(directory, split, seq_len):
-  """A stored first-fit layout (packing.FirstFitRows.layout), or None."""
+  """A stored first-fit layout (packing.FirstFitRows.layout), checked against the checksum
+  stored beside it; None if there is none (or its checksum never got written: computed
+  again)."""
   path = layout_path(directory, split, seq_len)
-  if not paths.exists(path):
+  checksum = f'{path[:-len(".npy")]}.json'
+  if not paths.exists(path) or not paths.exists(checksum):
     return None
+  try:
+    crc = json.loads(paths.read_text(checksum))['crc32c']
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    raise ConfigError(f'{checksum} cannot be read ({first_line(e)}); delete it and the '
+                      f'packing layout is computed again') from e
+  verify(path, crc, directory)
   try:
     if paths.is_remote(path):
       return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
@@ -172,5 +234,8 @@ def load_layout(directory, split, seq_len):
 
 
 def save_layout(directory, split, seq_len, layout):
-  with paths.atomic_file(layout_path(directory, split, seq_len)) as f:
+  """The layout, then its checksum beside it (a layout without one is computed again)."""
+  path = layout_path(directory, split, seq_len)
+  with shards_lib.Checksummed(paths.atomic_file(path)) as f:
     np.save(f, layout, allow_pickle=False)
+  paths.atomic_write(f'{path[:-len(".npy")]}.json', json.dumps({'crc32c': f.crc}))
