@@ -61,13 +61,13 @@ def test_every_matmul_of_every_family_runs_the_kind_the_output_layer_kept_by_def
     config = tiny_config(model__family=family, objective=objective, loss_chunk=loss_chunk,
                          model__scan_layers=False, model__matmul=kind, model__matmul_keep=keep,
                          masking__max_predictions=32)
-    objective = objectives.get(config)
-    model = model_lib.build(config.model, objective.causal, objective.num_labels)
+    built = objectives.get(config)
+    model = model_lib.build(config.model, built.causal, built.num_labels)
     batch = batch_for(config)
     variables = state_lib.strip_boxes(
         jax.eval_shape(lambda: model.init(jax.random.key(0), batch['tokens'])))
     extra = {k: v for k, v in variables.items() if k != 'params'}
-    jaxpr = jax.make_jaxpr(lambda p, e: steps.model_loss(model, objective, p, batch, extra=e))(
+    jaxpr = jax.make_jaxpr(lambda p, e: steps.model_loss(model, built, p, batch, extra=e))(
         variables['params'], extra).jaxpr
     eight_bit = [out for operands, out in dots(jaxpr)
                  if operands <= EIGHT_BIT.get(kind.split('_')[0], set())]
