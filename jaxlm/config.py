@@ -249,6 +249,7 @@ def validate(config):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check_mixture(config.data)
   phases.check(config)
+  _check_phase_fields(config)
   if config.data.path and config.data.tfds_name:
     raise ConfigError(f'data.path={config.data.path!r} and data.tfds_name='
                       f'{config.data.tfds_name!r} are both set; keep one')
@@ -284,6 +285,17 @@ def validate(config):
       _check(config, field, lambda v: v == -1 or v > 0, 'must be positive or -1')
   _check_rules(config.mesh.rules)
   return config
+
+
+def _check_phase_fields(config):
+  """Each phase's model fields (phases.MODEL_FIELDS), checked like the fields themselves."""
+  for entry in config.data.phases:
+    if len(entry) == 3:
+      trial = config.copy_and_resolve_references()
+      trial.data.phases = ()
+      for name, value in entry[2].items():
+        set_field(trial, f'model.{name}', value, where=f'data.phases entry {entry!r}: field')
+      validate(trial)
 
 
 def _check_rules(rules):

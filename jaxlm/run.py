@@ -15,6 +15,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxlm import checkpoint, data, errors, flops, objectives, optim, paths, phases, resume, steps
@@ -22,6 +23,7 @@ from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
 from jaxlm import model as model_lib
+from jaxlm.model import context
 from jaxlm import state as state_lib
 from jaxlm import workdir as workdir_lib
 
@@ -61,6 +63,7 @@ def setup(config, devices=None):
   objectives.get(config).check()
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch(config, mesh)
+  check_context(config, mesh)
   if config.model.remat_policy == 'offload' and mesh.devices.flat[0].platform == 'cpu':
     raise errors.ConfigError("model.remat_policy='offload' keeps activations in pinned host "
                              "memory, which needs a GPU or TPU; use 'minimal' on CPU")
@@ -76,11 +79,19 @@ def setup(config, devices=None):
                state_lib.batch_shardings(mesh, rules, config))
 
 
-def phase_config(config, length):
-  """The run's config with rows of `length` tokens: what one length phase's steps and data are
-  built from (jaxlm/phases.py). Its model is the run's (the longest phase's position table)."""
+def check_context(config, mesh):
+  objective = objectives.get(config)
+  context.check(config, mesh, mesh_lib.rules(config), objective.causal, objective.num_labels)
+
+
+def phase_config(config, length, model_fields=None):
+  """The run's config with rows of `length` tokens and the phase's `model_fields` (RoPE,
+  context parallelism): what one length phase's steps and data are built from
+  (jaxlm/phases.py). Its parameters are the run's (the longest phase's position table)."""
   config = config_lib.from_json(config_lib.to_json(config))
   config.data.phases, config.model.max_len = (), length
+  for name, value in (model_fields or {}).items():
+    config_lib.set_field(config, f'model.{name}', value)
   return config_lib.validate(config)
 
 
@@ -106,9 +117,11 @@ class Phases:
     self.token_bytes, self.process = token_bytes, process
     self.spans = phases.spans(s.config)
     self.configs = ([s.config] if len(self.spans) == 1 else
-                    [phase_config(s.config, length) for *_, length in self.spans])
+                    [phase_config(s.config, length, phases.model_fields(s.config, i))
+                     for i, (*_, length) in enumerate(self.spans)])
     for config in self.configs:  # A mesh that cannot split some phase's rows fails now.
       mesh_lib.check_batch(config, s.mesh)
+      check_context(config, s.mesh)
     self.current = None
 
   def enter(self, step):
@@ -124,8 +137,12 @@ class Phases:
                len(self.spans), start, end, length)
     corpus = (self.corpus if length == self.s.config.model.max_len else
               data.prepare(config, self.workdir))  # The cached token stream, re-packed.
-    s = dataclasses.replace(self.s, config=config, batch_sharding=state_lib.batch_shardings(
-        self.s.mesh, self.s.rules, config))
+    fields = phases.model_fields(self.s.config, index)  # E.g. a long phase's RoPE theta.
+    model = (self.s.model.clone(cfg=ml_collections.FrozenConfigDict(
+        {**self.s.config.model.to_dict(), **fields})) if fields else self.s.model)
+    s = dataclasses.replace(self.s, config=config, model=model,
+                            batch_sharding=state_lib.batch_shardings(self.s.mesh, self.s.rules,
+                                                                     config))
     prepare = objectives.build(config, corpus.tokenizer)
     batches = data.train_iterator(data.train_dataset(corpus.train, config, *self.process),
                                   config)
@@ -154,6 +171,7 @@ def inference_setup(config, batch_size=1, devices=None):
   config.batch_size = batch_size
   for axis in MESH_AXES:
     config.mesh[axis] = config.mesh[f'dcn_{axis}'] = 1
+  config.model.context_parallel = 'none'  # Whole sequences on one device.
   return setup(config, devices or jax.local_devices()[:1])
 
 
