@@ -293,9 +293,13 @@ def _check_phase_fields(config):
     if len(entry) == 3:
       trial = config.copy_and_resolve_references()
       trial.data.phases = ()
+      where = f'data.phases entry {entry!r}:'
       for name, value in entry[2].items():
-        set_field(trial, f'model.{name}', value, where=f'data.phases entry {entry!r}: field')
-      validate(trial)
+        set_field(trial, f'model.{name}', value, where=f'{where} field')
+      try:
+        validate(trial)
+      except ConfigError as e:
+        raise ConfigError(f'{where} {e}') from e
 
 
 def _check_rules(rules):

@@ -38,7 +38,7 @@ def spans(config):
   n, phases = config.train_steps, config.data.phases
   if not phases:
     return [(0, n, config.model.max_len)]
-  ends = [round(end * n) for end, _ in phases]
+  ends = [round(entry[0] * n) for entry in phases]
   starts = [0] + ends[:-1]
   return [(start, end, entry[1]) for start, end, entry in zip(starts, ends, phases)]
 

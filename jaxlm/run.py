@@ -124,6 +124,15 @@ class Phases:
       check_context(config, s.mesh)
     self.current = None
 
+  def phase_setup(self, index):
+    """The run's setup with phase `index`'s config, batch shapes and model fields (a long
+    phase's RoPE theta or context parallelism; the parameters stay the run's)."""
+    config, fields = self.configs[index], phases.model_fields(self.s.config, index)
+    model = (self.s.model.clone(cfg=ml_collections.FrozenConfigDict(
+        {**self.s.config.model.to_dict(), **fields})) if fields else self.s.model)
+    return dataclasses.replace(self.s, config=config, model=model, batch_sharding=(
+        state_lib.batch_shardings(self.s.mesh, self.s.rules, config)))
+
   def enter(self, step):
     """The phase that runs step `step` (from 0), its iterator positioned at that step."""
     index = phases.index_at(self.s.config, step)
@@ -133,16 +142,13 @@ class Phases:
     config = self.configs[index]
     start, end, length = self.spans[index]
     if len(self.spans) > 1:
-      log.info('length phase %d of %d: steps %d-%d on rows of %d tokens', index + 1,
-               len(self.spans), start, end, length)
+      fields = phases.model_fields(self.s.config, index)
+      log.info('length phase %d of %d: steps %d-%d on rows of %d tokens%s', index + 1,
+               len(self.spans), start, end, length,
+               ''.join(f', model.{k}={v!r}' for k, v in fields.items()))
     corpus = (self.corpus if length == self.s.config.model.max_len else
               data.prepare(config, self.workdir))  # The cached token stream, re-packed.
-    fields = phases.model_fields(self.s.config, index)  # E.g. a long phase's RoPE theta.
-    model = (self.s.model.clone(cfg=ml_collections.FrozenConfigDict(
-        {**self.s.config.model.to_dict(), **fields})) if fields else self.s.model)
-    s = dataclasses.replace(self.s, config=config, model=model,
-                            batch_sharding=state_lib.batch_shardings(self.s.mesh, self.s.rules,
-                                                                     config))
+    s = self.phase_setup(index)
     prepare = objectives.build(config, corpus.tokenizer)
     batches = data.train_iterator(data.train_dataset(corpus.train, config, *self.process),
                                   config)

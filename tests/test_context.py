@@ -3,6 +3,8 @@ attention, with and without load balancing, causal and bidirectional, over packe
 against one device's attention; a model's loss and gradients against one device's; the
 errors; a long-context length phase."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,8 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import one_device, tiny_config
-from jaxlm import mesh as mesh_lib, objectives, run as run_lib, steps
+from conftest import ROOT, one_device, tiny_config
+from jaxlm import cli, mesh as mesh_lib, objectives, run as run_lib, steps, train
 from jaxlm.model import attention, context
 
 
@@ -171,3 +173,97 @@ def test_a_model_has_one_devices_loss_and_gradients(overrides, strategy, sizes):
   assert abs(got - want) <= 1e-5 * abs(want)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w) + 1e-7
+
+
+def test_splash_blocks_in_interpret_mode_equal_one_device():
+  """The Pallas splash kernel as the ring's block kernel (interpret mode on the CPU: slow, so
+  one small case): two 128-token chunks, causal, packed."""
+  rng = np.random.default_rng(2)
+  q, k, v = qkv(rng, 256, heads=2, kv_heads=1, rows=1, head_dim=16)
+  segments = packed_segments(1, 256, rng)
+  want = attention_and_grads(q, k, v, segments, True, attention_config(head_dim=16))
+  mesh, rules = mesh_for(fsdp=4, sequence=2)
+  cfg = attention_config(head_dim=16, attention='splash', context_parallel='ring',
+                         context_parallel_load_balance=False)
+  got = attention_and_grads(q, k, v, segments, True, cfg, mesh, rules)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+CONFIG = os.path.join(ROOT, 'configs', 'gpt_tiny.py')
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (['--config.model.context_parallel=ring'],
+     "model.context_parallel='ring' splits each sequence over the mesh's sequence axis, which "
+     "has 1 device: set mesh.sequence > 1"),
+    (['--config.model.context_parallel=allgather', '--config.mesh.sequence=8',
+      '--config.model.max_len=120'],
+     'model.max_len=120 must be a multiple of 2 x mesh.sequence = 16 (load balancing'),
+    (['--config.model.context_parallel=ring', '--config.mesh.sequence=4',
+      '--config.model.attention=cudnn'],
+     "model.attention='cudnn' runs 'cudnn' here, which has no context-parallel block form"),
+    (['--config.model.context_parallel=ring', '--config.mesh.sequence=4',
+      '--config.model.attention=splash'],
+     'model.max_len=256 / 2 x mesh.sequence = 8 (load balancing: two chunks per device; '
+     'model.context_parallel_load_balance) = 32 tokens per chunk: splash needs a multiple of 128'),
+    (['--config.data.phases=((0.5, 64, {"num_layers": 3}), (1.0, 256))'],
+     'a phase cannot change model.num_layers'),
+    (['--config.data.phases=((0.5, 64), (1.0, 256, {"rope_theta": 5e5}))'],
+     'data.phases: the last phase sets rope_theta; set model.rope_theta instead'),
+    (['--config.data.phases=((0.5, 64, {"context_parallel": "rings"}), (1.0, 256))'],
+     "model.context_parallel='rings' is not one of"),
+], ids=['one-device', 'length', 'cudnn', 'splash-chunk', 'phase-field', 'last-phase-rope',
+        'phase-value'])
+def test_bad_context_settings_exit_2_in_one_line_naming_the_field(overrides, message, capsys):
+  code = cli.main(['plan', f'--config={CONFIG}', *overrides])
+  err = capsys.readouterr().err
+  assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_long_context_phase_trains_with_its_own_rope_and_the_ring(tmp_path, shared_data,
+                                                                     caplog):
+  """A Llama that trains half its steps on 32 tokens at RoPE theta 1e4 without context
+  parallelism, then 64 tokens at 5e5 with the ring over 2 devices (model.* = the end)."""
+  config = tiny_config(
+      data__cache_dir=str(shared_data / 'data'), data__tokenizer=str(shared_data / 'tokenizer.model'),
+      model__family='llama', model__rope_theta=5e5, model__context_parallel='ring',
+      mesh__fsdp=4, mesh__sequence=2, train_steps=4, log_every_steps=2, eval_batches=1,
+      checkpoint__save_every_steps=4, model__attention='xla',
+      data__phases=((0.5, 32, {'rope_theta': 1e4, 'context_parallel': 'none'}), (1.0, 64)))
+  s = run_lib.setup(config, jax.devices())
+  stages = run_lib.Phases(s, None, str(tmp_path))
+  short, long = stages.phase_setup(0), stages.phase_setup(1)
+  assert (short.model.cfg.rope_theta, short.config.model.context_parallel) == (1e4, 'none')
+  assert (long.model.cfg.rope_theta, long.config.model.context_parallel) == (5e5, 'ring')
+  assert short.model.cfg.max_len == long.model.cfg.max_len == 64  # The run's parameters.
+  caplog.set_level('INFO', logger='jaxlm')
+  result = train.train(config, str(tmp_path), devices=jax.devices())
+  assert np.isfinite(result['loss']) and result['step'] == 4
+  assert "length phase 1 of 2: steps 0-2 on rows of 32 tokens, model.rope_theta=10000.0" in (
+      caplog.text)
+  assert 'context parallelism: ring over 2 sequence shards, xla blocks, load-balanced' in (
+      caplog.text)
+
+
+def test_the_ring_compiles_for_tpu_with_the_transfers_overlapping_the_blocks(monkeypatch):
+  """A small Llama with splash blocks in a ring over 4 chips of a v5p, compiled by the TPU
+  compiler: the key/value transfers are asynchronous, and in the forward pass each
+  transfer's start and end enclose block computations."""
+  from jax.experimental import topologies
+  monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # Compiling needs no chip.
+  devices = topologies.get_topology_desc(topology_name='v5p:2x2x1', platform='tpu').devices
+  config = tiny_config(model__family='llama', model__emb_dim=256, model__num_heads=2,
+                       model__head_dim=128, model__attention='splash', model__dtype='bfloat16',
+                       model__max_len=1024, mesh__fsdp=1, mesh__sequence=4, batch_size=2,
+                       model__context_parallel='ring')
+  s = run_lib.setup(config, devices)
+  text = run_lib.compile_train_step(s, objectives.build(config)).as_text()
+  assert 'splash' in text and text.count('collective-permute-start') > 0
+  assert 'collective-permute(' not in text  # None synchronous.
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'bench'))
+  from context_comm_bench import formula, overlapped_transfers, permute_bytes
+  assert overlapped_transfers(text) > 0
+  # Bytes sent: the bench's formula (the compiler sends the layers' common segment ids once).
+  expected, _ = formula(config, dict(s.mesh.shape), recompute=False)
+  assert abs(permute_bytes(text) - expected) < 0.01 * expected

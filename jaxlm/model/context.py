@@ -32,6 +32,7 @@ tokens, is unchanged. A bidirectional model (masked LM) has even work already: n
 
 import dataclasses
 import functools
+import logging
 import math
 
 import flax.linen as nn
@@ -43,6 +44,7 @@ from jax import lax
 from jaxlm.errors import ConfigError
 from jaxlm.model import attention
 
+log = logging.getLogger('jaxlm')
 # A block's kind for a (query chunk, key chunk) pair: nothing to see, all of it, or the causal
 # triangle (the same chunk).
 SKIP, FULL, CAUSAL = 0, 1, 2
@@ -155,12 +157,19 @@ def attend(q, k, v, segment_ids, causal, cfg, kernel):
               1 / math.sqrt(q.shape[-1]),
               splash_block_sizes(cfg, chunk) if kernel == 'splash' else None,
               interpret=platform != 'tpu')
+  _log_plan(plan.strategy, kernel, num_shards, chunks == 2)
   if segment_ids is None:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   P = jax.sharding.PartitionSpec
   return jax.shard_map(functools.partial(_attention, plan), mesh=mesh,
                        in_specs=(P(*q_spec), P(*kv_spec), P(*kv_spec), P(q_spec[0], q_spec[1])),
                        out_specs=P(*q_spec), check_vma=False)(q, k, v, segment_ids)
+
+
+@functools.cache
+def _log_plan(strategy, kernel, num_shards, balanced_):
+  log.info('context parallelism: %s over %d sequence shards, %s blocks%s', strategy, num_shards,
+           kernel, ', load-balanced (zigzag)' if balanced_ else '')
 
 
 # ---- the block loop (per device, inside shard_map)
@@ -176,12 +185,13 @@ def _rotate(plan, tree):
   return jax.tree.map(lambda x: lax.ppermute(x, plan.axis, pairs), tree)
 
 
-def _visit_blocks(plan, shard, kv, visit, carry):
+def _visit_blocks(plan, shard, kv, visit, carry, home=lambda x: x):
   """Calls `visit(local, travelling, j, kv_j, own) -> (local, travelling)` for the c key/value
   shards j: first the device's own (j = shard), then, in the ring, the one each step brings
   (step s: shard - s mod c). `carry` is (local, travelling): the device's own state, and state
   that belongs to the key/value block being visited (its gradients), which travels with it
-  (ring) or is kept per block (allgather) and comes home to the block's owner at the end."""
+  (ring) or is kept per block (allgather) and comes home to the block's owner at the end, as
+  `home` makes it (the gradients in the compute dtype: half the bytes of the last hop)."""
   c = plan.shards
   local, travelling = carry
   if plan.strategy == 'ring':
@@ -196,7 +206,7 @@ def _visit_blocks(plan, shard, kv, visit, carry):
       return (local, _rotate(plan, travelling), incoming), None
     (local, travelling, kv), _ = lax.scan(body, state, jnp.arange(1, c - 1))
     local, travelling = visit(local, travelling, (shard + 1) % c, kv, False)  # No more sends.
-    return local, _rotate(plan, travelling)  # Home: c rotations in all.
+    return local, _rotate(plan, home(travelling))  # Home: c rotations in all.
   gathered = jax.tree.map(lambda x: lax.all_gather(x, plan.axis), kv)
   local, mine = visit(local, travelling, shard, kv, True)
   per_block = jax.tree.map(lambda x, m: jnp.zeros((c, *x.shape), x.dtype).at[shard].set(m),
@@ -209,8 +219,8 @@ def _visit_blocks(plan, shard, kv, visit, carry):
                         jax.tree.map(lambda x: x[j], gathered), False)
     return (local, jax.tree.map(lambda x, m: x.at[j].set(m), per_block, mine)), None
   (local, per_block), _ = lax.scan(body, (local, per_block), jnp.arange(1, c))
-  return local, jax.tree.map(lambda x: lax.psum_scatter(x, plan.axis, scatter_dimension=0),
-                             per_block)
+  return local, home(jax.tree.map(
+      lambda x: lax.psum_scatter(x, plan.axis, scatter_dimension=0), per_block))
 
 
 def _merge(acc, block):
@@ -278,9 +288,9 @@ def _backward(plan, res, do):
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
   dqs, (dk, dv) = _visit_blocks(plan, shard, (k, v, segments), visit,
-                                (tuple(zeros(x) for x in qs), (zeros(k), zeros(v))))
-  return (jnp.concatenate(dqs, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          None)
+                                (tuple(zeros(x) for x in qs), (zeros(k), zeros(v))),
+                                home=lambda dkv: (dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)))
+  return jnp.concatenate(dqs, axis=1).astype(q.dtype), dk, dv, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
