@@ -7,19 +7,17 @@ Compiles the train step (TPU compiler for `--topology`, else the local devices) 
 bytes every collective-permute of the program sends per device, each loop's body counted as
 many times as the loop runs (its trip count, read from the loop's condition). The formula, per
 device and step, with c = mesh.sequence, L layers, M micro-batches and, per device, a key or
-value shard of kv bytes (rows x length / c x key/value heads x head width x compute dtype) and
-the segment ids' s bytes (rows x length / c x 4):
+value shard of kv bytes (rows x length / c x key/value heads x head width x compute dtype):
 
-    forward pass  F x (c - 1) x (2 kv + s)      K, V and segment ids, c - 1 hops
-    backward pass (c - 1) x (2 kv + s)          the same blocks again
+    forward pass  F x (c - 1) x 2 kv            K and V (one transfer), c - 1 hops
+    backward pass (c - 1) x 2 kv                the same blocks again
                   + (c - 1) x 2 kv32 + 2 kv     dK, dV travel with them (float32), and home
                                                 in the compute dtype: c hops
     per step      L x M x (forward + backward)
 
 F is 2 when the block is rematerialised (the forward ring runs again in the backward pass),
-else 1. The segment ids are the same in every layer, and XLA may send them once per step
-instead (a few bytes a token); a causal loss's shifted targets add one token per row and
-device. The bench prints the difference.
+else 1. The segment ids (4 bytes a token) are all-gathered, not permuted; a causal loss's
+shifted targets permute one token per row and device. The bench prints the difference.
 """
 
 import argparse
@@ -107,12 +105,11 @@ def formula(config, mesh_shape, recompute):
   kv_heads = m.num_kv_heads // mesh_shape['tensor']
   tokens = rows * m.max_len // c
   kv = tokens * kv_heads * m.head_dim * jnp.dtype(m.dtype).itemsize
-  kv32, segments = tokens * kv_heads * m.head_dim * 4, tokens * 4
-  hop = 2 * kv + segments
-  forward = (2 if recompute else 1) * (c - 1) * hop
-  backward = (c - 1) * hop + (c - 1) * 2 * kv32 + 2 * kv
+  kv32 = tokens * kv_heads * m.head_dim * 4
+  forward = (2 if recompute else 1) * (c - 1) * 2 * kv
+  backward = (c - 1) * 2 * kv + (c - 1) * 2 * kv32 + 2 * kv
   return m.num_layers * config.optimizer.grad_accum_steps * (forward + backward), dict(
-      kv=kv, segments=segments, forward=forward, backward=backward)
+      kv=kv, forward=forward, backward=backward)
 
 
 def main():

@@ -185,38 +185,48 @@ def _rotate(plan, tree):
   return jax.tree.map(lambda x: lax.ppermute(x, plan.axis, pairs), tree)
 
 
-def _visit_blocks(plan, shard, kv, visit, carry, home=lambda x: x):
-  """Calls `visit(local, travelling, j, kv_j, own) -> (local, travelling)` for the c key/value
-  shards j: first the device's own (j = shard), then, in the ring, the one each step brings
-  (step s: shard - s mod c). `carry` is (local, travelling): the device's own state, and state
-  that belongs to the key/value block being visited (its gradients), which travels with it
-  (ring) or is kept per block (allgather) and comes home to the block's owner at the end, as
-  `home` makes it (the gradients in the compute dtype: half the bytes of the last hop)."""
+def _visit_blocks(plan, shard, kv, segments, visit, carry, home=lambda x: x):
+  """Calls `visit(local, travelling, j, kv_j, segments_j, own) -> (local, travelling)` for the
+  c key/value shards j: first the device's own (j = shard), then, in the ring, the one each
+  step brings (step s: shard - s mod c). `kv` holds keys and values side by side (one transfer
+  a step); the segment ids, 4 bytes a token, are all-gathered once. `carry` is (local,
+  travelling): the device's own state, and state that belongs to the key/value block being
+  visited (its gradients), which travels with it (ring) or is kept per block (allgather) and
+  comes home to the block's owner at the end, as `home` makes it (the gradients in the compute
+  dtype: half the bytes of the last hop)."""
   c = plan.shards
   local, travelling = carry
+  all_segments = lax.all_gather(segments, plan.axis)
   if plan.strategy == 'ring':
+    zeros = jax.tree.map(jnp.zeros_like, travelling)
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
     incoming = _rotate(plan, kv)  # No dependence on the compute that follows: they overlap.
-    local, travelling = visit(local, travelling, shard, kv, True)
-    state = local, _rotate(plan, travelling), incoming
+    local, mine = visit(local, travelling, shard, kv, segments, True)
 
     def body(state, s):
-      local, travelling, kv = state
-      incoming = _rotate(plan, kv)
-      local, travelling = visit(local, travelling, (shard - s) % c, kv, False)
-      return (local, _rotate(plan, travelling), incoming), None
-    (local, travelling, kv), _ = lax.scan(body, state, jnp.arange(1, c - 1))
-    local, travelling = visit(local, travelling, (shard + 1) % c, kv, False)  # No more sends.
-    return local, _rotate(plan, home(travelling))  # Home: c rotations in all.
-  gathered = jax.tree.map(lambda x: lax.all_gather(x, plan.axis), kv)
-  local, mine = visit(local, travelling, shard, kv, True)
+      local, mine, kv = state
+      # In flight while this block computes: the next block, and what this device added to
+      # the previous one (to that block's next holder, this device's neighbour, which adds
+      # it to its own part once both are there).
+      incoming, passed = _rotate(plan, kv), _rotate(plan, mine)
+      j = (shard - s) % c
+      local, part = visit(local, zeros, j, kv, all_segments[j], False)
+      return (local, add(passed, part), incoming), None
+    (local, mine, kv), _ = lax.scan(body, (local, mine, incoming), jnp.arange(1, c - 1))
+    passed = _rotate(plan, mine)
+    j = (shard + 1) % c  # The last block: none to fetch.
+    local, part = visit(local, zeros, j, kv, all_segments[j], False)
+    return local, _rotate(plan, home(add(passed, part)))  # Home: c rotations in all.
+  gathered = lax.all_gather(kv, plan.axis)
+  local, mine = visit(local, travelling, shard, kv, segments, True)
   per_block = jax.tree.map(lambda x, m: jnp.zeros((c, *x.shape), x.dtype).at[shard].set(m),
                            travelling, mine)
 
   def body(state, s):
     local, per_block = state
     j = (shard - s) % c
-    local, mine = visit(local, jax.tree.map(lambda x: x[j], per_block), j,
-                        jax.tree.map(lambda x: x[j], gathered), False)
+    local, mine = visit(local, jax.tree.map(lambda x: x[j], per_block), j, gathered[j],
+                        all_segments[j], False)
     return (local, jax.tree.map(lambda x, m: x.at[j].set(m), per_block, mine)), None
   (local, per_block), _ = lax.scan(body, (local, per_block), jnp.arange(1, c))
   return local, home(jax.tree.map(
@@ -247,8 +257,8 @@ def _forward(plan, q, k, v, segments):
   qs, q_segments = split(q), split(segments)
   q_ids = plan.chunk_ids(shard)
 
-  def visit(acc, travelling, j, kv, own):
-    ks, vs, kv_segments = (split(x) for x in kv)
+  def visit(acc, travelling, j, kv, kv_segments, own):
+    (ks, vs), kv_segments = _keys_values(kv, split), split(kv_segments)
     acc = list(acc)
     for a, b, kind, runs in _blocks(plan, own, q_ids, plan.chunk_ids(j), q_segments,
                                     kv_segments):
@@ -260,7 +270,8 @@ def _forward(plan, q, k, v, segments):
   B, _, N, _ = q.shape
   empty = tuple((jnp.zeros(x.shape, jnp.float32), jnp.full((B, N, x.shape[1]), -jnp.inf))
                 for x in qs)
-  acc, _ = _visit_blocks(plan, shard, (k, v, segments), visit, (empty, ()))
+  acc, _ = _visit_blocks(plan, shard, jnp.concatenate([k, v], axis=2), segments, visit,
+                         (empty, ()))
   return (jnp.concatenate([o for o, _ in acc], axis=1).astype(q.dtype),
           jnp.concatenate([lse for _, lse in acc], axis=2))
 
@@ -273,9 +284,9 @@ def _backward(plan, res, do):
   qs, q_segments, os_, dos, lses = split(q), split(segments), split(o), split(do), split(lse, 2)
   q_ids = plan.chunk_ids(shard)
 
-  def visit(dqs, dkv, j, kv, own):
-    ks, vs, kv_segments = (split(x) for x in kv)
-    dks, dvs = (split(x) for x in dkv)
+  def visit(dqs, dkv, j, kv, kv_segments, own):
+    (ks, vs), kv_segments = _keys_values(kv, split), split(kv_segments)
+    dks, dvs = _keys_values(dkv, split)
     dqs = list(dqs)
     for a, b, kind, runs in _blocks(plan, own, q_ids, plan.chunk_ids(j), q_segments,
                                     kv_segments):
@@ -284,13 +295,20 @@ def _backward(plan, res, do):
       dqs[a], dks[b], dvs[b] = lax.cond(
           runs, compute, lambda acc, *_: acc, (dqs[a], dks[b], dvs[b]), qs[a], ks[b], vs[b],
           q_segments[a], kv_segments[b], os_[a], lses[a], dos[a])
-    return tuple(dqs), (jnp.concatenate(dks, axis=1), jnp.concatenate(dvs, axis=1))
+    return tuple(dqs), jnp.concatenate([jnp.concatenate(x, axis=1) for x in (dks, dvs)], axis=2)
 
-  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  dqs, (dk, dv) = _visit_blocks(plan, shard, (k, v, segments), visit,
-                                (tuple(zeros(x) for x in qs), (zeros(k), zeros(v))),
-                                home=lambda dkv: (dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)))
+  kv = jnp.concatenate([k, v], axis=2)
+  dqs, dkv = _visit_blocks(plan, shard, kv, segments, visit,
+                           (tuple(jnp.zeros(x.shape, jnp.float32) for x in qs),
+                            jnp.zeros(kv.shape, jnp.float32)),
+                           home=lambda dkv: dkv.astype(k.dtype))
+  dk, dv = jnp.split(dkv, 2, axis=2)
   return jnp.concatenate(dqs, axis=1).astype(q.dtype), dk, dv, None
+
+
+def _keys_values(kv, split):
+  """Keys and values (side by side on the heads axis), each cut into its chunks."""
+  return tuple(split(x) for x in jnp.split(kv, 2, axis=2))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
