@@ -13,7 +13,8 @@ ring context parallelism. NOT RUN HERE (no TPU); `jaxlm plan --config=configs/ll
   the 8 sequences of a step (1M tokens) split over fsdp. Attention runs as a ring over the 8
   shards (model.context_parallel='ring'), zigzag-balanced so every chip does the same causal work;
   everything else (norms, MLPs, loss) works on its 16k tokens alone.
-- Parameters and AdamW state (112 GB in float32) are sharded over fsdp only: 14 GB per chip.
+- Parameters and AdamW state (81 GB in float32) are sharded over fsdp only: 9.4 GiB per chip.
+- The TPU compiler puts the train step at 30.7 GiB per chip (full compile; BENCHMARKS.md).
 - Splash attention blocks, remat 'full', bfloat16 compute.
 """
 

@@ -69,8 +69,8 @@ def qkv(rng, length, heads=4, kv_heads=2, rows=2, head_dim=8):
 
 # (strategy, load balancing, causal, mesh): context 4 and context 2 x fsdp 2 x tensor 2.
 CONTEXT4, MIXED = dict(fsdp=2, sequence=4), dict(fsdp=2, sequence=2, tensor=2)
-# (A model below trains with ring on context 4, balanced, and a masked LM with allgather on
-# the mixed mesh.)
+# (The models below add ring on context 4, balanced, and a masked LM's allgather on the mixed
+# mesh.)
 CASES = [('ring', False, True, CONTEXT4), ('allgather', True, True, CONTEXT4),
          ('allgather', False, True, MIXED), ('ring', True, True, MIXED),
          ('ring', True, False, MIXED)]

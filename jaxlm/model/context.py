@@ -19,7 +19,7 @@ yet): each block gives a partial softmax (normalised output and log-sum-exp) tha
 into the running one. The backward pass walks the same blocks (a custom VJP): with the global
 log-sum-exp each block's gradient is exact, and dK, dV travel with K, V back to their owner.
 A block that the causal mask or the packed rows' document mask leaves empty is skipped
-(`lax.switch`, per device): with documents shorter than a shard most blocks are.
+(`lax.cond`, per device): with documents shorter than a shard most blocks are.
 
 Load balancing (model.context_parallel_load_balance; causal models): with contiguous shards
 the last shard's queries see the whole sequence and the first's only themselves, so the ring
@@ -45,6 +45,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.model import attention
 
 log = logging.getLogger('jaxlm')
+
 # A block's kind for a (query chunk, key chunk) pair: nothing to see, all of it, or the causal
 # triangle (the same chunk).
 SKIP, FULL, CAUSAL = 0, 1, 2
