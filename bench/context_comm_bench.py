@@ -16,7 +16,8 @@ value shard of kv bytes (rows x length / c x key/value heads x head width x comp
     per step      L x M x (forward + backward)
 
 F is 2 when the block is rematerialised (the forward ring runs again in the backward pass),
-else 1. The segment ids (4 bytes a token) are all-gathered, not permuted; a causal loss's
+else 1. model.context_parallel='allgather' all-gathers K and V instead (the same bytes, as an
+all-gather: the forward terms), and its dK, dV travel the ring alike. The segment ids (4 bytes a token) are all-gathered, not permuted; a causal loss's
 shifted targets permute one token per row and device. The bench prints the difference.
 """
 

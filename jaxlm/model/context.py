@@ -9,7 +9,8 @@ meet:
 - 'none': jaxlm does nothing special; the compiler gathers what attention needs (keys and
   values of the whole sequence on every shard, and with 'xla' a [T/c, T] score matrix).
 - 'allgather': the keys and values of the whole sequence are all-gathered once per layer
-  (O(T) memory for them), and each shard's queries visit them block by block.
+  (O(T) memory for them), and each shard's queries visit them block by block; their
+  gradients go back around the ring.
 - 'ring': key/value blocks travel around the axis with `ppermute`, one neighbour's block per
   step, the next block's transfer running while this block computes: O(T / c) memory.
 
@@ -188,50 +189,37 @@ def _rotate(plan, tree):
 
 def _visit_blocks(plan, shard, kv, segments, visit, carry, home=lambda x: x):
   """Calls `visit(local, travelling, j, kv_j, segments_j, own) -> (local, travelling)` for the
-  c key/value shards j: first the device's own (j = shard), then, in the ring, the one each
-  step brings (step s: shard - s mod c). `kv` holds keys and values side by side (one transfer
-  a step); the segment ids, 4 bytes a token, are all-gathered once. `carry` is (local,
-  travelling): the device's own state, and state that belongs to the key/value block being
-  visited (its gradients), which travels with it (ring) or is kept per block (allgather) and
-  comes home to the block's owner at the end, as `home` makes it (the gradients in the compute
-  dtype: half the bytes of the last hop)."""
+  c key/value shards j: first the device's own (j = shard), then at step s shard - s mod c,
+  which the ring brings from the neighbour (the next one in flight while this one computes)
+  and allgather takes from the gathered blocks. `kv` holds keys and values side by side (one
+  transfer); the segment ids, 4 bytes a token, are all-gathered.
+
+  `carry` is (local, travelling): the device's own state, and state that belongs to the
+  key/value block being visited (its gradients). That travels around the ring in both
+  strategies: what a device adds to block j goes to the neighbour, which visits j next and
+  adds its part once both are there (so the transfer overlaps the compute too), and after c
+  hops it is home with j's owner, as `home` makes it (the gradients in the compute dtype: half
+  the bytes of the last hop)."""
   c = plan.shards
   local, travelling = carry
+  ring = plan.strategy == 'ring'
+  gathered = None if ring else lax.all_gather(kv, plan.axis)
   all_segments = lax.all_gather(segments, plan.axis)
-  if plan.strategy == 'ring':
-    zeros = jax.tree.map(jnp.zeros_like, travelling)
-    add = lambda a, b: jax.tree.map(jnp.add, a, b)
-    incoming = _rotate(plan, kv)  # No dependence on the compute that follows: they overlap.
-    local, mine = visit(local, travelling, shard, kv, segments, True)
+  zeros = jax.tree.map(jnp.zeros_like, travelling)
 
-    def body(state, s):
-      local, mine, kv = state
-      # In flight while this block computes: the next block, and what this device added to
-      # the previous one (to that block's next holder, this device's neighbour, which adds
-      # it to its own part once both are there).
-      incoming, passed = _rotate(plan, kv), _rotate(plan, mine)
-      j = (shard - s) % c
-      local, part = visit(local, zeros, j, kv, all_segments[j], False)
-      return (local, add(passed, part), incoming), None
-    (local, mine, kv), _ = lax.scan(body, (local, mine, incoming), jnp.arange(1, c - 1))
-    passed = _rotate(plan, mine)
-    j = (shard + 1) % c  # The last block: none to fetch.
-    local, part = visit(local, zeros, j, kv, all_segments[j], False)
-    return local, _rotate(plan, home(add(passed, part)))  # Home: c rotations in all.
-  gathered = lax.all_gather(kv, plan.axis)
-  local, mine = visit(local, travelling, shard, kv, segments, True)
-  per_block = jax.tree.map(lambda x, m: jnp.zeros((c, *x.shape), x.dtype).at[shard].set(m),
-                           travelling, mine)
-
-  def body(state, s):
-    local, per_block = state
+  def step(local, mine, held, s, fetch=True):
     j = (shard - s) % c
-    local, mine = visit(local, jax.tree.map(lambda x: x[j], per_block), j, gathered[j],
-                        all_segments[j], False)
-    return (local, jax.tree.map(lambda x, m: x.at[j].set(m), per_block, mine)), None
-  (local, per_block), _ = lax.scan(body, (local, per_block), jnp.arange(1, c))
-  return local, home(jax.tree.map(
-      lambda x: lax.psum_scatter(x, plan.axis, scatter_dimension=0), per_block))
+    incoming = _rotate(plan, held) if ring and fetch else held
+    passed = _rotate(plan, mine)
+    local, part = visit(local, zeros, j, held if ring else gathered[j], all_segments[j], False)
+    return local, jax.tree.map(jnp.add, passed, part), incoming
+
+  held = _rotate(plan, kv) if ring else kv  # In flight while the device's own block computes.
+  local, mine = visit(local, travelling, shard, kv, segments, True)
+  (local, mine, held), _ = lax.scan(lambda state, s: (step(*state, s), None),
+                                    (local, mine, held), jnp.arange(1, c - 1))
+  local, mine, _ = step(local, mine, held, c - 1, fetch=False)  # The last: none to fetch.
+  return local, _rotate(plan, home(mine))
 
 
 def _merge(acc, block):
