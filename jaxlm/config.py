@@ -271,6 +271,7 @@ def validate(config):
   _check(config, 'profile.num_steps', lambda v: v <= 1000, 'must be at most 1000')
   _check_mixture(config.data)
   phases.check(config)
+  _check_phase_fields(config)
   if config.data.path and config.data.tfds_name:
     raise ConfigError(f'data.path={config.data.path!r} and data.tfds_name='
                       f'{config.data.tfds_name!r} are both set; keep one')
@@ -310,6 +311,21 @@ def validate(config):
       _check(config, field, lambda v: v == -1 or v > 0, 'must be positive or -1')
   _check_rules(config.mesh.rules)
   return config
+
+
+def _check_phase_fields(config):
+  """Each phase's model fields (phases.MODEL_FIELDS), checked like the fields themselves."""
+  for entry in config.data.phases:
+    if len(entry) == 3:
+      trial = config.copy_and_resolve_references()
+      trial.data.phases = ()
+      where = f'data.phases entry {entry!r}:'
+      for name, value in entry[2].items():
+        set_field(trial, f'model.{name}', value, where=f'{where} field')
+      try:
+        validate(trial)
+      except ConfigError as e:
+        raise ConfigError(f'{where} {e}') from e
 
 
 def _check_rules(rules):

@@ -10,6 +10,8 @@ import dataclasses
 import logging
 import time
 
+import ml_collections
+
 from jaxlm import data, evaluate, flops, limits, phases
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
@@ -19,11 +21,14 @@ from jaxlm import state as state_lib
 log = logging.getLogger('jaxlm')
 
 
-def phase_config(config, length):
-  """The run's config with rows of `length` tokens: what one length phase's steps and data are
-  built from (jaxlm/phases.py). Its model is the run's (the longest phase's position table)."""
+def phase_config(config, length, model_fields=None):
+  """The run's config with rows of `length` tokens and the phase's `model_fields` (RoPE,
+  context parallelism): what one length phase's steps and data are built from
+  (jaxlm/phases.py). Its parameters are the run's (the longest phase's position table)."""
   config = config_lib.from_json(config_lib.to_json(config))
   config.data.phases, config.model.max_len = (), length
+  for name, value in (model_fields or {}).items():
+    config_lib.set_field(config, f'model.{name}', value)
   return config_lib.validate(config)
 
 
@@ -66,10 +71,20 @@ class Phases:
     self.token_bytes = s.objective.token_bytes(corpus.tokenizer)
     self.spans = phases.spans(s.config)
     self.configs = ([s.config] if len(self.spans) == 1 else
-                    [phase_config(s.config, length) for *_, length in self.spans])
+                    [phase_config(s.config, length, phases.model_fields(s.config, i))
+                     for i, (*_, length) in enumerate(self.spans)])
     for config in self.configs:  # A mesh that cannot split some phase's rows fails now.
       mesh_lib.check_batch(config, s.mesh)
+      run_lib.check_context(config, s.mesh, s.objective)
     self.current = None
+
+  def phase_setup(self, index):
+    """The run's setup with phase `index`'s config and model fields (a long phase's RoPE theta
+    or context parallelism; the parameters stay the run's)."""
+    config, fields = self.configs[index], phases.model_fields(self.s.config, index)
+    model = (self.s.model.clone(cfg=ml_collections.FrozenConfigDict(
+        {**self.s.config.model.to_dict(), **fields})) if fields else self.s.model)
+    return dataclasses.replace(self.s, config=config, model=model)
 
   def walk(self, start):
     """The phases from the one that runs step `start` to the last, each entered (built) when
@@ -91,11 +106,13 @@ class Phases:
     config = self.configs[index]
     start, end, length = self.spans[index]
     if len(self.spans) > 1:
-      log.info('length phase %d of %d: steps %d-%d on rows of %d tokens', index + 1,
-               len(self.spans), start, end, length)
+      fields = phases.model_fields(self.s.config, index)
+      log.info('length phase %d of %d: steps %d-%d on rows of %d tokens%s', index + 1,
+               len(self.spans), start, end, length,
+               ''.join(f', model.{k}={v!r}' for k, v in fields.items()))
     corpus = (self.corpus if length == self.s.config.model.max_len else
               data.prepare(config, self.workdir, self.s.objective.frame))  # Re-packed.
-    s = dataclasses.replace(self.s, config=config)
+    s = self.phase_setup(index)
     prepare = s.objective.prepare(corpus.tokenizer, length)
     batches = data.train_iterator(data.train_dataset(corpus.train, config, *self.process),
                                   config)

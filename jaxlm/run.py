@@ -20,6 +20,7 @@ from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.schema import MESH_AXES
 from jaxlm import model as model_lib
+from jaxlm.model import context
 from jaxlm import state as state_lib
 
 log = logging.getLogger('jaxlm')
@@ -63,6 +64,7 @@ def setup(config, devices=None):
   objective.check()
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch(config, mesh)
+  check_context(config, mesh, objective)
   if config.model.remat_policy == 'offload' and mesh.devices.flat[0].platform == 'cpu':
     raise errors.ConfigError("model.remat_policy='offload' keeps activations in pinned host "
                              "memory, which needs a GPU or TPU; use 'minimal' on CPU")
@@ -78,6 +80,11 @@ def setup(config, devices=None):
                state_lib.batch_shardings(mesh, rules, objective.features()))
 
 
+def check_context(config, mesh, objective):
+  """Context parallelism (model.context_parallel) fits the mesh, rules and objective."""
+  context.check(config, mesh, mesh_lib.rules(config), objective.causal, objective.num_labels)
+
+
 def inference_setup(config, batch_size=1, devices=None):
   """A setup on one device (default: the first local one) for the commands that only run or
   read the model (fill-mask, generate, convert). `config` itself is left unchanged."""
@@ -85,6 +92,7 @@ def inference_setup(config, batch_size=1, devices=None):
   config.batch_size = batch_size
   for axis in MESH_AXES:
     config.mesh[axis] = config.mesh[f'dcn_{axis}'] = 1
+  config.model.context_parallel = 'none'  # Whole sequences on one device.
   return setup(config, devices or jax.local_devices()[:1])
 
 

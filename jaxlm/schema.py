@@ -68,6 +68,7 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention': Names(('auto',), model_lib.ATTENTION),  # 'auto': one per platform.
+    'model.context_parallel': ('none', 'allgather', 'ring'),  # jaxlm/model/context.py
     'model.matmul': matmuls.REGISTRY,
     'model.remat_policy': Names(('none',), model_lib.REMAT_POLICIES),  # 'none': no remat.
     'data.tokenizer_type': ('bpe', 'unigram'),
@@ -149,6 +150,14 @@ def defaults(family='gpt2'):
   m.splash_block_q = 0  # Splash query tile, a multiple of 128; 0 = min(512, length).
   m.splash_block_kv = 0  # Splash key/value tile, a multiple of 128; 0 = min(512, length).
   m.cudnn_max_documents = 64  # cuDNN, packed rows: documents per row (more: a NaN step).
+  # Attention over sequences split along mesh.sequence (jaxlm/model/context.py): 'none' (the
+  # compiler gathers each layer's keys and values), 'allgather' (gathered once per layer, then
+  # visited block by block) or 'ring' (key/value blocks passed around the axis while the
+  # previous block computes: memory O(length / mesh.sequence)). Needs mesh.sequence > 1.
+  m.context_parallel = 'none'
+  # Causal models: lay each sequence out in 2 x mesh.sequence chunks, device i holding chunks i
+  # and 2 x mesh.sequence - 1 - i, so that every device does the same attention work.
+  m.context_parallel_load_balance = True
   m.scan_layers = True  # Stack the blocks with scan: compile time independent of depth.
   # Activation recomputation in the backward pass: 'none' keeps everything; 'full' keeps only
   # each block's input; 'minimal' keeps the projections' outputs (recomputing norms and

@@ -8,7 +8,7 @@ from flax.linen import fp8_ops
 
 from jaxlm import model as model_lib
 from jaxlm.objectives import base as objectives_base
-from jaxlm.model import layers
+from jaxlm.model import context, layers
 
 
 def accumulate_gradients(loss_fn, params, batch, num_micro, rng, updated=None):
@@ -72,6 +72,9 @@ def model_loss(model, objective, params, batch, z_loss=0.0, extra=None, **kwargs
   predicted positions (max_len, or a masked LM's gathered predictions) make more than one
   chunk. Auxiliary losses the model sows (model.AUX_LOSS), each a mean, count once per
   target."""
+  # Context parallelism's load-balanced order (model/context.py): every per-token feature moves
+  # together, so the summed loss and statistics are those of the batch as it came.
+  batch = context.balance(batch, model.cfg, model.causal)
   chunk = objective.loss_chunk(batch)
   out, sown = apply(model, params, batch, extra, project=not chunk, mutable=[model_lib.AUX_LOSS],
                     **kwargs)

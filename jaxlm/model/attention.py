@@ -55,9 +55,12 @@ def _log_choice(name, platform, configured):
 
 def attend(q, k, v, segment_ids, causal, cfg):
   """Attention of q over k, v within each row's documents (causal: only earlier tokens)."""
+  from jaxlm.model import context  # It builds on this module.
   platform, kind = target()
   name = choose(cfg, platform, kind)
   _log_choice(name, platform, cfg.attention)
+  if context.active(cfg):  # A sequence split over devices: model.context_parallel.
+    return context.attend(q, k, v, segment_ids, causal, cfg, name)
   return model_lib.get(model_lib.ATTENTION, name)(q, k, v, segment_ids, causal, cfg)
 
 
