@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from jaxlm import phases
+from jaxlm import parametrization, phases
 from jaxlm.errors import ConfigError, first_line  # noqa: F401 (ConfigError re-exported)
 # Config files import `defaults` from here, the public place for it.
 from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults, sweep_defaults  # noqa: F401
@@ -237,6 +237,7 @@ def validate(config):
   # jax.random.key and sentencepiece keep 32 bits of a seed: a larger one would collide.
   _check(config, 'seed', lambda v: 0 <= v < 2**32, 'must be in [0, 2**32)')
   _check(config, 'model.init_std', lambda v: v > 0, 'must be positive')
+  parametrization.get(m).check(m)
   _check(config, 'distributed.heartbeat_timeout_s', lambda v: v > 0, 'must be positive')
   for name in ('model.rope_theta', 'model.rope_scaling_factor', 'model.rope_original_max_len'):
     _check(config, name, lambda v: v > 0, 'must be positive')

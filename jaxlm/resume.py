@@ -38,9 +38,9 @@ REQUIRED = ('_CHECKPOINT_METADATA', 'state/_METADATA')
 
 def state_signature(config):
   """{path: (shape, dtype)} of the train state `config` builds, without allocating it."""
-  tx, _ = optim.optimizer(config)
-  abstract = state_lib.strip_boxes(
-      state_lib.abstract_state(model_lib.build(config), tx, config))
+  model = model_lib.build(config)
+  tx, _ = optim.optimizer(config, model)
+  abstract = state_lib.strip_boxes(state_lib.abstract_state(model, tx, config))
   return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype))
           for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
 
