@@ -300,3 +300,59 @@ def test_sweep_trains_skips_resumes_and_fits(tmp_path, shared_data):
   assert (summary['this_shard'], summary['skipped'], summary['trained']) == (2, 2, 0)
   assert cli.main(['fit', f'--workdir={workdir}', '--bootstrap=5']) == 0
   assert json.loads((workdir / 'fit.json').read_text())['runs'] == 6
+
+
+# ------------------------------------------------------------- tuning once, held-out runs
+
+
+def test_fit_predicts_held_out_runs_with_bootstrap_intervals(tmp_path, capsys):
+  """Rows marked holdout are left out of the law and predicted, each with the interval of the
+  bootstrap refits' predictions (the sweep's 10x run in docs/scaling.md)."""
+  N, D, C, loss = synthetic_isoflop(noise=0.002, budgets=np.logspace(18, 20, 3))
+  write_runs(tmp_path, N, D, C, loss)
+  n, d = np.array([3e9, 8e9]), 1e22 / 6 / np.array([3e9, 8e9])  # 100x the largest budget.
+  held = [{'name': f'holdout-{i}', 'N': float(a), 'D': float(b), 'C': 1e22, 'budget': 1e22,
+           'eval_loss': float(laws.predict(CHINCHILLA, a, b)), 'holdout': True}
+          for i, (a, b) in enumerate(zip(n, d))]
+  with open(tmp_path / 'runs.jsonl', 'a') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in held))
+  assert cli.main(['fit', f'--workdir={tmp_path}', '--bootstrap=20']) == 0
+  fit = json.loads((tmp_path / 'fit.json').read_text())
+  assert fit['runs'] == len(N)  # The held-out rows are not fitted.
+  assert [h['run'] for h in fit['held_out']] == ['holdout-0', 'holdout-1']
+  for h in fit['held_out']:
+    assert abs(h['relative_error']) < 0.02 and h['interval'][0] < h['predicted_loss'] < \
+        h['interval'][1]
+  assert 'held-out run holdout-0 (C=1e+22): predicted loss' in capsys.readouterr().err
+
+
+def test_sweep_tunes_once_at_the_smallest_size_and_carries_it(tmp_path, shared_data,
+                                                              monkeypatch):
+  """A muP sweep with a tuning grid, end to end on tiny models: the grid trains at the
+  smallest size first, the value of its lowest held-out loss reaches every run unchanged
+  (muP), and the held-out run is trained last and marked so."""
+  monkeypatch.setattr(sweep, 'fit_mesh', lambda config, setup: (config, jax.devices()[:1]))
+  base = tiny_config(log_every_steps=10, eval_batches=1, checkpoint__save_every_steps=1000,
+                     model__family='llama', model__parametrization='mup',
+                     model__mup_base_width=32, model__mup_base_head_dim=16,
+                     data__cache_dir=str(shared_data / 'data'),
+                     data__tokenizer=str(shared_data / 'tokenizer.model'))
+  s = sweep_config(base, budgets=(2e10,), lr_width_exponent=0.0, min_steps=5,
+                   holdout=((1, 48, 3e10),))
+  s.tune.learning_rates, s.tune.output_multipliers, s.tune.tokens = (1e-3, 1e-2), (2.0,), 5e3
+  with pytest.raises(ConfigError, match='lr_width_exponent=0.5 must be 0'):
+    sweep.check(sweep_config(base, lr_width_exponent=0.5))
+  summary = sweep.run(s, str(tmp_path))
+  assert summary['tune']['trained'] == 2 and summary['trained'] == 3
+  tuned = json.loads((tmp_path / 'tune' / 'tuned.json').read_text())
+  grid = {json.loads(p.read_text())['name']: json.loads(p.read_text())['eval_loss']
+          for p in (tmp_path / 'tune' / 'runs').glob('*/result.json')}
+  assert set(grid) == {'lr0.001-out2', 'lr0.01-out2'} and tuned['width'] == 32
+  assert tuned['run'] == min(grid, key=grid.get)
+  rows = sweep.read_runs(str(tmp_path))
+  assert [r['name'] for r in rows] == ['L1-d32-C2e10', 'L2-d64-C2e10', 'holdout-L1-d48-C3e10']
+  assert [r['holdout'] for r in rows] == [False, False, True]
+  for r in rows:  # The same rate and multiplier at every width: muP carries them.
+    assert r['config']['optimizer']['learning_rate'] == tuned['values']['optimizer.learning_rate']
+    assert r['config']['model']['mup_output_multiplier'] == 2.0
+    assert r['cpu_s'] > 0
