@@ -105,26 +105,22 @@ TUNED = {'learning_rates': 'optimizer.learning_rate',
 
 
 def plan(sweep):
-  """The sweep's runs, smallest compute first, each with its complete config."""
+  """The sweep's runs, smallest compute first (held-out runs last), each with its complete
+  config."""
   check(sweep)
   base = sweep.base
+  shapes = ([(L, d, sweep.budgets or sweep.tokens, False) for L, d in sweep.sizes] +
+            [(L, d, (target,), True) for L, d, target in sweep.holdout])
   candidates = []
-  for num_layers, emb_dim in sweep.sizes:
+  for num_layers, emb_dim, targets, holdout in shapes:
     config = _sized(base, num_layers, emb_dim, sweep)
     per_token = flops.of_run(config)
-    for target in sweep.budgets or sweep.tokens:
+    for target in targets:
       budget = float(target) if sweep.budgets else 0.0
-      candidates.append((config, per_token, budget, budget or per_token * target))
-  smallest = min(c[3] for c in candidates)
-  held = []
-  for num_layers, emb_dim, target in sweep.holdout:
-    config = _sized(base, num_layers, emb_dim, sweep)
-    per_token = flops.of_run(config)
-    held.append((config, per_token, float(target) if sweep.budgets else 0.0,
-                 float(target) if sweep.budgets else per_token * target))
+      candidates.append((config, per_token, budget, budget or per_token * target, holdout))
+  smallest = min(c[3] for c in candidates if not c[4])
   runs = []
-  for i, (config, per_token, budget, compute) in enumerate(candidates + held):
-    holdout = i >= len(candidates)
+  for config, per_token, budget, compute, holdout in candidates:
     config = copy.deepcopy(config)
     doublings = round(sweep.batch_compute_exponent * math.log2(compute / smallest))
     config.batch_size = base.batch_size * 2 ** doublings
