@@ -4,16 +4,17 @@ the plot. Under muP the best rate should stay put as the width grows; under the 
 parametrization it drifts (Tensor Programs V, figure 1).
 
     python bench/lr_transfer.py --workdir=/tmp/lr_transfer [--widths=32,64,128,256] \
-        [--lrs=...] [--steps=300] [--plot=docs/scaling/lr_transfer.png] [--shard=i/n]
+        [--lrs=0.002,...,0.064] [--steps=250] [--kinds=standard,mup] [--shard=i/n] \
+        [--plot=docs/scaling/lr_transfer.png] [--report]
 
 Every run is a `jaxlm sweep` run (bench/../jaxlm/sweep.py: shared tokenizer and token cache,
 finished runs skipped, an interrupted one resumed, DIR/runs.jsonl), named
 <parametrization>-d<width>-lr<rate>: a 2-layer Llama-style model (head width 16, SwiGLU 8/3),
 vocabulary 512, 128-token rows, batch 8, `--steps` steps with 5% warmup and cosine decay to
-10%, weight decay 0.1; the same tokens in the same order for every run. muP's base width is
-the smallest width, so both parametrizations are the same model there. The score is the
+10%, weight decay 0.1; the same tokens in the same order for every run. The score is the
 final held-out loss (16 batches). Rates are a factor of 2 apart: "within one grid step" is
-within a factor of 2.
+within a factor of 2. muP's base width is --base_width (32), where both parametrizations are
+the same model.
 """
 
 import argparse
@@ -28,7 +29,7 @@ sys.path.insert(0, ROOT)
 from jaxlm import config as config_lib, flops, sweep  # noqa: E402
 from table import print_table, save_figure  # noqa: E402 (bench/table.py)
 
-LRS = tuple(2.0 ** k * 1e-3 for k in range(0, 8))  # 1e-3 ... 0.128
+LRS = tuple(2.0 ** k * 1e-3 for k in range(1, 7))  # 2e-3 ... 6.4e-2
 KINDS = ('standard', 'mup')
 
 
@@ -46,13 +47,13 @@ def base_config(steps, base_width):
   return c
 
 
-def runs(widths, lrs, steps):
-  base = base_config(steps, widths[0])
+def runs(widths, lrs, steps, kinds=KINDS, base_width=32):
+  base = base_config(steps, base_width)
   out = []
-  for kind in KINDS:
+  for kind in kinds:
     for width in widths:
       for lr in lrs:
-        config = base_config(steps, widths[0])
+        config = base_config(steps, base_width)
         m = config.model
         m.emb_dim, m.num_heads, m.parametrization = width, width // 16, kind
         m.mlp_dim = 8 * math.ceil(8 / 3 * width / 8)
@@ -106,14 +107,16 @@ def main():
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--widths', default='32,64,128,256')
   parser.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS))
-  parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--steps', type=int, default=250)
   parser.add_argument('--plot', default='')
   parser.add_argument('--shard', default='0/1')
+  parser.add_argument('--kinds', default=','.join(KINDS), help='parametrizations to train')
+  parser.add_argument('--base_width', type=int, default=32, help="muP's base width")
   parser.add_argument('--report', action='store_true', help='only print the table and plot')
   args = parser.parse_args()
   widths = [int(w) for w in args.widths.split(',')]
   lrs = [float(v) for v in args.lrs.split(',')]
-  base, grid = runs(widths, lrs, args.steps)
+  base, grid = runs(widths, lrs, args.steps, args.kinds.split(','), args.base_width)
   if not args.report:
     import logging
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
