@@ -13,3 +13,14 @@ def print_table(rows, float_format=',.4g'):
   print('|' + '---|' * len(rows[0]))
   for row in rows:
     print('| ' + ' | '.join(cell(v) for v in row.values()) + ' |')
+
+
+def save_figure(fig, path, dpi=110):
+  """Writes a matplotlib figure to `path` (its directory made if needed) and closes it."""
+  import os
+
+  from matplotlib import pyplot as plt
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)

@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from jaxlm import matmuls, phases
+from jaxlm import matmuls, parametrization, phases
 from jaxlm.errors import ConfigError, first_line  # noqa: F401 (ConfigError re-exported)
 # Config files import `defaults` from here, the public place for it.
 from jaxlm.schema import CHOICES, FAMILIES, MESH_AXES, defaults, sweep_defaults  # noqa: F401
@@ -245,6 +245,7 @@ def validate(config):
   _check(config, 'train_steps', lambda v: v < 2**31, 'must be below 2**31')
   # Above 1, float32 initial weights overflow in the first layers and no step is finite.
   _check(config, 'model.init_std', lambda v: 0 < v <= 1, 'must be in (0, 1]')
+  parametrization.get(m).check(m)
   for name in ('distributed.heartbeat_timeout_s', 'distributed.barrier_timeout_s'):
     _check(config, name, lambda v: 0 < v <= 10**6, 'must be positive, in seconds (at most 1e6)')
   # Each reading thread, and each batch read ahead, is held at once (see limits.py).

@@ -32,7 +32,7 @@ import tempfile
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, hf, hf_tokenizer, limits, paths, resume
+from jaxlm import checkpoint, hf, hf_tokenizer, limits, parametrization, paths, resume
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import run as run_lib
@@ -300,6 +300,8 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
   params, step = resume.restore_params(s, workdir, step, host=True)
   m = config.model
+  # Hugging Face layouts know no muP multipliers: they are folded into the weights.
+  params = parametrization.to_standard(m, params)
   dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
   entries = hf.entries(layout, params, m.scan_layers, m.num_layers)
 

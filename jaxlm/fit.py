@@ -6,6 +6,10 @@ DIR/fit.json               the parametric law (E, A, B, alpha, beta with 95% int
 DIR/loss_vs_compute.png    every run's loss against C, with the law's compute-optimal frontier
 DIR/isoflop.png            loss against N per budget with its parabola, and N_opt, D_opt vs C
 DIR/residuals.png          log residuals of the law against N and D
+
+Held-out runs (the sweep's `holdout`, rows with holdout=true) are left out of every fit and
+predicted by the law, each with the 95% interval of the bootstrap refits' predictions; they
+appear in fit.json's 'held_out' and as red marks in loss_vs_compute.png.
 """
 
 import json
@@ -23,7 +27,9 @@ MIN_LEVELS = 3  # Distinct N and distinct D: a power law's exponent needs three 
 
 
 def run(workdir, budget=None, samples=200, seed=0):
-  rows = [r for r in sweep_lib.read_runs(workdir) if np.isfinite(r['eval_loss'])]
+  finished = [r for r in sweep_lib.read_runs(workdir) if np.isfinite(r['eval_loss'])]
+  rows = [r for r in finished if not r.get('holdout')]
+  held_out = [r for r in finished if r.get('holdout')]
   if len(rows) < MIN_RUNS:
     raise ConfigError(f'{sweep_lib.runs_path(workdir)} has {len(rows)} finished run(s); the fit '
                       f'needs at least {MIN_RUNS}: run (or finish) jaxlm sweep first')
@@ -37,7 +43,8 @@ def run(workdir, budget=None, samples=200, seed=0):
           f'(sweep several sizes over several budgets or tokens)')
   groups = _budget_groups(rows)
   law = laws.fit_parametric(N, D, loss)
-  law['intervals'] = laws.bootstrap_parametric(N, D, loss, law, samples, seed)
+  law['intervals'] = laws.bootstrap_parametric(N, D, loss, law, samples, seed,
+                                               [(r['N'], r['D']) for r in held_out])
   per_token = _flops_per_token_of(N, C / D)
   result = {
       'law': 'L(N, D) = E + A / N^alpha + B / D^beta  (N: matmul parameters, D: tokens)',
@@ -50,14 +57,27 @@ def run(workdir, budget=None, samples=200, seed=0):
       'residual_rms': float(np.sqrt(np.mean(np.log(laws.predict(law, N, D) / loss) ** 2))),
       'isoflop': laws.fit_isoflop(groups, samples, seed),
       'holdout': _holdout(rows),
+      'held_out': [_held_out(r, law, interval) for r, interval in
+                   zip(held_out, law['intervals'].pop('predictions', []))],
   }
   if budget:
     result['budget'] = _optimum(law, result['isoflop'], budget, per_token)
   paths.atomic_write(paths.join(workdir, 'fit.json'), json.dumps(result, indent=2) + '\n')
-  result['plots'] = _plot(workdir, (N, D, C, loss), groups, law, result['isoflop'], per_token)
+  result['plots'] = _plot(workdir, (N, D, C, loss), groups, law, result['isoflop'], per_token,
+                          result['held_out'])
   _report(result)
   return {k: result[k] for k in ('runs', 'E', 'A', 'B', 'alpha', 'beta', 'intervals')} | (
-      {'budget': result['budget']} if budget else {})
+      {'budget': result['budget']} if budget else {}) | (
+      {'held_out': result['held_out']} if held_out else {})
+
+
+def _held_out(row, law, interval):
+  """The law's prediction of a held-out run against its measured loss."""
+  predicted = float(laws.predict(law, row['N'], row['D']))
+  return {'run': row['name'], 'N': row['N'], 'D': row['D'], 'C': row['C'],
+          'predicted_loss': predicted, 'interval': interval, 'actual_loss': row['eval_loss'],
+          'relative_error': (predicted - row['eval_loss']) / row['eval_loss'],
+          'inside_interval': interval[0] <= row['eval_loss'] <= interval[1]}
 
 
 def _columns(rows):
@@ -122,6 +142,11 @@ def _report(result):
     h = result['holdout']
     log.info('held out %s: predicted loss %.4f, actual %.4f (%+.2f%%)', h['run'],
              h['predicted_loss'], h['actual_loss'], 100 * h['relative_error'])
+  for h in result['held_out']:
+    log.info('held-out run %s (C=%.3g): predicted loss %.4f [%.4f, %.4f], actual %.4f '
+             '(%+.2f%%, %s the interval)', h['run'], h['C'], h['predicted_loss'],
+             *h['interval'], h['actual_loss'], 100 * h['relative_error'],
+             'inside' if h['inside_interval'] else 'outside')
   if 'budget' in result:
     b = result['budget']
     log.info('compute-optimal at C=%.3g: N=%.4g, D=%.4g (loss %.4f)%s', b['C'],
@@ -130,7 +155,7 @@ def _report(result):
              if 'isoflop' in b else '')
 
 
-def _plot(workdir, columns, groups, law, isoflop, per_token):
+def _plot(workdir, columns, groups, law, isoflop, per_token, held_out=()):
   """Writes the PNGs (write-then-rename, like every other file here); returns their paths."""
   import matplotlib
   matplotlib.use('Agg')  # No display needed.
@@ -142,9 +167,18 @@ def _plot(workdir, columns, groups, law, isoflop, per_token):
   fig, ax = plt.subplots(figsize=(6, 4.5))
   points = ax.scatter(C, loss, c=np.log10(N), cmap='viridis', s=25)
   fig.colorbar(points, ax=ax, label='log10 N')
-  grid = np.logspace(np.log10(C.min()) - 0.3, np.log10(C.max()) + 0.7, 60)
+  top = max([C.max()] + [h['C'] for h in held_out])
+  grid = np.logspace(np.log10(C.min()) - 0.3, np.log10(top) + 0.3, 60)
   ax.plot(grid, [laws.compute_optimal(law, c, per_token)[2] for c in grid], 'k--',
           label='fitted compute-optimal frontier')
+  for i, h in enumerate(held_out):
+    low, high = h['interval']
+    ax.errorbar([h['C']], [h['predicted_loss']], yerr=[[h['predicted_loss'] - low],
+                                                       [high - h['predicted_loss']]],
+                fmt='o', mfc='none', color='r', capsize=4,
+                label='held out: predicted (95% interval)' if i == 0 else None)
+    ax.scatter([h['C']], [h['actual_loss']], marker='x', color='r', s=50, zorder=3,
+               label='held out: measured' if i == 0 else None)
   ax.set(xscale='log', xlabel='training FLOPs C', ylabel='eval loss', title='Loss vs compute')
   ax.legend()
   paths.append(_save(fig, workdir, 'loss_vs_compute.png'))

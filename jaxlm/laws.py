@@ -76,8 +76,9 @@ def predict(law, N, D):
       law['B'] / np.asarray(D, np.float64) ** law['beta']
 
 
-def bootstrap_parametric(N, D, loss, law, samples=200, seed=0):
-  """Percentile 95% intervals of each constant from refits on resampled runs."""
+def bootstrap_parametric(N, D, loss, law, samples=200, seed=0, points=()):
+  """Percentile 95% intervals of each constant from refits on resampled runs, and under
+  'predictions' those of the law's loss at each (N, D) of `points`."""
   rng = np.random.default_rng(seed)
   N, D, loss = (np.asarray(x, np.float64) for x in (N, D, loss))
   # The full fit's optimum and a few jittered copies: each resample's optimum is nearby.
@@ -87,7 +88,11 @@ def bootstrap_parametric(N, D, loss, law, samples=200, seed=0):
   for _ in range(samples):
     pick = rng.integers(0, len(N), len(N))
     draws.append(fit_parametric(N[pick], D[pick], loss[pick], starts=starts))
-  return {key: _interval([d[key] for d in draws]) for key in ('E', 'A', 'B', 'alpha', 'beta')}
+  out = {key: _interval([d[key] for d in draws]) for key in ('E', 'A', 'B', 'alpha', 'beta')}
+  if points:
+    out['predictions'] = [_interval([float(predict(d, n, t)) for d in draws])
+                          for n, t in points]
+  return out
 
 
 def _interval(values, level=0.95):

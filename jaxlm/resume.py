@@ -46,8 +46,8 @@ def signature(abstract_state):
 def state_signature(config):
   """The signature of the train state a saved `config` builds, without allocating it."""
   objective = saved_objective(config)
-  tx, _ = optim.optimizer(config)
   model = model_lib.build(config.model, objective.causal, objective.num_labels)
+  tx, _ = optim.optimizer(config, model)
   return signature(state_lib.strip_boxes(state_lib.abstract_state(model, tx, config)))
 
 

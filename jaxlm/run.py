@@ -70,7 +70,7 @@ def setup(config, devices=None):
                              "memory, which needs a GPU or TPU; use 'minimal' on CPU")
   rules = mesh_lib.rules(config)
   model = model_lib.build(config.model, objective.causal, objective.num_labels)
-  tx, lr_schedule = optim.optimizer(config)
+  tx, lr_schedule = optim.optimizer(config, model)
   with nn.logical_axis_rules(rules):
     abstract = state_lib.abstract_state(model, tx, config)
     shardings = state_lib.state_shardings(abstract, mesh, rules)

@@ -8,7 +8,7 @@ never a silent no-op. Loading, overrides and validation live in `jaxlm/config.py
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from jaxlm import matmuls, objectives
+from jaxlm import matmuls, objectives, parametrization
 from jaxlm import model as model_lib
 
 # Outermost first: 'data' changes slowest over the device list, 'tensor' fastest, so tensor
@@ -70,6 +70,7 @@ CHOICES = {
     'model.attention': Names(('auto',), model_lib.ATTENTION),  # 'auto': one per platform.
     'model.context_parallel': ('none', 'allgather', 'ring'),  # jaxlm/model/context.py
     'model.matmul': matmuls.REGISTRY,
+    'model.parametrization': parametrization.REGISTRY,  # Its names.
     'model.remat_policy': Names(('none',), model_lib.REMAT_POLICIES),  # 'none': no remat.
     'data.tokenizer_type': ('bpe', 'unigram'),
     'data.packing': ('split', 'first_fit'),
@@ -143,6 +144,16 @@ def defaults(family='gpt2'):
   # Layers (matmuls.LAYERS) kept on the 'default' matmul whatever model.matmul says: the
   # output layer, as MaxText and torchtitan keep it; () puts every matmul in the kind.
   m.matmul_keep = ('output',)
+  # How init, multipliers and each parameter's learning rate follow the width
+  # (jaxlm/parametrization.py has the table): 'standard', or 'mup' (muP: hyperparameters tuned
+  # at mup_base_width hold at any width; optimizer.learning_rate is the base model's).
+  m.parametrization = 'standard'
+  m.mup_base_width = 256  # muP: the emb_dim at which every width multiplier is 1.
+  m.mup_base_head_dim = 64  # muP: the head_dim at which attention's 1/head_dim is 1/sqrt(head_dim).
+  m.mup_input_multiplier = 1.0  # muP alpha_in: multiplies the embeddings' output (tunable).
+  m.mup_output_multiplier = 1.0  # muP alpha_out: the logits are x alpha_out * base / emb_dim.
+  # muP depth scaling (CompleteP): residual branches x mup_base_depth / num_layers; 0 = off.
+  m.mup_base_depth = 0
   # Attention kernel (jaxlm/model/attention.py): 'xla' (materialises the scores), 'cudnn'
   # (flash attention, NVIDIA GPUs), 'splash' (Pallas, TPU; interpret mode elsewhere, slow);
   # 'auto' = splash on TPU, cudnn on NVIDIA GPUs for 16-bit compute, xla otherwise.
@@ -309,8 +320,9 @@ def sweep_defaults(base=None):
   s.tokens = ()
   s.min_steps = 50  # Leave out runs shorter than this (the largest sizes at small budgets)...
   s.max_steps = 0  # ...and longer than this (the smallest at large budgets); 0 = no limit.
-  # Peak learning rate by width, muP-style: learning_rate * (lr_reference_width / emb_dim)
-  # ** lr_width_exponent (0 = the same for every size).
+  # Peak learning rate by width: learning_rate * (lr_reference_width / emb_dim)
+  # ** lr_width_exponent (0 = the same for every size). With base.model.parametrization='mup'
+  # the exponent must be 0: muP scales each parameter's rate itself (jaxlm/parametrization.py).
   s.learning_rate = 3e-3
   s.lr_reference_width = 256
   s.lr_width_exponent = 1.0
@@ -318,5 +330,19 @@ def sweep_defaults(base=None):
   # Batch by compute: base.batch_size * (C / smallest C) ** batch_compute_exponent, rounded
   # to a power-of-two multiple of base.batch_size (0 = one batch size for all runs).
   s.batch_compute_exponent = 0.0
+  # Tune once, at one size, and carry the winner to every size (jaxlm/sweep.py): the sweep
+  # first trains the grid of these values (their product; an empty one stays as configured)
+  # at tune.size, then every run uses the values of the grid's lowest held-out loss, the
+  # learning rate by the width rule above (muP: as it is, base.model.parametrization='mup').
+  s.tune = ml_collections.ConfigDict()
+  s.tune.learning_rates = ()  # Peak learning rates (the rate at tune.size's width).
+  s.tune.input_multipliers = ()  # muP alpha_in values (base.model.mup_input_multiplier).
+  s.tune.output_multipliers = ()  # muP alpha_out values (base.model.mup_output_multiplier).
+  s.tune.init_stds = ()  # base.model.init_std values.
+  s.tune.size = ()  # (num_layers, emb_dim) of sizes the grid trains; () = the smallest.
+  s.tune.tokens = 0.0  # Training tokens of each grid run; 0 = that size's longest run's.
+  # Held-out runs, ((num_layers, emb_dim, C), ...) (C a token count D in a token grid):
+  # trained after the others and left out of `jaxlm fit`'s law, which predicts their loss.
+  s.holdout = ()
   s.lock()
   return s

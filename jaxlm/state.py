@@ -101,3 +101,12 @@ def bytes_per_device(abstract_state, shardings):
   def shard_bytes(a, sharding):
     return math.prod(sharding.shard_shape(a.shape)) * a.dtype.itemsize
   return sum(jax.tree.leaves(jax.tree.map(shard_bytes, abstract_state, shardings)))
+
+
+def param_axes(model, config):
+  """The logical axis names of every parameter (a tree of tuples, like the parameters): what
+  a parametrization reads each parameter's role from (jaxlm/parametrization.py)."""
+  tokens, positions, segments = init_inputs(config)
+  boxed = jax.eval_shape(
+      lambda: model.init({'params': jax.random.key(0)}, tokens, positions, segments)['params'])
+  return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=_is_box)

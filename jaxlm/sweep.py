@@ -3,11 +3,20 @@
 
 DIR/runs/<name>/             a normal `jaxlm train` workdir: interrupted runs resume from it
 DIR/runs/<name>/result.json  written once the run has finished: its row of runs.jsonl
-DIR/runs.jsonl               one row per finished run (N, D, C, eval_loss, wall_s, config),
+DIR/runs.jsonl               one row per finished run (N, D, C, eval_loss, wall_s, cpu_s,
+                             holdout, config),
                              rebuilt from the result files after every run, so shards on several
                              machines sharing DIR never overwrite each other's rows
 DIR/tokenizer.model, DIR/data/  one tokenizer and one token cache for every run: all runs see
                              the same tokens, so their losses are comparable
+DIR/tune/runs/<name>/, DIR/tune/tuned.json  with `tune` set: the grid of hyperparameters
+                             trained at one size first, and the values every run then uses
+
+Tuning once and carrying the result to every size is what muP is for (jaxlm/parametrization.py:
+with base.model.parametrization='mup' the best learning rate, initialisation and output
+multiplier do not move with the width); under the standard parametrization the tuned rate is
+carried by the width rule (lr_width_exponent). `holdout` runs are trained like the others but
+left out of the law `jaxlm fit` fits, which predicts them instead (jaxlm/fit.py).
 
 N counts the weights that take part in matrix multiplications and C = FLOPs per token * D, both
 from jaxlm/flops.py, the one place FLOPs are counted.
@@ -15,9 +24,11 @@ from jaxlm/flops.py, the one place FLOPs are counted.
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
+import resource
 import time
 
 from jaxlm import config as config_lib
@@ -37,6 +48,7 @@ class Run:
   D: int  # Training tokens: train_steps * batch_size * max_len.
   C: float  # Training FLOPs: flops_per_token * D.
   budget: float  # The isoFLOP budget this run belongs to; 0 in a token grid.
+  holdout: bool = False  # Left out of the fit, which predicts it (sweep.holdout).
 
 
 def check(sweep):
@@ -71,30 +83,64 @@ def check(sweep):
                       f'[0, 1]')
   if sweep.max_steps < 0:
     raise ConfigError(f'max_steps={sweep.max_steps} must be >= 0 (0 = no limit)')
+  if sweep.base.model.parametrization == 'mup' and sweep.lr_width_exponent:
+    raise ConfigError(f'lr_width_exponent={sweep.lr_width_exponent!r} must be 0 with '
+                      f"base.model.parametrization='mup': muP sets each parameter's rate from "
+                      f'the width itself')
+  t = sweep.tune
+  for name in TUNED:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for v in t[name]):
+      raise ConfigError(f'tune.{name}={tuple(t[name])!r} must all be positive numbers')
+  if t.size and tuple(t.size) not in {tuple(size) for size in sweep.sizes}:
+    raise ConfigError(f'tune.size={tuple(t.size)!r} must be one of sizes')
+  if not t.tokens >= 0:
+    raise ConfigError(f'tune.tokens={t.tokens!r} must be >= 0 (0 = the size\'s longest run)')
+  for entry in sweep.holdout:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 3
+        or not all(isinstance(v, int) and v > 0 for v in entry[:2])
+        or not isinstance(entry[2], (int, float)) or not entry[2] > 0):
+      raise ConfigError(f'holdout entry {entry!r} must be (num_layers, emb_dim, C), C the '
+                        f'training FLOPs (tokens D in a token grid)')
+    if entry[1] % sweep.head_dim:
+      raise ConfigError(f'holdout entry {tuple(entry)}: head_dim={sweep.head_dim} must divide '
+                        f'emb_dim={entry[1]}')
+
+
+# tune.<field> -> the run config field it sets.
+TUNED = {'learning_rates': 'optimizer.learning_rate',
+         'input_multipliers': 'model.mup_input_multiplier',
+         'output_multipliers': 'model.mup_output_multiplier',
+         'init_stds': 'model.init_std'}
 
 
 def plan(sweep):
-  """The sweep's runs, smallest compute first, each with its complete config."""
+  """The sweep's runs, smallest compute first (held-out runs last), each with its complete
+  config."""
   check(sweep)
   base = sweep.base
+  shapes = ([(L, d, sweep.budgets or sweep.tokens, False) for L, d in sweep.sizes] +
+            [(L, d, (target,), True) for L, d, target in sweep.holdout])
   candidates = []
-  for num_layers, emb_dim in sweep.sizes:
+  for num_layers, emb_dim, targets, holdout in shapes:
     config = _sized(base, num_layers, emb_dim, sweep)
     per_token = _flops_per_token(config)
-    for target in sweep.budgets or sweep.tokens:
+    for target in targets:
       budget = float(target) if sweep.budgets else 0.0
-      candidates.append((config, per_token, budget, budget or per_token * target))
-  smallest = min(c[3] for c in candidates)
+      candidates.append((config, per_token, budget, budget or per_token * target, holdout))
+  smallest = min(c[3] for c in candidates if not c[4])
   runs = []
-  for config, per_token, budget, compute in candidates:
+  for config, per_token, budget, compute, holdout in candidates:
     config = copy.deepcopy(config)
     doublings = round(sweep.batch_compute_exponent * math.log2(compute / smallest))
     config.batch_size = base.batch_size * 2 ** doublings
     tokens_per_step = config.batch_size * config.model.max_len
     steps = max(1, round(compute / per_token / tokens_per_step))
-    name = (f'L{config.model.num_layers}-d{config.model.emb_dim}-' +
-            (f'C{_short(budget)}' if budget else f'D{_short(compute / per_token)}'))
-    if steps < sweep.min_steps or (sweep.max_steps and steps > sweep.max_steps):
+    name = ('holdout-' if holdout else '') + (
+        f'L{config.model.num_layers}-d{config.model.emb_dim}-' +
+        (f'C{_short(budget)}' if budget else f'D{_short(compute / per_token)}'))
+    if not holdout and (steps < sweep.min_steps or (sweep.max_steps and
+                                                    steps > sweep.max_steps)):
       log.info('sweep: leaving out %s (%d steps, outside [min_steps, max_steps])', name, steps)
       continue
     config.train_steps = steps
@@ -104,8 +150,8 @@ def plan(sweep):
     config_lib.validate(config)
     D = steps * tokens_per_step
     runs.append(Run(name, config, flops.param_counts(config.model)['matmul'], D,
-                    float(per_token * D), budget))
-  if not runs:
+                    float(per_token * D), budget, holdout))
+  if not any(not r.holdout for r in runs):
     raise ConfigError('every run of the sweep is outside [min_steps, max_steps]; lower '
                       'min_steps or change budgets/tokens')
   named = {}
@@ -116,7 +162,73 @@ def plan(sweep):
       raise ConfigError(f'two entries of {field}={tuple(sweep[field])!r} give the same run name '
                         f'{r.name} (names keep 3 significant digits); make them differ in the '
                         f'first 3 digits')
-  return sorted(runs, key=lambda r: (r.budget or r.C, r.N))
+  return sorted(runs, key=lambda r: (r.holdout, r.budget or r.C, r.N))
+
+
+def tuning_runs(sweep, runs):
+  """The grid of `sweep.tune` as runs at its size (with the config of that size's longest run
+  in `runs`, or tune.tokens), named by the values they try; [] without a grid."""
+  grid = {name: tuple(sweep.tune[name]) for name in TUNED if sweep.tune[name]}
+  if not grid:
+    return []
+  regular = [r for r in runs if not r.holdout]
+  if sweep.tune.size:
+    size = tuple(sweep.tune.size)
+    mine = [r for r in regular if (r.config.model.num_layers, r.config.model.emb_dim) == size]
+    if not mine:
+      raise ConfigError(f'tune.size={size!r}: none of its runs is in the sweep (all outside '
+                        f'[min_steps, max_steps]?)')
+  else:
+    smallest = min(r.N for r in regular)
+    mine = [r for r in regular if r.N == smallest]
+  longest = max(mine, key=lambda r: r.D)
+  tokens_per_step = longest.config.batch_size * longest.config.model.max_len
+  steps = (max(1, round(sweep.tune.tokens / tokens_per_step)) if sweep.tune.tokens
+           else longest.config.train_steps)
+  out = []
+  for values in itertools.product(*grid.values()):
+    config = copy.deepcopy(longest.config)
+    config.train_steps = steps
+    config.optimizer.warmup_steps = round(sweep.warmup_fraction * steps)
+    config.log_every_steps = min(sweep.base.log_every_steps, steps)
+    for name, value in zip(grid, values):
+      config_lib.set_field(config, TUNED[name], float(value))
+    config_lib.validate(config)
+    name = '-'.join(f'{_TAGS[n]}{_short(v)}' for n, v in zip(grid, values))
+    D = steps * tokens_per_step
+    out.append(Run(name, config, longest.N, D, float(_flops_per_token(config) * D), 0.0))
+  return out
+
+
+_TAGS = {'learning_rates': 'lr', 'input_multipliers': 'in', 'output_multipliers': 'out',
+         'init_stds': 'std'}
+
+
+def tuned_values(sweep, grid, rows):
+  """{run config field: value} of the grid run with the lowest finite held-out loss among
+  `rows` (its finished runs), or None while some grid run has not finished."""
+  by_name = {r['name']: r for r in rows}
+  if any(g.name not in by_name for g in grid):
+    return None
+  finite = [g for g in grid if math.isfinite(by_name[g.name]['eval_loss'])]
+  if not finite:
+    raise RunError('sweep: every tuning run diverged; lower tune.learning_rates')
+  best = min(finite, key=lambda g: by_name[g.name]['eval_loss'])
+  values = {TUNED[n]: config_lib.get_field(best.config, TUNED[n])
+            for n in TUNED if sweep.tune[n]}
+  return {'run': best.name, 'eval_loss': by_name[best.name]['eval_loss'],
+          'width': best.config.model.emb_dim, 'values': values}
+
+
+def apply_tuned(sweep, runs, tuned):
+  """Sets the tuned values in every run's config: the learning rate carried from the tuned
+  width by lr_width_exponent (0 under muP, whose rules move each parameter's rate)."""
+  for r in runs:
+    for field, value in tuned['values'].items():
+      if field == 'optimizer.learning_rate':
+        value *= (tuned['width'] / r.config.model.emb_dim) ** sweep.lr_width_exponent
+      config_lib.set_field(r.config, field, value)
+    config_lib.validate(r.config)
 
 
 def _sized(base, num_layers, emb_dim, sweep):
@@ -165,17 +277,47 @@ def parse_shard(text):
 
 
 def run(sweep, workdir, shard=(0, 1), runs=None):
-  """Trains this shard's runs (of `runs`, default plan(sweep)) that have not finished; returns
-  a summary."""
+  """Trains this shard's runs (of `runs`, default plan(sweep)) that have not finished, after
+  the tuning grid when the sweep has one; returns a summary."""
   import jax  # Not at import time: plans and errors come before any device is touched.
 
-  from jaxlm import distributed, run, train
+  from jaxlm import distributed
 
   runs = plan(sweep) if runs is None else runs
-  mine = runs[shard[0]::shard[1]]
   workdir_lib.create(workdir)
   chief = jax.process_index() == 0
   tokenizer = _shared_tokenizer(sweep.base, workdir, chief, distributed)
+  data_dir = paths.join(workdir, 'data')
+  grid = tuning_runs(sweep, runs)
+  tune = {}
+  if grid:
+    tune_dir = paths.join(workdir, 'tune')
+    tune = _train_all(grid, shard, tune_dir, tokenizer, data_dir, chief)
+    if 'preempted' in tune:
+      return {'tune': tune}
+    tuned = tuned_values(sweep, grid, _result_rows(tune_dir))
+    if tuned is None:
+      raise RunError(f'sweep: some tuning runs of {tune_dir} have not finished (other shards '
+                     f'train them); run this shard again once they have')
+    if chief:
+      workdir_lib.atomic_write(paths.join(tune_dir, 'tuned.json'),
+                               json.dumps(tuned, indent=2) + '\n')
+    log.info('sweep: tuned at width %d: %s (held-out loss %.4f, run %s)', tuned['width'],
+             ', '.join(f'{k}={v:.4g}' for k, v in tuned['values'].items()),
+             tuned['eval_loss'], tuned['run'])
+    apply_tuned(sweep, runs, tuned)
+  summary = _train_all(runs, shard, workdir, tokenizer, data_dir, chief)
+  if tune:
+    summary['tune'] = tune
+  log.info('sweep: this process used %.0f CPU seconds', cpu_seconds())
+  return summary
+
+
+def _train_all(runs, shard, workdir, tokenizer, data_dir, chief):
+  """Trains this shard's share of `runs` in workdir/runs/ (finished ones are skipped)."""
+  from jaxlm import run, train
+
+  mine = runs[shard[0]::shard[1]]
   summary = {'runs': len(runs), 'this_shard': len(mine), 'trained': 0, 'skipped': 0,
              'failed': []}
   for i, r in enumerate(mine):
@@ -185,11 +327,11 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
       log.info('sweep: %s has finished; skipping it', r.name)
       continue
     r.config.data.tokenizer = tokenizer
-    r.config.data.cache_dir = r.config.data.cache_dir or paths.join(workdir, 'data')
+    r.config.data.cache_dir = r.config.data.cache_dir or data_dir
     log.info('sweep: run %d of %d: %s (N=%.3g, D=%.3g, C=%.3g, %d steps of %d x %d tokens, '
              'lr %.3g)', i + 1, len(mine), r.name, r.N, r.D, r.C, r.config.train_steps,
              r.config.batch_size, r.config.model.max_len, r.config.optimizer.learning_rate)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     try:
       config, devices = fit_mesh(r.config, run.setup)
       outcome = train.train(config, run_dir, devices)
@@ -202,7 +344,7 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
       summary['preempted'] = r.name
       break
     if chief:
-      _write_result(r, run_dir, time.perf_counter() - start)
+      _write_result(r, run_dir, time.perf_counter() - start, cpu_seconds() - cpu)
       collect(workdir)
     summary['trained'] += 1
   if chief:
@@ -212,6 +354,14 @@ def run(sweep, workdir, shard=(0, 1), runs=None):
                    f'{", ".join(summary["failed"])} (see the log above); the others are in '
                    f'{runs_path(workdir)}')
   return summary
+
+
+def cpu_seconds():
+  """CPU seconds (user + system, every thread) this process and its children have used: a
+  run's cost on a machine whose other tenants make wall time meaningless."""
+  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                       resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def fit_mesh(config, setup):
@@ -269,11 +419,11 @@ def _flops_per_token(config, **kwargs):
   return flops.of_run(config, objectives.get(config).predictions(), **kwargs)
 
 
-def _write_result(r, run_dir, wall_s):
+def _write_result(r, run_dir, wall_s, cpu_s):
   final = _final_eval(run_dir, r.config.train_steps)
   row = {'name': r.name, 'N': r.N, 'D': r.D, 'C': r.C, 'budget': r.budget,
          'eval_loss': final['eval_loss'], 'eval_perplexity': final['eval_perplexity'],
-         'wall_s': round(wall_s, 2),
+         'wall_s': round(wall_s, 2), 'cpu_s': round(cpu_s, 2), 'holdout': r.holdout,
          'params': flops.param_counts(r.config.model),
          'flops_per_token': _flops_per_token(r.config),
          'flops_per_token_halved': _flops_per_token(r.config, causal_halved=True),
@@ -308,7 +458,7 @@ def _result_rows(workdir):
       rows.append(check_row(json.loads(paths.read_text(path)), path))
     except ValueError as e:
       raise ConfigError(f'{path} is not valid JSON: {e}') from e
-  rows.sort(key=lambda r: (r['budget'] or r['C'], r['N']))  # The order of plan().
+  rows.sort(key=lambda r: (bool(r.get('holdout')), r['budget'] or r['C'], r['N']))  # plan()'s.
   return rows
 
 
@@ -340,11 +490,15 @@ def read_runs(workdir):
 
 def check_row(row, where):
   """A runs.jsonl row, or a ConfigError naming the first field that is missing or wrong:
-  name a string, N, D, C positive numbers, eval_loss a number (NaN for a diverged run)."""
+  name a string, N, D, C positive numbers, eval_loss a number (NaN for a diverged run),
+  holdout (if there) true or false."""
   if not isinstance(row, dict):
     raise ConfigError(f'{where}: a row must be a JSON object, not {type(row).__name__}')
   if not isinstance(row.get('name'), str):
     raise ConfigError(f'{where}: the row has no name (a string)')
+  if not isinstance(row.get('holdout', False), bool):
+    raise ConfigError(f'{where}: holdout={row["holdout"]!r} must be true or false '
+                      f'(run {row["name"]})')
   for key in ('N', 'D', 'C', 'eval_loss', 'budget'):
     value = row.get(key)
     if key == 'budget' and value is None:

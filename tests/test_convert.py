@@ -176,6 +176,32 @@ def test_export_matches_transformers_and_round_trips(case, tmp_path, tokenizer_f
     np.testing.assert_array_equal(before[name], after[name], err_msg=name)
 
 
+MUP = dict(parametrization='mup', mup_base_width=32, mup_base_head_dim=32, mup_base_depth=1,
+           mup_output_multiplier=3.0)
+
+
+@pytest.mark.parametrize('case,family,auto_class,model', [
+    ('llama', 'llama', 'AutoModelForCausalLM', dict(num_kv_heads=2, mup_input_multiplier=2.0)),
+    ('bert', 'bert', 'AutoModelForMaskedLM', dict(type_vocab_size=2, mup_input_multiplier=0.5,
+                                                  scan_layers=False)),
+])
+def test_mup_export_folds_the_multipliers(case, family, auto_class, model, tmp_path,
+                                          tokenizer_file, capsys):
+  """A muP run (width 2x its base, heads of 16 against a base of 32, depth-scaled branches,
+  alpha_in and alpha_out set) exports as a standard model that transformers runs to the same
+  logits: every multiplier folded into the weights after it (parametrization.to_standard)."""
+  random_run(family, tmp_path / 'run', tokenizer_file, **MUP, **model)
+  assert convert('--to-hf', tmp_path / 'hf', f'--workdir={tmp_path}/run') == 0
+  reference = getattr(transformers, auto_class).from_pretrained(tmp_path / 'hf').eval()
+  ids = tokens()
+  assert np.abs(hf_logits(reference, ids) - jaxlm_logits(tmp_path / 'run', ids)).max() < TOLERANCE
+  if case == 'bert':  # A tied pre-norm model cannot carry alpha_in: one line, nothing written.
+    random_run('gpt2', tmp_path / 'tied', tokenizer_file, **MUP, mup_input_multiplier=2.0)
+    assert 'with tied embeddings has no standard (Hugging Face) form' in convert_error(
+        capsys, '--to-hf', tmp_path / 'out', f'--workdir={tmp_path}/tied')
+    assert not os.path.exists(tmp_path / 'out')
+
+
 def test_sharded_bfloat16_export(tmp_path, tokenizer_file):
   """Above --max_shard_mb the export is sharded with an index, as transformers writes it;
   bfloat16 tensors come back as the float32 values they round to."""

@@ -123,9 +123,24 @@ def write_runs(directory, N, D, C, loss):
 
 
 def test_fit_command_writes_fit_json_and_plots(tmp_path, capsys):
-  write_runs(tmp_path, *synthetic_isoflop(noise=0.003))
+  N, D, C, loss = synthetic_isoflop(noise=0.003)
+  write_runs(tmp_path, N, D, C, loss)
+  # Held-out rows (a sweep's `holdout`) at 10x the largest budget: predicted, not fitted.
+  n = np.array([3e10, 8e10])
+  held = [{'name': f'holdout-{i}', 'N': float(a), 'D': float(b), 'C': 1e23, 'budget': 1e23,
+           'eval_loss': float(laws.predict(CHINCHILLA, a, b)), 'holdout': True}
+          for i, (a, b) in enumerate(zip(n, 1e23 / 6 / n))]
+  with open(tmp_path / 'runs.jsonl', 'a') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in held))
   assert cli.main(['fit', f'--workdir={tmp_path}', '--budget=1e21', '--bootstrap=20']) == 0
   fit = json.loads((tmp_path / 'fit.json').read_text())
+  assert fit['runs'] == len(N)
+  assert [h['run'] for h in fit['held_out']] == ['holdout-0', 'holdout-1']
+  for h in fit['held_out']:
+    assert abs(h['relative_error']) < 0.02
+    assert h['interval'][0] < h['predicted_loss'] < h['interval'][1]
+  printed = capsys.readouterr()
+  assert 'held-out run holdout-0 (C=1e+23): predicted loss' in printed.err
   assert fit['alpha'] == pytest.approx(0.34, abs=0.03) and fit['beta'] > 0
   for key in ('E', 'A', 'B', 'alpha', 'beta'):
     assert fit['intervals'][key][0] <= fit[key] <= fit['intervals'][key][1]
@@ -138,7 +153,7 @@ def test_fit_command_writes_fit_json_and_plots(tmp_path, capsys):
     data = (tmp_path / name).read_bytes()
     assert data.startswith(b'\x89PNG') and len(data) > 10_000, name
   assert not list(tmp_path.glob('*.tmp*'))
-  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  printed = json.loads(printed.out.strip().splitlines()[-1])
   assert printed['alpha'] == fit['alpha']
 
 
@@ -300,3 +315,53 @@ def test_sweep_trains_skips_resumes_and_fits(tmp_path, shared_data):
   assert (summary['this_shard'], summary['skipped'], summary['trained']) == (2, 2, 0)
   assert cli.main(['fit', f'--workdir={workdir}', '--bootstrap=5']) == 0
   assert json.loads((workdir / 'fit.json').read_text())['runs'] == 6
+
+
+# ------------------------------------------------------------- tuning once, held-out runs
+
+
+def test_sweep_tunes_once_at_the_smallest_size_and_carries_it(tmp_path, shared_data,
+                                                              monkeypatch):
+  """A muP sweep with a tuning grid, end to end on tiny models: the grid trains at the
+  smallest size first (DIR/tune), and the values of its lowest held-out loss reach the runs."""
+  monkeypatch.setattr(sweep, 'fit_mesh', lambda config, setup: (config, jax.devices()[:1]))
+  base = tiny_config(log_every_steps=10, eval_batches=1, checkpoint__save_every_steps=1000,
+                     model__family='llama', model__parametrization='mup',
+                     model__mup_base_width=32, model__mup_base_head_dim=16,
+                     data__cache_dir=str(shared_data / 'data'),
+                     data__tokenizer=str(shared_data / 'tokenizer.model'))
+  s = sweep_config(base, sizes=((1, 32),), budgets=(2e10,), lr_width_exponent=0.0, min_steps=5)
+  s.tune.learning_rates, s.tune.output_multipliers, s.tune.tokens = (1e-3, 1e-2), (2.0,), 5e3
+  summary = sweep.run(s, str(tmp_path))
+  assert summary['tune']['trained'] == 2 and summary['trained'] == 1
+  tuned = json.loads((tmp_path / 'tune' / 'tuned.json').read_text())
+  grid = {json.loads(p.read_text())['name']: json.loads(p.read_text())['eval_loss']
+          for p in (tmp_path / 'tune' / 'runs').glob('*/result.json')}
+  assert set(grid) == {'lr0.001-out2', 'lr0.01-out2'} and tuned['width'] == 32
+  assert tuned['run'] == min(grid, key=grid.get)
+  [row] = sweep.read_runs(str(tmp_path))  # The grid's runs are not the sweep's.
+  assert row['config']['optimizer']['learning_rate'] == tuned['values']['optimizer.learning_rate']
+  assert row['config']['model']['mup_output_multiplier'] == 2.0 and row['cpu_s'] > 0
+
+
+@pytest.mark.parametrize('kind', ['mup', 'standard'])
+def test_tuned_values_reach_every_size_and_the_held_out_run(kind):
+  """cpu_mup.py's plan: the tuned rate reaches every width unchanged under muP, and by the
+  width rule (lr_width_exponent) under the standard parametrization; the held-out run comes
+  last, at 10x the largest budget."""
+  s = config_lib.load_sweep(os.path.join(ROOT, 'configs/scaling/cpu_mup.py'))
+  if kind == 'standard':
+    s.base.model.parametrization, s.lr_width_exponent = 'standard', 0.5
+  runs = sweep.plan(s)
+  grid = sweep.tuning_runs(s, runs)
+  assert {g.config.model.emb_dim for g in grid} == {32} and len(grid) == 6
+  sweep.apply_tuned(s, runs, {'width': 32, 'values': {'optimizer.learning_rate': 8e-3}})
+  for r in runs:
+    expected = 8e-3 * ((32 / r.config.model.emb_dim) ** 0.5 if kind == 'standard' else 1)
+    assert r.config.optimizer.learning_rate == pytest.approx(expected)
+  assert runs[-1].holdout and runs[-1].name == 'holdout-L2-d128-C1.8e13'
+  assert runs[-1].C == pytest.approx(10 * max(r.C for r in runs[:-1]), rel=1e-2)
+  assert not any(r.holdout for r in runs[:-1])
+  s.base.model.parametrization, s.lr_width_exponent = 'mup', 0.5
+  with pytest.raises(ConfigError, match="lr_width_exponent=0.5 must be 0 with base.model"):
+    sweep.plan(s)

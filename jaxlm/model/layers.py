@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm import matmuls
+from jaxlm import matmuls, parametrization
 from jaxlm import model as model_lib
 from jaxlm.model import attention
 
@@ -95,7 +95,8 @@ def dense(cfg, features, kernel_axes, name, std=None, bias=None, layer=None):
   """A Dense layer configured by the model config. `layer`: its name among matmuls.LAYERS
   (default: `name`), which model.matmul_keep may keep out of the matmul kind."""
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
-  return Dense(features, kernel_axes, cfg.init_std if std is None else std,
+  std = parametrization.get(cfg).init_std(cfg, kernel_axes, cfg.init_std if std is None else std)
+  return Dense(features, kernel_axes, std,
                cfg.use_bias if bias is None else bias, cfg.dtype, cfg.param_dtype,
                matmuls.kind_of(cfg, layer or name), name=name)
 
@@ -158,6 +159,9 @@ class Attention(nn.Module):
     if cfg.position == 'rope':
       freq = rope_frequencies(cfg)
       q, k = rope(q, positions, freq), rope(k, positions, freq)
+    scale = parametrization.get(cfg).query_multiplier(cfg)
+    if scale != 1.0:  # muP's 1/head_dim attention: every kernel keeps its own 1/sqrt(head_dim).
+      q = q * scale
     # Names that remat policies ('minimal', 'offload', see transformer.py) keep or offload.
     q = checkpoint_name(constrain(q, ('batch', 'length', 'heads', 'kv')), 'query_proj')
     k = checkpoint_name(constrain(k, ('batch', 'length', 'kv_heads', 'kv')), 'key_proj')
@@ -222,11 +226,13 @@ class Block(nn.Module):
   def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    scale = parametrization.get(cfg).residual_multiplier(cfg)  # Depth scaling (CompleteP).
 
     def residual(x, branch, norm_name):
+      scaled = (lambda h: scale * branch(h)) if scale != 1.0 else branch
       if cfg.norm_position == 'pre':
-        return x + drop(branch(norm(cfg, norm_name)(x)))
-      return norm(cfg, norm_name)(x + drop(branch(x)))
+        return x + drop(scaled(norm(cfg, norm_name)(x)))
+      return norm(cfg, norm_name)(x + drop(scaled(x)))
 
     x = residual(x, lambda h: Attention(cfg, self.causal, self.decode, name='attention')(
         h, positions, segment_ids),

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 
-from jaxlm import matmuls
+from jaxlm import matmuls, parametrization
 from jaxlm import model as model_lib
 from jaxlm.model import layers
 
@@ -61,6 +61,9 @@ class Transformer(nn.Module):
       x += self.embedding(cfg.type_vocab_size, 'type_embed')(types)
     if cfg.norm_position == 'post':  # Post-norm blocks expect a normalised input.
       x = layers.norm(cfg, 'embed_norm')(x)
+    scale = parametrization.get(cfg).input_multiplier(cfg)
+    if scale != 1.0:  # muP's alpha_in, after the norm (which would undo it).
+      x = x * scale
     x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
     x = layers.constrain(x.astype(layers.dtype(cfg.dtype)), ('batch', 'length', 'embed'))
 
@@ -75,7 +78,7 @@ class Transformer(nn.Module):
       length_axis = None  # P gathered positions need not divide a sequence-sharded axis.
     if cfg.head_transform:
       x = layers.activation(cfg)(
-          layers.dense(cfg, cfg.emb_dim, ('embed', None), 'head_dense')(x))
+          layers.dense(cfg, cfg.emb_dim, ('embed', 'embed_out'), 'head_dense')(x))
       x = layers.norm(cfg, 'head_norm')(x)
     if not project:
       return x
@@ -100,11 +103,17 @@ class Transformer(nn.Module):
     else:
       logits = layers.dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'unembed', bias=False,
                             layer='output')(x)
+    logits = self.output_multiplied(logits)
     if cfg.output_bias:
       logits += self.param('output_bias', nn.with_logical_partitioning(
           nn.initializers.zeros, ('vocab',)), (cfg.vocab_size,),
                            layers.dtype(cfg.param_dtype)).astype(logits.dtype)
     return logits
+
+  def output_multiplied(self, x):
+    """x (logits, a classifier's input) times muP's output multiplier, when there is one."""
+    scale = parametrization.get(self.cfg).output_multiplier(self.cfg)
+    return x * scale if scale != 1.0 else x
 
   def embedding(self, num, name, axis=None):
     cfg = self.cfg
@@ -122,10 +131,12 @@ class Transformer(nn.Module):
       pooled = jnp.take_along_axis(
           x, jnp.maximum(length - 1, 0).reshape(-1, 1, 1), axis=1)[:, 0]
     else:
-      pooled = jnp.tanh(layers.dense(cfg, cfg.emb_dim, ('embed', None), 'pooler')(x[:, 0]))
+      pooled = jnp.tanh(layers.dense(cfg, cfg.emb_dim, ('embed', 'embed_out'), 'pooler')(
+          x[:, 0]))
     pooled = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(pooled)
+    # The multiplier on the input, not the logits, leaves the bias's rate alone (MuReadout).
     return layers.dense(cfg, self.num_labels, ('embed', None), 'classifier', bias=True,
-                        layer='output')(pooled)
+                        layer='output')(self.output_multiplied(pooled))
 
   def blocks(self, x, positions, segment_ids, deterministic, decode):
     cfg = self.cfg
