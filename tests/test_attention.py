@@ -10,11 +10,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import one_device, tiny_config
-from jaxlm import run
+from helpers import MASKED, PARTITION, one_device, run_steps, tiny_config
+from jaxlm import objectives, run
 from jaxlm.errors import ConfigError
 from jaxlm.model import attention
-from test_mesh import MASKED, PARTITION, run_steps
 
 
 def attention_config(name, **fields):
@@ -161,7 +160,7 @@ def test_a_model_trains_to_the_same_losses_with_splash_on_a_mesh(objective, xla_
   np.testing.assert_allclose(losses, xla_losses[objective], rtol=2e-5)
 
 
-def test_a_small_model_with_splash_compiles_for_tpu(monkeypatch):
+def test_a_small_model_with_splash_compiles_for_tpu(monkeypatch, tpu_compiles):
   from jax.experimental import topologies
   # Compiling needs no chip: do not take libtpu's one-process-per-machine lock.
   monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')

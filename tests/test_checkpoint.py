@@ -5,70 +5,23 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import flax.struct
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, one_device, tiny_config
-from jaxlm import checkpoint, config as config_lib, data, state as state_lib, run as run_lib, train
+from helpers import (checkpoint_steps, one_device, rows, shared, start, tiny_config,
+                     wait_for_step, write_config)
+from jaxlm import checkpoint, data, state as state_lib, run as run_lib, train
 from jaxlm.config import ConfigError
 
 
-def shared(shared_data, **overrides):
-  return tiny_config(data__cache_dir=str(shared_data / 'data'),
-                     data__tokenizer=str(shared_data / 'tokenizer.model'), **overrides)
-
-
-def write_config(path, config):
-  path.write_text('from jaxlm import config\n\n\ndef get_config():\n'
-                  f'  return config.from_json({config_lib.to_json(config)!r})\n')
-  return str(path)
-
-
-# Runs `python -m jaxlm` with no file allowed to grow past 20 kB, like a nearly full disk.
-SMALL_FILES = ('import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, '
-               'signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); '
-               'sys.argv[0] = "jaxlm"; runpy.run_module("jaxlm", run_name="__main__")')
-
-
-def start(config_path, workdir, *extra, full_disk=False):
-  """`jaxlm train` in a subprocess on one CPU device."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  program = ['-c', SMALL_FILES] if full_disk else ['-m', 'jaxlm']
-  return subprocess.Popen(
-      [sys.executable, *program, 'train', f'--config={config_path}', f'--workdir={workdir}',
-       *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def rows(workdir):
-  """metrics.jsonl as {step: row}, the last row of a step winning (a resumed run's)."""
-  out = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      row = json.loads(line)
-      out.setdefault(row['step'], {}).update(row)
-  return out
-
-
-def wait_for_step(workdir, step, process, timeout=120):
-  deadline = time.time() + timeout
-  path = os.path.join(workdir, 'metrics.jsonl')
-  while time.time() < deadline:
-    assert process.poll() is None, process.communicate()
-    if os.path.exists(path) and any(r.get('step', -1) >= step and 'loss' in r
-                                    for r in rows(workdir).values()):
-      return
-    time.sleep(0.05)
-  raise TimeoutError(f'step {step} not reached')
-
-
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, shared_data):
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, shared_data,
+                                                                      caplog):
+  """One `jaxlm train` process killed mid-run; the resume and the uninterrupted reference run
+  in this process (the same floats as a `jaxlm train` process on one device)."""
+  caplog.set_level(logging.INFO, logger='jaxlm')
   steps = 150
   config = shared(shared_data, train_steps=steps, log_every_steps=1,
                   checkpoint__save_every_steps=20, model__dropout_rate=0.1)
@@ -78,14 +31,12 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, 
   wait_for_step(crashed, 50, victim)  # Killed wherever it is, mid-save perhaps.
   victim.send_signal(signal.SIGKILL)
   victim.wait()
-  saved = sorted(int(d) for d in os.listdir(crashed / 'checkpoints') if d.isdigit())
+  saved = checkpoint_steps(crashed)
   assert saved and saved[-1] < steps
-  ref = start(path, reference)
-  assert ref.wait(timeout=300) == 0, ref.communicate()
-  resumed = start(path, crashed)
-  out, err = resumed.communicate(timeout=300)
-  assert resumed.returncode == 0, err
-  assert 'resumed from the checkpoint of step' in err
+  train.train(config, str(reference), devices=one_device())
+  caplog.clear()
+  train.train(config, str(crashed), devices=one_device())
+  assert 'resumed from the checkpoint of step' in caplog.text
   expected, got = rows(reference), rows(crashed)
   for step in range(saved[-1] + 1, steps + 1):  # Bit for bit: the same floats in the JSON.
     assert got[step]['loss'] == expected[step]['loss'], step
@@ -93,7 +44,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, 
   assert got[steps]['eval_loss'] == expected[steps]['eval_loss']
 
 
-def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path, shared_data):
+def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path, shared_data, caplog):
+  caplog.set_level(logging.INFO, logger='jaxlm')
   config = shared(shared_data, train_steps=10_000, log_every_steps=1,
                   checkpoint__save_every_steps=5_000, optimizer__warmup_steps=1)
   path = write_config(tmp_path / 'cfg.py', config)
@@ -106,32 +58,30 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path, shared_data):
   result = json.loads(out.strip().splitlines()[-1])
   assert result['preempted'] is True
   assert 'preempted: saving the checkpoint of step' in err
-  saved = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
-  assert saved == [result['step']]
-  resumed = start(path, workdir, f'--config.train_steps={result["step"] + 2}')
-  _, err = resumed.communicate(timeout=300)
-  assert resumed.returncode == 0, err
-  assert f'resumed from the checkpoint of step {result["step"]}' in err
+  assert checkpoint_steps(workdir) == [result['step']]
+  config.train_steps = result['step'] + 2  # The resume, in this process.
+  assert train.train(config, str(workdir), devices=one_device())['step'] == result['step'] + 2
+  assert f'resumed from the checkpoint of step {result["step"]}' in caplog.text
 
 
-def test_a_failed_write_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, shared_data):
+def test_a_failed_write_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, shared_data,
+                                                                    caplog):
+  caplog.set_level(logging.INFO, logger='jaxlm')
   config = shared(shared_data, train_steps=6, checkpoint__save_every_steps=3)
   path = write_config(tmp_path / 'cfg.py', config)
   workdir = tmp_path / 'run'
-  first = start(path, workdir)
-  assert first.wait(timeout=300) == 0, first.communicate()
+  train.train(config, str(workdir), devices=one_device())
   second = start(path, workdir, '--config.train_steps=9', full_disk=True)
   _, err = second.communicate(timeout=300)
   assert second.returncode == 1
   last = err.strip().splitlines()[-1]
   assert last.startswith('jaxlm: error: writing the checkpoint of step 9 under ')
   assert 'the earlier checkpoints are intact' in last
-  steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
-  assert steps == [3, 6]
-  third = start(path, workdir, '--config.train_steps=9')  # Resumes from 6 and finishes.
-  _, err = third.communicate(timeout=300)
-  assert third.returncode == 0, err
-  assert 'resumed from the checkpoint of step 6' in err
+  assert checkpoint_steps(workdir) == [3, 6]
+  caplog.clear()
+  config.train_steps = 9  # Resumes from 6 and finishes (in this process).
+  assert train.train(config, str(workdir), devices=one_device())['step'] == 9
+  assert 'resumed from the checkpoint of step 6' in caplog.text
 
 
 def test_unreadable_latest_checkpoint_is_set_aside_and_the_previous_used(tmp_path, shared_data,
@@ -193,9 +143,8 @@ def test_keep_last_n_plus_every_kth(tmp_path):
   ckpt.close()
 
 
-def test_init_from_loads_parameters_only(tmp_path, shared_data):
-  source = str(tmp_path / 'source')
-  first = train.train(shared(shared_data, train_steps=6), source, devices=one_device())
+def test_init_from_loads_parameters_only(tmp_path, shared_data, trained_causal):
+  source, first = trained_causal.workdir, trained_causal.result
   config = shared(shared_data, train_steps=2, init_from=source, optimizer__warmup_steps=1)
   result = train.train(config, str(tmp_path / 'child'), devices=one_device())
   child = rows(str(tmp_path / 'child'))
@@ -205,11 +154,9 @@ def test_init_from_loads_parameters_only(tmp_path, shared_data):
   assert result['step'] == 2  # the child starts its own count and optimizer state at 0.
 
 
-def test_init_from_a_different_shape_names_the_parameter(tmp_path, shared_data):
-  source = str(tmp_path / 'source')
-  train.train(shared(shared_data, train_steps=2), source, devices=one_device())
-  config = shared(shared_data, train_steps=2, init_from=f'{source}/checkpoints/2',
-                  model__mlp_dim=96)
+def test_init_from_a_different_shape_names_the_parameter(tmp_path, shared_data, trained_causal):
+  config = shared(shared_data, train_steps=2,
+                  init_from=f'{trained_causal.workdir}/checkpoints/12', model__mlp_dim=96)
   with pytest.raises(ConfigError, match=r"parameter \['layers'\]\['mlp'\]\['wi'\]\['bias'\] "
                                         r'has shape \(2, 128\) in the checkpoint at .* but '
                                         r'\(2, 96\) in this model'):

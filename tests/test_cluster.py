@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, tiny_config
+from helpers import ROOT, env, free_port, launcher, tiny_config, write_config
 from jaxlm import distributed
 from jaxlm.config import ConfigError
-from test_multihost import bare_path, env, free_port, launcher, write_config  # noqa: F401
 
 
 def slurm(tasks_per_node, local_id, visible, on_node=8, nodes=2):

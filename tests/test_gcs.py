@@ -7,6 +7,7 @@ header tensorstore needs); gcsfs and epath find it through STORAGE_EMULATOR_HOST
 """
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,23 +17,17 @@ import time
 
 import pytest
 
-from conftest import CORPUS, ROOT, tiny_config
-from jaxlm import cli, paths
-from test_checkpoint import rows, shared, write_config
+from helpers import (CORPUS, ROOT, free_port, one_device, rows, shared, start, tiny_config,
+                     write_config)
+from jaxlm import cli, paths, train, workdir as workdir_lib
 
 BUCKET = 'jaxlm-test'
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
 def gcs():
   """The emulator's environment, also set in this process while the module's tests run."""
-  port = _free_port()
+  port = free_port()
   server = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'tests', 'gcs_emulator.py'), str(port), BUCKET],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -56,20 +51,6 @@ def gcs():
   server.wait()
 
 
-def jaxlm(*args, env=None, **kwargs):
-  """`python -m jaxlm ARGS` on one CPU device (a Popen)."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **(env or {}))
-  return subprocess.Popen([sys.executable, '-m', 'jaxlm', *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def finished(process, timeout=300):
-  out, err = process.communicate(timeout=timeout)
-  assert process.returncode == 0, err[-3000:]
-  return out, err
-
-
 def upload_corpus(root):
   """The test corpus's files under `root`, keeping their paths below the stdlib directory."""
   files = sorted(f for p in CORPUS.split(',') for f in paths.glob(p))
@@ -88,7 +69,7 @@ def committed_steps(checkpoints):
                 if n.isdigit() and paths.exists(paths.join(checkpoints, n, 'commit_success.txt')))
 
 
-def test_a_run_lives_entirely_in_a_bucket(tmp_path, shared_data, gcs, capsys):
+def test_a_run_lives_entirely_in_a_bucket(tmp_path, shared_data, gcs, capsys, caplog):
   bucket = f'gs://{BUCKET}'
   tokenizer = f'{bucket}/tokenizer.model'
   paths.atomic_write(tokenizer, (shared_data / 'tokenizer.model').read_bytes())
@@ -98,12 +79,10 @@ def test_a_run_lives_entirely_in_a_bucket(tmp_path, shared_data, gcs, capsys):
   config = tiny_config(train_steps=steps, log_every_steps=1, checkpoint__save_every_steps=10,
                        model__dropout_rate=0.1, data__path=upload_corpus(f'{bucket}/corpus'),
                        data__tokenizer=tokenizer)
-  local_cfg, gs_cfg = write_config(tmp_path / 'local.py', local), write_config(
-      tmp_path / 'gs.py', config)
+  gs_cfg = write_config(tmp_path / 'gs.py', config)
   run = f'{bucket}/run'
 
-  victim = jaxlm('train', f'--config={gs_cfg}', f'--workdir={run}')
-  reference = jaxlm('train', f'--config={local_cfg}', f'--workdir={tmp_path / "reference"}')
+  victim = start(gs_cfg, run)
   deadline = time.time() + 600  # Generous: shared CI machines stall.
   while not committed_steps(f'{run}/checkpoints'):
     assert victim.poll() is None, victim.communicate()[1][-3000:]
@@ -113,9 +92,13 @@ def test_a_run_lives_entirely_in_a_bucket(tmp_path, shared_data, gcs, capsys):
   victim.wait()
   saved = committed_steps(f'{run}/checkpoints')
   assert saved[-1] < steps
-  finished(reference)
-  _, err = finished(jaxlm('train', f'--workdir={run}'))  # Its config.json is in the bucket.
-  assert 'resumed from the checkpoint of step' in err
+  # The reference and the resume in this process, on 1 of 8 devices like the killed one.
+  caplog.set_level(logging.INFO, logger='jaxlm')
+  train.train(local, str(tmp_path / 'reference'), devices=one_device())
+  caplog.clear()
+  resumed = workdir_lib.read_config(run)  # Its config.json is in the bucket.
+  assert train.train(resumed, run, devices=one_device())['step'] == steps
+  assert 'resumed from the checkpoint of step' in caplog.text
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))  # Nothing went to local disk.
 
   expected = rows(tmp_path / 'reference')

@@ -12,19 +12,9 @@ import numpy as np
 import pytest
 
 from jaxlm import cli, data, goodput, report, train
-from conftest import one_device, tiny_config
+from helpers import metrics, one_device, shared, tiny_config
 
 BUCKET_SHARES = [f'goodput/{b}' for b in goodput.BUCKETS]
-
-
-def rows_of(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def shared(shared_data, **overrides):
-  return tiny_config(data__cache_dir=str(shared_data / 'data'),
-                     data__tokenizer=str(shared_data / 'tokenizer.model'), **overrides)
 
 
 SLOW_BATCH_S = 0.5
@@ -60,7 +50,7 @@ def restarted(tmp_path_factory, shared_data):
 def segments(workdir):
   """The last goodput row of each process, in order."""
   last = {}
-  for r in rows_of(workdir):
+  for r in metrics(workdir):
     if 'goodput/segment' in r:
       last[r['goodput/segment']] = r
   return [last[k] for k in sorted(last)]
@@ -183,7 +173,7 @@ def test_mfu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
 
 def test_goodput_rows_at_every_log_step_sum_to_one(restarted):
   workdir, _ = restarted
-  rows = [r for r in rows_of(workdir) if 'goodput/segment' in r]
+  rows = [r for r in metrics(workdir) if 'goodput/segment' in r]
   first, second = sorted({r['goodput/segment'] for r in rows})
   assert [r['step'] for r in rows if r['goodput/segment'] == first] == [2, 4, 6, 8, 8]
   assert [r['step'] for r in rows if r['goodput/segment'] == second] == [6, 8, 8]

@@ -17,8 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, one_device, tiny_config
-from test_reliability import file_content, fill_in, snapshot, write
+from helpers import ROOT, file_content, fill_in, one_device, snapshot, tiny_config, write
 from jaxlm import cli, config as config_lib, lock, steps, train
 from jaxlm import run as run_lib
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import one_device, tiny_config
+from helpers import metrics, one_device, tiny_config
 from jaxlm import cli, data, model as model_lib, objectives, state as state_lib
 from jaxlm.config import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -198,27 +198,21 @@ def test_a_tokenizer_without_mask_pieces_is_refused(tmp_path, shared_data):
     data.prepare(config, str(tmp_path / 'run'), objectives.get(config).frame)
 
 
-def test_masked_lm_trains_and_fill_mask_answers(tmp_path, shared_data, capsys):
+def test_masked_lm_trains_and_fill_mask_answers(trained_masked, capsys):
   """Masked-token accuracy rises well above always guessing the most frequent token; then
   fill-mask answers from the command line."""
-  import shutil
-  from jaxlm import train
-  shutil.copy(shared_data / 'tokenizer.model', tmp_path / 'tokenizer.model')
-  config = masked_config(train_steps=400, log_every_steps=100, eval_every_steps=200,
-                         eval_batches=4, batch_size=16, optimizer__learning_rate=3e-3,
-                         optimizer__warmup_steps=10, checkpoint__save_every_steps=400)
-  result = train.train(config, str(tmp_path), one_device())
-  corpus = data.prepare(config, str(tmp_path), objectives.get(config).frame)
+  config, workdir, result = trained_masked
+  corpus = data.prepare(config, workdir, objectives.get(config).frame)
   special = corpus.tokenizer.special_table(config.model.vocab_size)
   baseline = masked.unigram_accuracy(
       data.eval_tokens(data.eval_batches(corpus.validation, config)), special)
-  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  rows = metrics(workdir)
   accuracy = [r['eval_accuracy'] for r in rows if 'eval_accuracy' in r]
   assert accuracy[0] < baseline and accuracy[-1] > 1.4 * baseline, (baseline, accuracy)
   assert result['eval_loss'] < 0.8 * rows[0]['eval_loss']
 
   capsys.readouterr()
-  assert cli.main(['fill-mask', f'--workdir={tmp_path}', '--text=import [MASK]',
+  assert cli.main(['fill-mask', f'--workdir={workdir}', '--text=import [MASK]',
                    '--text=def [MASK](self):', '--top_k=3']) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[0] == 'import [MASK]' and out[4] == 'def [MASK](self):'
@@ -227,25 +221,19 @@ def test_masked_lm_trains_and_fill_mask_answers(tmp_path, shared_data, capsys):
   assert out[1].split(maxsplit=1)[1].count('import') == 1
 
 
-def test_a_modern_encoder_trains_fills_masks_and_refuses_hf_export(tmp_path, shared_data,
+def test_a_modern_encoder_trains_fills_masks_and_refuses_hf_export(trained_modernbert, tmp_path,
                                                                    capsys):
   """model.family='modernbert' (pre-norm, RoPE, gated GELU, no biases) trains as a masked LM,
   answers fill-mask, and `convert --to-hf` refuses it in one line (no matching class)."""
-  import shutil
-  from jaxlm import train
-  shutil.copy(shared_data / 'tokenizer.model', tmp_path / 'tokenizer.model')
-  config = masked_config(model__family='modernbert', masking__rate=0.3, train_steps=40,
-                         log_every_steps=20, checkpoint__save_every_steps=40)
+  config, workdir, result = trained_modernbert
   assert not config.model.use_bias and config.model.gated_mlp and config.model.position == 'rope'
-  result = train.train(config, str(tmp_path), one_device())
   assert np.isfinite(result['eval_loss'])
-  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  losses = [r['loss'] for r in rows if 'loss' in r]
+  losses = [r['loss'] for r in metrics(workdir) if 'loss' in r]
   assert losses[-1] < losses[0]
-  assert cli.main(['fill-mask', f'--workdir={tmp_path}', '--text=import [MASK]',
+  assert cli.main(['fill-mask', f'--workdir={workdir}', '--text=import [MASK]',
                    '--top_k=2']) == 0
   assert 'import [MASK]' in capsys.readouterr().out
-  assert cli.main(['convert', f'--workdir={tmp_path}', f'--to-hf={tmp_path / "hf"}']) == 2
+  assert cli.main(['convert', f'--workdir={workdir}', f'--to-hf={tmp_path / "hf"}']) == 2
   assert "model.family='modernbert' has no Hugging Face layout" in capsys.readouterr().err
   assert not (tmp_path / 'hf').exists()
 
@@ -290,13 +278,11 @@ def finetune_config(tmp_path, **overrides):
 
 
 @pytest.mark.parametrize('family', ['bert', 'modernbert'])
-def test_finetuning_a_pretrained_encoder_learns_the_labels(tmp_path, shared_data, family):
+def test_finetuning_a_pretrained_encoder_learns_the_labels(tmp_path, family, request):
   from jaxlm import train
-  pretrained = tmp_path / 'pretrained'
-  pretrained.mkdir()
-  (pretrained / 'tokenizer.model').write_bytes((shared_data / 'tokenizer.model').read_bytes())
-  train.train(masked_config(train_steps=6, model__family=family), str(pretrained), one_device())
-  config = finetune_config(tmp_path, init_from=str(pretrained), model__family=family)
+  pretrained = request.getfixturevalue(  # The session's masked LMs, read only.
+      {'bert': 'trained_masked', 'modernbert': 'trained_modernbert'}[family]).workdir
+  config = finetune_config(tmp_path, init_from=pretrained, model__family=family)
   result = train.train(config, str(tmp_path / 'cls'), one_device())
   assert config.finetune.labels == ('bad', 'good')
   assert result['eval_accuracy'] > 0.9, result  # Chance is 0.5.

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import one_device, tiny_config
+from helpers import MASKED, PARTITION, one_device, run_steps, tiny_config
 from jaxlm import cli, mesh as mesh_lib, plan, state as state_lib, run as run_lib
 from jaxlm.config import ConfigError
 
@@ -55,42 +55,12 @@ def test_cross_node_axes_need_as_many_processes():
     mesh_lib.make_mesh(mesh_config(dcn_data=2), jax.devices())
 
 
-# 8 heads so that tensor=8 divides them. A small learning rate: Adam's first steps move every
-# weight by about lr whatever its gradient's size, so float reassociation noise in near-zero
-# gradients (different reduction orders per mesh) becomes parameter noise proportional to lr.
-PARTITION = dict(model__num_heads=8, model__num_kv_heads=8, model__emb_dim=64,
-                 model__family='llama', optimizer__warmup_steps=0, train_steps=3,
-                 optimizer__learning_rate=3e-4)
 # The sequence-parallel mesh also checks the model's dots over [batch, length, ...] against
 # the [batch * length, ...] rows they use when the length is not sharded (layers.Dense).
 MESHES = [dict(data=8, fsdp=1), dict(fsdp=8), dict(fsdp=1, tensor=8),
           dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2), dict(fsdp=4, sequence=2)]
-
-
-def synthetic_batches(config, count=3):
-  rng = np.random.default_rng(0)
-  shape = (config.batch_size, config.model.max_len)
-  segments = np.ones(shape, np.int32)
-  segments[:, shape[1] // 2:] = 2
-  positions = np.tile(np.arange(shape[1]) % (shape[1] // 2), (shape[0], 1)).astype(np.int32)
-  return [{'tokens': rng.integers(0, config.model.vocab_size, shape).astype(np.int32),
-           'segment_ids': segments, 'positions': positions} for _ in range(count)]
-
-
-def run_steps(config, devices):
-  s = run_lib.setup(config, devices)
-  compiled = run_lib.compile_train_step(s, s.objective.prepare())
-  with s.active():
-    state = state_lib.initialize(s.model, s.tx, config, s.shardings)
-    losses = []
-    for batch in synthetic_batches(config):
-      state, metrics = compiled(state, mesh_lib.to_device(batch, s.batch_sharding))
-      losses.append(float(metrics['loss']))
-  return s, state, losses
-
-
-# A masked LM (BERT family, bidirectional, masks drawn on device) on two of the meshes.
-MASKED = dict(PARTITION, objective='masked', model__family='bert', model__type_vocab_size=2)
+# A masked LM (helpers.MASKED: BERT family, bidirectional, masks drawn on device) on two of
+# the meshes.
 CASES = [(sizes, 'causal') for sizes in MESHES] + [
     (dict(fsdp=8), 'masked'), (dict(data=2, fsdp=2, tensor=2), 'masked')]
 

@@ -1,16 +1,18 @@
 """Sequence-length phases: config checks, each phase's batch shapes, and a run that switches
 length mid-way resuming bit-exactly after SIGKILL on either side of the switch."""
 
-import os
+import json
+import logging
+import shutil
 import signal
 
 import numpy as np
 import pytest
 
-from conftest import one_device
-from jaxlm import config as config_lib, data, phase_build, phases, run as run_lib
+from helpers import (checkpoint_steps, one_device, rows, shared, start, wait_for_step,
+                     write_config)
+from jaxlm import config as config_lib, data, phase_build, phases, run as run_lib, train
 from jaxlm.config import ConfigError
-from test_checkpoint import rows, shared, start, wait_for_step, write_config
 
 PHASES = ((0.5, 32), (1.0, 64))
 
@@ -66,31 +68,39 @@ def test_each_phase_steps_on_its_own_rows_and_batch_s_is_element_s(tmp_path, sha
   assert s.abstract_state.params['position_embed']['embedding'].shape[0] == 64
 
 
-def test_sigkill_on_either_side_of_the_switch_resumes_bit_exactly(tmp_path, shared_data):
+def test_sigkill_on_either_side_of_the_switch_resumes_bit_exactly(tmp_path, shared_data, caplog):
+  """A `jaxlm train` process killed in phase 1 resumes across the switch at step 20; a run
+  stopped in phase 2 (the reference's checkpoint 24, later ones lost) resumes within it. Both
+  resumes and the uninterrupted reference run in this process."""
+  caplog.set_level(logging.INFO, logger='jaxlm')
   steps = 40
   config = phased(shared_data, train_steps=steps, log_every_steps=1,
                   checkpoint__save_every_steps=8, checkpoint__keep=10, model__dropout_rate=0.1)
   path = write_config(tmp_path / 'cfg.py', config)
-  reference, crashed = tmp_path / 'reference', tmp_path / 'crashed'
-  saved = []
-  for kill_after in (17, 30):  # In phase 1 (resumes across the switch at 20), then in 2.
-    victim = start(path, crashed)
-    wait_for_step(crashed, kill_after, victim, timeout=600)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    saved.append(max(int(d) for d in os.listdir(crashed / 'checkpoints') if d.isdigit()))
-  assert 0 < saved[0] < 20 <= saved[1] < steps
-  ref = start(path, reference)
-  _, ref_err = ref.communicate(timeout=900)
-  assert ref.returncode == 0, ref_err
-  assert 'length phase 2 of 2: steps 20-40 on rows of 64 tokens' in ref_err
-  assert 20 in [int(d) for d in os.listdir(reference / 'checkpoints') if d.isdigit()]
-  resumed = start(path, crashed)
-  _, err = resumed.communicate(timeout=900)
-  assert resumed.returncode == 0, err
-  assert f'resumed from the checkpoint of step {saved[1]}' in err
-  expected, got = rows(reference), rows(crashed)
-  for step in range(1, steps + 1):  # Bit for bit: the same floats in the JSON.
-    assert got[step]['loss'] == expected[step]['loss'], step
-    assert got[step]['grad_norm'] == expected[step]['grad_norm'], step
-  assert got[steps]['eval_loss'] == expected[steps]['eval_loss']
+  reference, crashed, stopped = tmp_path / 'reference', tmp_path / 'crashed', tmp_path / 'stopped'
+  victim = start(path, crashed)
+  wait_for_step(crashed, 17, victim)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  saved = checkpoint_steps(crashed)[-1]
+  assert 0 < saved < 20
+  train.train(config, str(reference), devices=one_device())
+  assert 'length phase 2 of 2: steps 20-40 on rows of 64 tokens' in caplog.text
+  assert 20 in checkpoint_steps(reference) and 24 in checkpoint_steps(reference)
+  shutil.copytree(reference, stopped)
+  for step in checkpoint_steps(stopped):
+    if step > 24:
+      shutil.rmtree(stopped / 'checkpoints' / str(step))
+  logged = (stopped / 'metrics.jsonl').read_text().splitlines()
+  (stopped / 'metrics.jsonl').write_text(  # What the later steps logged is lost too.
+      ''.join(f'{line}\n' for line in logged if json.loads(line)['step'] <= 24))
+  expected = rows(reference)
+  for workdir, resumed_from, first in ((crashed, saved, 1), (stopped, 24, 25)):
+    caplog.clear()
+    train.train(config, str(workdir), devices=one_device())
+    assert f'resumed from the checkpoint of step {resumed_from}' in caplog.text
+    got = rows(workdir)
+    for step in range(first, steps + 1):  # Bit for bit: the same floats in the JSON.
+      assert got[step]['loss'] == expected[step]['loss'], step
+      assert got[step]['grad_norm'] == expected[step]['grad_norm'], step
+    assert got[steps]['eval_loss'] == expected[steps]['eval_loss']

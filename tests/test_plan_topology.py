@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from jaxlm import cli, plan, topology
 
+pytestmark = pytest.mark.usefixtures('tpu_compiles')
 GiB = 2 ** 30
 ACCELERATOR_CONFIGS = ('llama_7b_tpu_v5p', 'llama_1b_tpu_v6e', 'llama_7b', 'llama_1b',
                        'bert_large', 'bert_base', 'gpt2_124m')

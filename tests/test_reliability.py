@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import socket
-import time
 
 import hypothesis
 import hypothesis.strategies as st
@@ -12,23 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CORPUS, ROOT, one_device, tiny_config
+from helpers import (CORPUS, ROOT, TINY, file_content, fill_in, one_device, snapshot,
+                     tiny_config, write)
 from jaxlm import checkpoint, cli, config as config_lib, run as run_lib, train
 from jaxlm.config import ConfigError
 from jaxlm.errors import RunError
-
-TINY = ['--config.model.num_layers=2', '--config.model.emb_dim=64', '--config.model.num_heads=4',
-        '--config.model.mlp_dim=128', '--config.model.vocab_size=512',
-        '--config.model.max_len=64', '--config.batch_size=8', '--config.train_steps=12',
-        '--config.optimizer.warmup_steps=2']
-
-
-def write(path, content):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'wb' if isinstance(content, bytes) else 'w') as f:
-    f.write(content)
-  return path
-
 
 def py_config(body):
   return f'from jaxlm.config import defaults\n\ndef get_config():\n  c = defaults()\n{body}  return c\n'
@@ -223,44 +209,6 @@ CASES = [
      {**RESUMABLE, 'work/inputs.json': '{"tokenizer": "old.model", "tokenizer_sha256": "0"}'},
      'is not the one --workdir={work} was trained with'),
 ]
-
-
-def fill_in(text, tmp, work, shared=''):
-  for key, value in (('{tmp}', tmp), ('{work}', work), ('{shared}', shared),
-                     ('{host}', socket.gethostname()), ('{pid}', str(os.getpid())),
-                     ('{now}', str(time.time()))):
-    text = text.replace(key, value)
-  return text
-
-
-def file_content(content, fill):
-  """'RUN2': the config.json of a previous 2-layer run; ('RUN2', edits): with edits merged
-  in; text: '{tmp}'-style names filled in; bytes as they are."""
-  if isinstance(content, bytes):
-    return content
-  if content == 'RUN2' or isinstance(content, tuple):
-    previous = json.loads(config_lib.to_json(config_lib.load(
-        os.path.join(ROOT, 'configs', 'gpt_tiny.py'), cli.parse_overrides(TINY))))
-    for section, value in (content[1].items() if isinstance(content, tuple) else ()):
-      if isinstance(value, dict):
-        previous[section].update({k: fill(v) if isinstance(v, str) else v
-                                  for k, v in value.items()})
-      else:
-        previous[section] = value
-    return json.dumps(previous)
-  return fill(content)
-
-
-def snapshot(path):
-  """Every file under `path` with its size and modification time (None if absent)."""
-  if not os.path.exists(path):
-    return None
-  out = {}
-  for root, _, files in os.walk(path):
-    for f in files:
-      st_ = os.stat(os.path.join(root, f))
-      out[os.path.relpath(os.path.join(root, f), path)] = (st_.st_size, st_.st_mtime_ns)
-  return out
 
 
 @pytest.mark.parametrize('name,args,files,message', CASES, ids=[c[0] for c in CASES])

@@ -13,8 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
-from test_multihost import run_local, write_config
+from helpers import ROOT, run_local, tiny_config, write_config
 from jaxlm import data, objectives
 from jaxlm.config import ConfigError
 from jaxlm.data import packing, shards, sources

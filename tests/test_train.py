@@ -7,7 +7,7 @@ import pytest
 
 from jaxlm import cli, evaluate, train, workdir as workdir_lib
 from jaxlm.config import ConfigError
-from conftest import one_device, tiny_config
+from helpers import copy_run, one_device, tiny_config
 
 REQUIRED = {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_s', 'mfu'}
 
@@ -17,14 +17,10 @@ def read_rows(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, shared_data):
-  """One 12-step run shared by the tests below."""
-  workdir = tmp_path_factory.mktemp('run')
-  config = tiny_config(data__cache_dir=str(shared_data / 'data'),
-                       data__tokenizer=str(shared_data / 'tokenizer.model'))
-  result = train.train(config, str(workdir), devices=one_device())
-  return config, str(workdir), result
+@pytest.fixture
+def trained(trained_causal):
+  """The session's 12-step run (conftest.trained_causal), shared by the tests below."""
+  return trained_causal
 
 
 def test_training_lowers_the_loss_and_held_out_perplexity(trained):
@@ -93,9 +89,9 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_over_bytes_per_target(sh
   assert row['eval_bits_per_byte'] == pytest.approx(expected, rel=1e-5)
 
 
-def test_train_command_resumes_and_extends_the_run(trained, capsys):
+def test_train_command_resumes_and_extends_the_run(trained, capsys, tmp_path):
   """Through the CLI, on all 8 devices: the 1-device checkpoint is resharded onto FSDP."""
-  _, workdir, _ = trained
+  workdir = copy_run(trained.workdir, tmp_path)
   assert cli.main(['train', f'--workdir={workdir}', '--config.train_steps=16']) == 0
   rows = read_rows(workdir)
   assert [r['step'] for r in rows if 'loss' in r][-2:] == [12, 16]  # 4 new steps, no replay.
