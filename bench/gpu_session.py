@@ -6,7 +6,8 @@ one table and one JSON.
 Parts, each guarded (a failure is a row with its error; the others still run):
 1. llama_1b (1.1B, sequence 2048) tokens/s and MFU in bf16, fp8 (current scaling) and fp8
    with delayed scaling (model.matmul; the output layer stays bf16);
-2. bert_large (masked LM, sequence 128) sequences/s and MFU;
+2. bert_large (masked LM, sequences of 128 and of 512) sequences/s and MFU, with cuDNN's
+   attention and XLA's;
 3. packed documents (8 per row of 2048) through a 4-layer llama_1b-width model, cuDNN's
    packed flash attention against XLA's: tokens/s, and the loss and logits of a small packed
    batch under both against each other (numerics).
@@ -141,6 +142,8 @@ def main(argv):
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--llama_batch', type=int, default=16, help='sequences of 2048')
   parser.add_argument('--bert_batch', type=int, default=256, help='sequences of 128')
+  parser.add_argument('--matmuls', default='default,fp8,fp8_delayed',
+                      help='model.matmul kinds of the llama_1b part')
   parser.add_argument('--parts', default='llama,bert,packed,numerics',
                       help='which parts to run (a rerun of the ones that failed)')
   args = parser.parse_args(argv)
@@ -151,19 +154,21 @@ def main(argv):
         f'{jax.__version__}', flush=True)
   started = time.perf_counter()
   rows, parts = [], args.parts.split(',')
+  kinds = ('cudnn', 'xla') if gpu else ('xla', 'xla')
   # 1. llama_1b, bf16 against fp8 (the output layer stays bf16: model.matmul_keep).
-  for matmul in ('default', 'fp8', 'fp8_delayed') if 'llama' in parts else ():
+  for matmul in args.matmuls.split(',') if 'llama' in parts else ():
     config = load('llama_1b', tiny, batch_size=4 if tiny else args.llama_batch,
                   model__remat_policy='minimal', model__matmul=matmul)
     rows.append(timed('llama_1b', config, n, w, matmul=matmul, attention=config.model.attention))
-  # 2. bert_large at sequence 128.
-  if 'bert' in parts:
-    config = load('bert_large', tiny, batch_size=4 if tiny else args.bert_batch,
-                  model__max_len=128, model__remat_policy='none', loss_chunk=0)
-    rows.append(timed('bert_large', config, n, w, matmul='default',
-                      attention=config.model.attention))
+  # 2. bert_large at its two phases' lengths (128, then 512 at a quarter of the rows), with
+  # cuDNN's attention and XLA's: 'auto' takes XLA's below attention.CUDNN_MIN_LENGTH.
+  for length in (128, 512) if 'bert' in parts else ():
+    for attention in kinds:
+      config = load('bert_large', tiny, batch_size=4 if tiny else args.bert_batch * 128 // length,
+                    model__max_len=length, model__remat_policy='none', loss_chunk=0,
+                    model__attention=attention)
+      rows.append(timed('bert_large', config, n, w, matmul='default', attention=attention))
   # 3. Packed documents: cuDNN's packed flash attention against XLA's.
-  kinds = ('cudnn', 'xla') if gpu else ('xla', 'xla')
   for attention in kinds if 'packed' in parts else ():
     config = load('llama_1b', tiny, batch_size=8, model__num_layers=2 if tiny else 4,
                   model__remat_policy='minimal', model__attention=attention)

@@ -221,6 +221,14 @@ class SowingAuxLoss(nn.Module):
   """The model, plus an auxiliary loss of 0.5 sown as a layer would (a MoE's balance loss)."""
   inner: nn.Module
 
+  @property
+  def cfg(self):  # What the step reads of a model (context parallelism's balancing).
+    return self.inner.cfg
+
+  @property
+  def causal(self):
+    return self.inner.causal
+
   @nn.compact
   def __call__(self, *args, **kwargs):
     self.sow(model_lib.AUX_LOSS, 'balance', jnp.float32(0.5))

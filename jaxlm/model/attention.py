@@ -7,8 +7,9 @@ described by segment ids [B, T] (documents numbered from 1, 0 = padding), never 
 its own, and one line in model.ATTENTION (jaxlm/model/__init__.py), the registry that config
 validation reads too.
 
-'auto' picks 'splash' on TPU, 'cudnn' on NVIDIA GPUs when dtype and head size allow, and
-'xla' elsewhere; the choice is logged once per (implementation, platform).
+'auto' picks 'splash' on TPU, 'cudnn' on NVIDIA GPUs for rows of CUDNN_MIN_LENGTH tokens or
+more when dtype and head size allow, and 'xla' elsewhere; the choice is logged once per
+(implementation, platform).
 """
 
 import functools
@@ -35,14 +36,22 @@ def target():
   return jax.default_backend(), jax.devices()[0].device_kind
 
 
-def choose(cfg, platform, device_kind):
-  """The implementation `cfg.attention` names, with 'auto' resolved for this platform."""
+# Rows shorter than this use XLA's attention on GPU under 'auto': measured on an H200
+# (BENCHMARKS.md), BERT-large's rows of 128 train 1.9x faster with XLA's (its [T, T] scores
+# are small) while packed rows of 2048 train 2.4x faster with cuDNN's.
+CUDNN_MIN_LENGTH = 1024
+
+
+def choose(cfg, platform, device_kind, length=None):
+  """The implementation `cfg.attention` names, with 'auto' resolved for this platform and
+  rows of `length` tokens (default model.max_len)."""
   if cfg.attention != 'auto':
     return cfg.attention
   if platform == 'tpu':
     return 'splash'
   # cuDNN's flash attention: NVIDIA only, 16-bit compute, head sizes it has kernels for.
   if (platform in ('gpu', 'cuda') and 'nvidia' in device_kind.lower()
+      and (length or cfg.max_len) >= CUDNN_MIN_LENGTH
       and cfg.dtype in ('bfloat16', 'float16') and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128):
     return 'cudnn'
   return 'xla'
@@ -57,7 +66,7 @@ def attend(q, k, v, segment_ids, causal, cfg):
   """Attention of q over k, v within each row's documents (causal: only earlier tokens)."""
   from jaxlm.model import context  # It builds on this module.
   platform, kind = target()
-  name = choose(cfg, platform, kind)
+  name = choose(cfg, platform, kind, q.shape[1])
   _log_choice(name, platform, cfg.attention)
   if context.active(cfg):  # A sequence split over devices: model.context_parallel.
     return context.attend(q, k, v, segment_ids, causal, cfg, name)
