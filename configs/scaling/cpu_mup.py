@@ -8,10 +8,10 @@ budgets (2e11-1.8e12 FLOPs), on the Python standard library's source.
 The learning rate is tuned once, at the smallest width (6 rates a factor of 2 apart, each
 trained for the tokens of that width's middle-budget run), and carried unchanged to every
 width: under muP (base.model.parametrization='mup', base width 32) the best rate does not move
-with the width (docs/scaling.md shows it does here, and that it drifts under the standard
-parametrization). The held-out run, L2-d128 at 1.8e13 FLOPs (10x the largest budget), is
+with the width. The held-out run, L2-d128 at 1.8e13 FLOPs (10x the largest budget), is
 trained last and left out of the fit, which predicts its loss (fit.json's 'held_out').
-docs/scaling.md has the CPU time, the fit and the prediction against the measurement.
+This sweep has not yet run to the end here: docs/scaling.md has how far it got (the tuning
+grid and 2 runs) and what of the transfer study was measured.
 """
 
 from jaxlm.config import defaults, sweep_defaults
