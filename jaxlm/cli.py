@@ -291,13 +291,15 @@ def _parser():
     if name == 'eval':
       p.add_argument('--tasks', default='',
                      help='lm-eval-harness tasks, comma-separated (instead of held-out loss)')
-      p.add_argument('--num_fewshot', type=int, default=None,
+      p.add_argument('--num_fewshot', type=_number('--num_fewshot', int, lambda v: v >= 0,
+                                                   'an integer >= 0'), default=None,
                      help='few-shot examples per prompt (default: each task\'s own)')
-      p.add_argument('--limit', type=float, default=None,
-                     help='at most N examples per task (below 1: that fraction)')
+      p.add_argument('--limit', type=_number('--limit', float, lambda v: v > 0, '> 0'),
+                     default=None, help='at most N examples per task (below 1: that fraction)')
       p.add_argument('--include_path', default='',
                      help='a directory of lm-eval task YAML files of your own')
-      p.add_argument('--batch_size', type=int, default=None,
+      p.add_argument('--batch_size', type=_number('--batch_size', int, lambda v: v > 0,
+                                                  'a positive integer'), default=None,
                      help='sequences per scoring batch (default: lm_eval.batch_size)')
     if name == 'fill-mask':
       p.add_argument('--text', action='append', default=[],

@@ -294,10 +294,10 @@ def to_hf(config, workdir, out_dir, step=None, max_shard_mb=5000.0, dtype=''):
   tokenizer = tokenizer_lib.load(tokenizer_file) if paths.exists(tokenizer_file) else None
   if tokenizer is not None:
     workdir_lib.check_tokenizer(workdir, tokenizer)
-  # Before the tensors: a tokenizer that cannot be converted fails in seconds, not after them.
-  tokenizer_files = (hf_tokenizer.files(tokenizer, data.frame(config, tokenizer),
-                                        config.model.max_len) if tokenizer else {})
   s = run_lib.inference_setup(config, devices=jax.devices('cpu')[:1])
+  # Before the tensors: a tokenizer that cannot be converted fails in seconds, not after them.
+  tokenizer_files = (hf_tokenizer.files(tokenizer, s.objective.frame(tokenizer),
+                                        config.model.max_len) if tokenizer else {})
   params, step = resume.restore_params(s, workdir, step, host=True)
   m = config.model
   # Hugging Face layouts know no muP multipliers: they are folded into the weights.

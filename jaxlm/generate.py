@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import data, inference, limits, objectives
+from jaxlm import data, inference, limits
+from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 
 
@@ -224,9 +225,9 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
         seed=0, step=None, num_beams=1, length_penalty=1.0, devices=None):
   """Continues each prompt on the run's mesh (over `devices`, default all); returns
   [{'prompt', 'completion', 'tokens'}] (stop token dropped)."""
-  objective = objectives.get(config)
-  if not objective.generates:
-    raise ConfigError(f'--workdir={workdir} holds a {objective.name!r} model; generate needs '
+  s = run_lib.setup(config, devices)  # The run's mesh, over `devices`.
+  if not s.objective.generates:
+    raise ConfigError(f'--workdir={workdir} holds a {s.objective.name!r} model; generate needs '
                       f'a causal LM (objective=causal)')
   tokenizer = data.run_tokenizer(config, workdir)
   tokenizer.check_causal()
@@ -239,7 +240,7 @@ def run(config, workdir, prompts, max_new_tokens=64, temperature=0.0, top_k=0, t
   _check_memory(config, len(prompts) * num_beams, longest, max_new_tokens, devices)
   # On the run's mesh, parameters and cache sharded as in training; the batch padded to
   # whole rows per device with copies of the first prompt, dropped below.
-  m = inference.load(config, workdir, step, devices)
+  m = inference.load(s, workdir, step)
   rows = m.padded_rows(len(prompts))
   encoded += [encoded[0]] * (rows - len(prompts))
   tokens = np.zeros((rows, longest), np.int32)

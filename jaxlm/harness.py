@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm import data, hf_tokenizer, inference, objectives, paths
-from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm import data, hf_tokenizer, inference, paths
+from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 from jaxlm.loop import Hook
 
@@ -57,7 +57,7 @@ class JaxLM(TemplateLM):
     self.batch_size = model.padded_rows(batch_size)
     self.max_length = config.model.max_len
     # Whether the exported tokenizer puts BOS before a text (jaxlm's own framing does).
-    self.adds_bos = hf_tokenizer.adds_bos(tokenizer, data.frame(config, tokenizer))
+    self.adds_bos = hf_tokenizer.adds_bos(tokenizer, model.setup.objective.frame(tokenizer))
     s = model.setup
     batch = model.sharding(('batch', 'length'))
     whole = NamedSharding(s.mesh, PartitionSpec())  # Every process reads the whole result.
@@ -250,9 +250,9 @@ def save(results, workdir, step):
   return path
 
 
-def check(config):
-  """A clear error unless the run's model can be scored by lm-eval (a causal LM)."""
-  objective = objectives.get(config)
+def check(objective):
+  """A clear error unless the run's model (of `objective`) can be scored by lm-eval: a causal
+  LM."""
   if not objective.generates:
     raise ConfigError(f'lm-eval tasks need a causal LM (objective=causal); this run is '
                       f'{objective.name!r}')
@@ -262,9 +262,10 @@ def run(config, workdir, tasks, step=None, num_fewshot=None, limit=None, include
         batch_size=None):
   """`jaxlm eval --tasks`: the tasks on checkpoint `step` (default: the latest) of the run in
   `workdir`; writes lm_eval/step_<N>.json and a metrics row; returns {task: {metric: value}}."""
-  check(config)
-  tokenizer = tokenizer_lib.load(config.data.tokenizer or data.tokenizer_path(workdir))
-  model = inference.load(config, workdir, step)
+  s = run_lib.setup(config)
+  check(s.objective)
+  tokenizer = data.run_tokenizer(config, workdir)
+  model = inference.load(s, workdir, step)
   lm = JaxLM(model, tokenizer, config, batch_size or config.lm_eval.batch_size)
   begin = time.perf_counter()
   results = evaluate(lm, tasks, num_fewshot, limit, include_path)
@@ -288,7 +289,7 @@ class DownstreamEval(Hook):
   timed_as = 'eval'
 
   def __init__(self, s, tokenizer, writer, workdir, chief):
-    check(s.config)
+    check(s.objective)
     c = s.config.lm_eval
     self.options, self.writer, self.workdir, self.chief = c, writer, workdir, chief
     self.lm = JaxLM(inference.Model(s, None), tokenizer, s.config, c.batch_size)  # Params: each time.

@@ -18,7 +18,6 @@ from jax.experimental import multihost_utils
 
 from jaxlm import mesh as mesh_lib
 from jaxlm import resume
-from jaxlm import run as run_lib
 
 
 @dataclasses.dataclass
@@ -51,10 +50,9 @@ class Model:
     return -(-n // self.rows) * self.rows
 
 
-def load(config, workdir, step=None, devices=None):
-  """The run's model on its own mesh (over `devices`, default all) with the parameters of
-  checkpoint `step` (default: the latest)."""
-  s = run_lib.setup(config, devices)
+def load(s, workdir, step=None):
+  """The run's model on the mesh of `s` (run.setup: its own mesh, over the devices given) with
+  the parameters of checkpoint `step` (default: the latest)."""
   params, step = resume.restore_params(s, workdir, step)
   return Model(s, params, step, resume.restore_extra(s, workdir, step))
 

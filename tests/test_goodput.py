@@ -152,7 +152,7 @@ def test_wandb_offline_run_continues_across_the_restart(restarted):
   assert (first, second) == ([2, 4, 6, 8], [6, 8])
   logged = {key for history in processes for h in history for key in h}
   assert {'eval/loss', 'perf/mfu', 'goodput/step', 'train/learning_rate'} <= logged
-  rows = [r for r in rows_of(workdir) if 'loss' in r]
+  rows = [r for r in metrics(workdir) if 'loss' in r]
   assert [h['train/loss'] for h in processes[1] if 'train/loss' in h] == [
       r['loss'] for r in rows[-2:]]
 

@@ -12,8 +12,9 @@ import sysconfig
 import numpy as np
 import pytest
 
-from conftest import one_device, tiny_config
+from helpers import one_device, tiny_config
 from jaxlm import cli, generate, harness, inference, train
+from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -111,7 +112,8 @@ def jaxlm_results(trained, devices=None, **mesh):
   config = workdir_lib.read_config(workdir)
   config.mesh.update(mesh)
   tokenizer = tokenizer_lib.load(config.data.tokenizer)  # The shared one (conftest).
-  lm = harness.JaxLM(inference.load(config, str(workdir), devices=devices), tokenizer, config)
+  s = run_lib.setup(config, devices)
+  lm = harness.JaxLM(inference.load(s, str(workdir)), tokenizer, config)
   results = harness.evaluate(lm, TASKS, log_samples=True,
                              manager=harness.task_manager(TASKS, str(tasks)))
   return results['results'], samples_of(results)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, file_content, fill_in, one_device, snapshot, tiny_config, write
-from jaxlm import cli, config as config_lib, lock, steps, train
+from jaxlm import cli, config as config_lib, lock, objectives, steps, train
 from jaxlm import run as run_lib
 
 HF_LLAMA = {'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 128,
@@ -528,7 +528,7 @@ def test_a_zeroed_token_shard_is_refused_naming_it(trained_run, tmp_path, capsys
   assert snapshot(run) == before
   config = tiny_config(data__cache_dir=str(run / 'data'),
                        data__tokenizer=str(run / 'tokenizer.model'))
-  corpus = data.prepare(config, str(run))  # What train reads its batches from.
+  corpus = data.prepare(config, str(run), objectives.get(config).frame)  # What train reads.
   with pytest.raises(config_lib.ConfigError, match=r'\.train\.tokens does not match'):
     for i in range(len(corpus.train)):
       corpus.train[i]
@@ -715,9 +715,8 @@ def test_a_run_none_of_whose_steps_is_finite_stops_instead_of_training_nothing()
   from types import SimpleNamespace
   from jaxlm import hooks
   from jaxlm.errors import RunError
-  config = SimpleNamespace(nonfinite='skip')
-  some = SimpleNamespace(start=0, step=4, row={'nonfinite': 3}, config=config)
-  hooks.NonFinite(checkpointing=None).on_step(some)  # One of four steps trained: go on.
-  none = SimpleNamespace(start=4, step=8, row={'nonfinite': 4}, config=config)
+  some = SimpleNamespace(start=0, step=4, logged={'nonfinite': 3})
+  hooks.NonFinite('skip').on_step(some)  # One of four steps trained: go on.
+  none = SimpleNamespace(start=4, step=8, logged={'nonfinite': 4})
   with pytest.raises(RunError, match=r'every step of this run so far \(4-8\)'):
-    hooks.NonFinite(checkpointing=None).on_step(none)
+    hooks.NonFinite('skip').on_step(none)

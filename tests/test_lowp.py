@@ -189,8 +189,7 @@ def test_fp8_train_step_lowered_for_cuda_has_fp8_dots_with_their_scales():
   step = jax.jit(steps.make_train_step(s.model, s.objective, s.tx, s.lr_schedule, config,
                                        s.objective.prepare()))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s.abstract_state)
-  batch = {k: jax.ShapeDtypeStruct((8, 128), jnp.int32)
-           for k in state_lib.batch_features(config)}
+  batch = {k: jax.ShapeDtypeStruct((8, 128), jnp.int32) for k in s.objective.features()}
   with s.active():
     mlir = jax.export.export(step, platforms=['cuda'])(state, batch).mlir_module()
   found = re.findall(r'(%\S+) = stablehlo\.dot_general .*\((tensor<[^)]*)\) -> tensor<', mlir)

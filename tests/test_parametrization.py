@@ -74,7 +74,7 @@ def test_rates_and_init_follow_the_logical_axes_exactly():
   m = WIDE / BASE
   for family in ('llama', 'bert'):
     wide = toy(family, WIDE)
-    rates = flat(optim.rate_multipliers(wide.model, state.param_axes(model_lib.build(wide),
+    rates = flat(optim.rate_multipliers(wide.model, state.param_axes(build(wide),
                                                                      wide)))
     assert {n for n, rate in rates.items() if rate == 1 / m} == HIDDEN & set(rates), family
     assert {rate for n, rate in rates.items() if n not in HIDDEN} == {1.0}, family
@@ -134,7 +134,7 @@ def test_to_standard_computes_the_same_logits():
   config = toy('gpt2', WIDE, **fields)
   model, params = random_params(config)
   folded = parametrization.to_standard(config.model, params)
-  standard = model_lib.build(toy('gpt2', WIDE, 'standard', **fields))
+  standard = build(toy('gpt2', WIDE, 'standard', **fields))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 5, 64)
   np.testing.assert_allclose(standard.apply({'params': folded}, tokens),
                              model.apply({'params': params}, tokens), rtol=2e-5, atol=2e-5)

@@ -255,7 +255,8 @@ def write_sweep(path, s):
   fields = {k: v for k, v in s.items() if k != 'base'}
   path.write_text('from jaxlm import config\n\n\ndef get_config():\n'
                   f'  s = config.sweep_defaults(config.from_json({base!r}))\n'
-                  + ''.join(f'  s.{k} = {v!r}\n' for k, v in fields.items()) + '  return s\n')
+                  + ''.join(f'  s.{k}.update({v.to_dict()!r})\n' if hasattr(v, 'to_dict') else
+                            f'  s.{k} = {v!r}\n' for k, v in fields.items()) + '  return s\n')
   return str(path)
 
 
