@@ -91,14 +91,7 @@ def intended_topology(name):
   return runpy.run_path(os.path.join(ROOT, 'configs', f'{name}.py'))['TOPOLOGY']
 
 
-# The default run quick-plans the largest decoder and an encoder (a minute or two each on two
-# cores); `-m slow` adds the others.
-QUICK_IN_EVERY_RUN = ('llama_7b_tpu_v5p', 'bert_base')
-
-
-@pytest.mark.parametrize('name', [n if n in QUICK_IN_EVERY_RUN else
-                                  pytest.param(n, marks=pytest.mark.slow)
-                                  for n in ACCELERATOR_CONFIGS])
+@pytest.mark.parametrize('name', ACCELERATOR_CONFIGS)
 def test_every_shipped_accelerator_config_fits_its_topology_by_a_quick_compile(name, capsys,
                                                                               tmp_path):
   # The TPU compiler at its least effort (minutes less per config than the full compile below,
