@@ -31,7 +31,8 @@ os.environ['JAXLM_PEAK_CACHE'] = ''  # Nor the measured CPU peak (jaxlm/flops.py
 
 import pytest
 
-from helpers import CORPUS, ROOT, STDLIB, one_device, shared, tiny_config  # noqa: F401
+from helpers import (CORPUS, ROOT, STDLIB, one_device, shared, tiny_config,  # noqa: F401
+                     train_hf_tokenizer)
 
 
 # Programs loaded from the cache ('hits') and compiled ('misses') by the test processes, for
@@ -99,36 +100,6 @@ def shared_data(tmp_path_factory):
   # Trains tokenizer.model and fills root/data.
   data.prepare(config, str(root), objectives.get(config).frame)
   return root
-
-
-def train_hf_tokenizer(kind, path, vocab_size=512):
-  """A Hugging Face tokenizer.json trained on the test corpus with the `tokenizers` library:
-  'bytelevel' (byte-level BPE, GPT-2's kind) or 'wordpiece' (BERT's, lowercasing)."""
-  import glob
-
-  import tokenizers
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
-  texts = [open(f, encoding='utf-8').read()
-           for pattern in CORPUS.split(',') for f in sorted(glob.glob(pattern))]
-  if kind == 'bytelevel':
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<|endoftext|>'],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-  else:
-    tok = tokenizers.Tokenizer(models.WordPiece(unk_token='[UNK]'))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'],
-        show_progress=False)
-  tok.train_from_iterator(texts, trainer)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tok.save(str(path))
-  return path
 
 
 @pytest.fixture(scope='session')

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, one_device, tiny_config
+from helpers import ROOT, one_device, tiny_config
 from jaxlm import cli, mesh as mesh_lib, phase_build, run as run_lib, steps, train
 from jaxlm.model import attention, context
 

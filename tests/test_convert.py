@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CORPUS, ROOT
+from helpers import CORPUS, ROOT
 from jaxlm import checkpoint, cli, data, evaluate, fill_mask, generate, hf, resume
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from conftest import tiny_config
+from helpers import tiny_config
 from jaxlm import data, objectives
 from jaxlm.config import ConfigError
 from jaxlm.data import packing, sources, store

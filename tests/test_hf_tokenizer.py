@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import CORPUS, train_hf_tokenizer
+from helpers import CORPUS, train_hf_tokenizer
 from jaxlm import hf_tokenizer
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from jaxlm import train
-from conftest import one_device, tiny_config
+from helpers import one_device, tiny_config
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'loss_reference.json')
 KEYS = ('loss', 'grad_norm', 'learning_rate', 'eval_loss', 'eval_accuracy')

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import one_device, tiny_config
+from helpers import one_device, rows, shared, start, tiny_config, wait_for_step, write_config
 from jaxlm import matmuls, objectives, resume, run as run_lib, state as state_lib, steps, topology
+from jaxlm import train
 from jaxlm import model as model_lib
 from jaxlm.config import ConfigError
 from jaxlm.matmuls import fp8
-from test_checkpoint import rows, shared, start, wait_for_step, write_config
 
 EIGHT_BIT = {'int8': {'int8'}, 'fp8': {'float8_e4m3fn', 'float8_e5m2'}}
 
@@ -121,8 +121,9 @@ def test_each_kind_stays_within_its_error_bound_against_float32(kind):
 def test_fp8_delayed_scaling_history_is_written_back_and_resumes_bit_exactly_after_sigkill(
     tmp_path, shared_data):
   """The train step writes each matmul's new amax history into TrainState.extra; eval runs
-  with it; a run killed mid-way resumes to the same floats, histories included. Every run in
-  its own process (one CPU device), as the victim's."""
+  with it; a run killed mid-way resumes to the same floats, histories included. The victim is
+  a `jaxlm train` process on one CPU device; the reference run and the resume train in this
+  process on one device (the same program)."""
   steps_ = 30
   config = shared(shared_data, train_steps=steps_, log_every_steps=1,
                   checkpoint__save_every_steps=10, model__family='llama',
@@ -136,9 +137,8 @@ def test_fp8_delayed_scaling_history_is_written_back_and_resumes_bit_exactly_aft
   victim.wait()
   saved = sorted(int(d) for d in os.listdir(crashed / 'checkpoints') if d.isdigit())
   assert saved and saved[-1] < steps_
-  for workdir in (reference, crashed):  # The same program as the victim's steps.
-    process = start(path, workdir)
-    assert process.wait(timeout=900) == 0, process.communicate()
+  for workdir in (reference, crashed):
+    train.train(config, str(workdir), devices=one_device())
   ref_rows, got_rows = rows(reference), rows(crashed)
   for step in range(saved[-1] + 1, steps_ + 1):
     assert got_rows[step]['loss'] == ref_rows[step]['loss'], step

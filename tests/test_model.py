@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from jaxlm import flops, model as model_lib
 from jaxlm.model import layers
 

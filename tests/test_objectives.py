@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from jaxlm import objectives
 from jaxlm.objectives import base, causal
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from jaxlm import model as model_lib, optim, steps
 from jaxlm.objectives import base, causal
 

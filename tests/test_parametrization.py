@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib, objectives, optim, parametrization, state
 from jaxlm.errors import ConfigError
