@@ -15,7 +15,12 @@ after a newer one is complete and checksummed (jaxlm/integrity.py). A checkpoint
 provably unusable (incomplete, not matching its checksums, holding non-finite values) is
 renamed to `<step>.unreadable.<time>` - kept, never deleted - and the previous one is used;
 one that fails to read for another reason stops the run with nothing renamed.
-"""
+
+A local checkpointer (`local=True`, the host-local tier of jaxlm/tiers.py) holds the `state`
+item alone and writes only this process's shards, every one it holds (replicated ones too),
+with its own manifest and no barrier with the other processes: each process can restore its
+part from its own disk, as long as the mesh and the process count are those it was saved with.
+
 
 import logging
 import re
@@ -42,9 +47,12 @@ def _grain():
   return grain
 
 
+LOCAL_KEEP = 2  # Local copies kept: the newest may be cut short by the failure it is for.
+
+
 class Checkpointer:
 
-  def __init__(self, directory, config=None, read_only=False, compress=True):
+  def __init__(self, directory, config=None, read_only=False, compress=True, local=False):
     """compress=False writes the arrays without zstd: tensorstore compresses every array of a
     save at once in host memory (measured: a transient copy of all the bytes), which a
     one-shot parameter import cannot afford and float weights barely shrink under."""
@@ -56,15 +64,33 @@ class Checkpointer:
     # soon as a new one is written, before it could be checksummed.
     self.keep = config.checkpoint.keep if config else None
     self.keep_every = config.checkpoint.keep_every_steps if config else 0
+    self.local = local
+    if local:
+      self.keep, self.keep_every = LOCAL_KEEP, 0
+      me = jax.process_index()
+      # Orbax's emergency manager writes its local tier the same way (primary_host=None,
+      # replica_id=None), but only for multi-slice meshes: jaxlm uses the pieces.
+      processes = ocp.options.MultiprocessingOptions(
+          primary_host=None, active_processes={me},
+          barrier_sync_key_prefix=f'jaxlm-local-{me}')
+      arrays = ocp.type_handlers.create_type_handler_registry((jax.Array, ocp.type_handlers.ArrayHandler(
+          primary_host=None, replica_id=None, use_replica_parallel=False)))
+      items = {'state': ocp.PyTreeCheckpointHandler(
+          use_compression=False, multiprocessing_options=processes,
+          type_handler_registry=arrays)}
+      extra = dict(multiprocessing_options=processes, save_root_metadata=False,
+                   enable_per_process_directory_creation=True)
+    else:
+      items = {'state': ocp.PyTreeCheckpointHandler(use_compression=compress),
+               'data': _grain().checkpoint.CheckpointHandler(),
+               'config': ocp.JsonCheckpointHandler()}
+      extra = {}
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=not read_only,
         read_only=read_only, enable_async_checkpointing=True,
-        cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(
-        directory, options=options, item_names=('state', 'data', 'config'),
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(use_compression=compress),
-                       'data': _grain().checkpoint.CheckpointHandler(),
-                       'config': ocp.JsonCheckpointHandler()})
+        cleanup_tmp_directories=not read_only, **extra)
+    self.manager = ocp.CheckpointManager(directory, options=options, item_names=tuple(items),
+                                         item_handlers=items)
     self.last_save_blocking_s = 0.0
     self._saving = None  # The step of the newest started save.
     self._pending = None  # A started save not yet checksummed.
@@ -92,12 +118,13 @@ class Checkpointer:
     except Exception as e:
       raise self._write_error(self._saving, e) from e
     self._saving = step
+    items = {'state': ocp.args.PyTreeSave(state)}
+    if not self.local:  # The data position and config live in the workdir's copy.
+      items.update(data=_grain().checkpoint.CheckpointSave(data_iterator),
+                   config=ocp.args.JsonSave(config.to_dict()))
     try:
       self._pending = step
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeSave(state),
-          data=_grain().checkpoint.CheckpointSave(data_iterator),
-          config=ocp.args.JsonSave(config.to_dict())))
+      self.manager.save(step, args=ocp.args.Composite(**items))
     except Exception as e:
       raise self._write_error(step, e) from e
     self.last_save_blocking_s = time.perf_counter() - start
@@ -137,7 +164,7 @@ class Checkpointer:
     step, self._pending = self._pending, None
     if step is None:
       return
-    if jax.process_index() == 0:
+    if self.local or jax.process_index() == 0:
       integrity.write_manifest(paths.join(self.directory, str(step)))
     if self.keep:
       self.manager.reload()
@@ -158,14 +185,17 @@ class Checkpointer:
                            f'failed ({type(e).__name__}: {first_line(e)}); the earlier '
                            f'checkpoints are intact')
 
-  def restore_latest(self, abstract_state, shardings):
-    """(state, step) from the newest good checkpoint, or (None, 0) if there is none.
+  def restore_latest(self, abstract_state, shardings, above=-1):
+    """(state, step) from the newest good checkpoint newer than `above`, or (None, 0) if there
+    is none.
 
     A checkpoint that is provably unusable (incomplete, not matching its checksums, non-finite
     values) is set aside and the one before it used; any other failure to read one stops the
     run and renames nothing.
     """
     for step in reversed(self.all_steps()):
+      if step <= above:
+        break
       if step == self.parameters_only_step():
         return None, 0  # Parameters to start from (see resume.initial_state), not a state.
       step_dir = paths.join(self.directory, str(step))
@@ -173,23 +203,30 @@ class Checkpointer:
       if verdict not in ('ok', 'unverified'):
         self._set_aside(step, verdict)
         continue
-      target = self._state_target(step, _target(abstract_state, shardings))
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=_restore_args(target)))
-      except Exception as e:  # Orbax/tensorstore raise many types for unreadable files.
-        raise RunError(f'checkpoint {step} in {self.directory} cannot be read '
-                       f'({type(e).__name__}: {first_line(e)}); nothing was renamed or '
-                       f'deleted: move it out of the way to resume from the one before') from e
-      bad = integrity.nonfinite_leaf(restored['state'])  # A collective: the same everywhere.
+      state, bad = self.restore(step, abstract_state, shardings)
       if bad:
         self._set_aside(step, f'non-finite values in {bad}')
         continue
-      state = restored['state']
-      if isinstance(state, dict):  # See _state_target.
-        state = abstract_state.replace(**state, extra={})
       return state, step
     return None, 0
+
+  def restore(self, step, abstract_state, shardings):
+    """(the state saved at `step`, None), or (None, the path of a non-finite leaf)."""
+    target = self._state_target(step, _target(abstract_state, shardings))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=_restore_args(target)))
+    except Exception as e:  # Orbax/tensorstore raise many types for unreadable files.
+      raise RunError(f'checkpoint {step} in {self.directory} cannot be read '
+                     f'({type(e).__name__}: {first_line(e)}); nothing was renamed or '
+                     f'deleted: move it out of the way to resume from the one before') from e
+    bad = integrity.nonfinite_leaf(restored['state'])  # A collective: the same everywhere.
+    if bad:
+      return None, bad
+    state = restored['state']
+    if isinstance(state, dict):  # See _state_target.
+      state = abstract_state.replace(**state, extra={})
+    return state, None
 
   def _state_target(self, step, target):
     """What to restore of checkpoint `step` into `target` (a TrainState): all of it, or, from a

@@ -233,12 +233,21 @@ def validate(config):
     _check(config, name, lambda v: v > 0, 'must be positive')
   for name in ('eval_every_steps', 'z_loss', 'optimizer.warmup_steps', 'optimizer.weight_decay',
                'optimizer.grad_clip', 'data.max_documents', 'model.norm_eps',
-               'checkpoint.keep_every_steps', 'distributed.num_processes'):
+               'checkpoint.keep_every_steps', 'checkpoint.local_every_steps',
+               'distributed.num_processes'):
     _check(config, name, lambda v: v >= 0, 'must be >= 0')
   _check(config, 'optimizer.learning_rate', lambda v: v > 0, 'must be positive')
   # Adam divides by sqrt(v) + eps: with eps 0, a parameter whose gradient is 0 (an embedding
   # row never seen) gets 0/0 and every update is non-finite, so nothing would train.
   _check(config, 'optimizer.eps', lambda v: v > 0, 'must be positive (Adam divides by it)')
+  ckpt = config.checkpoint
+  if bool(ckpt.local_dir) != bool(ckpt.local_every_steps):
+    raise ConfigError(f'checkpoint.local_dir={ckpt.local_dir!r} and checkpoint.local_every_steps='
+                      f'{ckpt.local_every_steps} go together: set both (a host-local path and '
+                      f'a step interval) or neither')
+  if ckpt.local_dir and '://' in ckpt.local_dir:
+    raise ConfigError(f'checkpoint.local_dir={ckpt.local_dir!r} must be a path on this host '
+                      f'(local SSD, /dev/shm); the workdir is the persistent tier')
   # jax.random.key and sentencepiece keep 32 bits of a seed: a larger one would collide.
   _check(config, 'seed', lambda v: 0 <= v < 2**32, 'must be in [0, 2**32)')
   # The train state's step counter is int32.

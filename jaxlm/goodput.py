@@ -119,8 +119,9 @@ class Goodput(Hook):
   and their compute counts as `restart_lost`.
   """
 
-  def __init__(self, writer, metrics_path, clock):
+  def __init__(self, writer, metrics_path, clock, restored_from=None):
     self.writer = writer
+    self.restored_from = restored_from or 'none'  # The tier resumed from (jaxlm/tiers.py).
     self.metrics_path = metrics_path
     self.clock = clock
     self.segment = time.time()
@@ -141,14 +142,14 @@ class Goodput(Hook):
     self.take(summary)
     self.clock.claim_rest('startup')  # Everything before the loop that no bucket claimed.
     if self.redone:
-      log.warning('resumed at step %d: %d step(s) logged by the previous run are done again',
-                  summary.start, self.redone)
+      log.warning('resumed at step %d from the %s tier: %d step(s) logged by the previous run '
+                  'are lost and done again', summary.start, self.restored_from, self.redone)
 
   def row(self, summary):
     self.take(summary)
     seconds = self.clock.breakdown()
     row = {'goodput/segment': self.segment, 'goodput/start_step': summary.start,
-           'goodput/redone_steps': self.redone,
+           'goodput/redone_steps': self.redone, 'goodput/restored_from': self.restored_from,
            'goodput/wall_s': sum(seconds.values())}
     row.update({f'goodput/{b}_s': s for b, s in seconds.items()})
     row.update({f'goodput/{b}': s for b, s in shares(seconds).items()})
@@ -174,7 +175,8 @@ class Goodput(Hook):
 
 def summarize(rows):
   """The run's time across its processes (segments): {'seconds': {bucket: s}, 'shares': ...,
-  'segments': n, 'redone_steps': n} from metrics.jsonl rows."""
+  'segments': n, 'redone_steps': n, 'restored_from': the tier each segment resumed from}
+  from metrics.jsonl rows."""
   last = {}
   for row in rows:
     if 'goodput/segment' in row:
@@ -182,4 +184,6 @@ def summarize(rows):
   seconds = {b: sum(r.get(f'goodput/{b}_s', 0.0) for r in last.values()) for b in BUCKETS}
   return {'seconds': seconds, 'shares': shares(seconds), 'segments': len(last),
           'redone_steps': int(sum(r.get('goodput/redone_steps', 0) for r in last.values())),
+          'restored_from': [r.get('goodput/restored_from', 'none')
+                            for _, r in sorted(last.items())],
           'wall_s': math.fsum(seconds.values())}

@@ -11,7 +11,7 @@ import logging
 import jax
 
 from jaxlm import errors, flops, metrics
-from jaxlm.loop import SAVE, Ask, Hook
+from jaxlm.loop import SAVE, SAVE_LOCAL, Ask, Hook
 
 log = logging.getLogger('jaxlm')
 
@@ -101,28 +101,38 @@ class Evaluation(Hook):
 
 class Checkpointing(Hook):
   """Asks for a save every `every` steps and at the end of each length phase (a resume never
-  repeats a phase's last steps); the loop saves the last step itself."""
+  repeats a phase's last steps), and for a local one every `local_every` (0: never) between;
+  the loop saves the last step itself."""
 
-  def __init__(self, every):
-    self.every = every
+  def __init__(self, every, local_every=0):
+    self.every, self.local_every = every, local_every
 
   def on_step(self, summary):
     if summary.step % self.every == 0 or summary.step == summary.phase.end:
       return SAVE
+    if self.local_every and summary.step % self.local_every == 0:
+      return SAVE_LOCAL
     return None
 
 
 class Saver:
   """Writes the checkpoints the hooks ask for (the loop calls it, it is no hook): the state of
-  a step once, asynchronously, with the data position of the phase's iterator."""
+  a step once, asynchronously, with the data position of the phase's iterator; to `local`
+  too (a local-tier checkpoint.Checkpointer, or None) where asked."""
 
-  def __init__(self, checkpoints, config):
-    self.checkpoints, self.config = checkpoints, config
+  def __init__(self, checkpoints, config, local=None):
+    self.checkpoints, self.config, self.local = checkpoints, config, local
     self.blocking_s = None  # The longest the loop waited for a save to start.
+
+  def save_local(self, summary):
+    if self.local is not None and summary.step != self.local.latest_step():
+      self.local.save(summary.step, summary.state, None, self.config)
 
   def save(self, summary):
     """Saves the state of the steps done (once: a step already saved is not saved again)."""
     step = summary.step
+    if self.local is not None:  # A preempted run's local copy is complete before this starts.
+      self.local.wait()
     if step != self.checkpoints.latest_step():
       self.checkpoints.save(step, summary.state, summary.phase.batches, self.config)
       blocking = self.checkpoints.last_save_blocking_s
@@ -131,6 +141,8 @@ class Saver:
 
   def wait(self):
     self.checkpoints.wait()
+    if self.local is not None:
+      self.local.wait()
 
   def result(self):
     return {} if self.blocking_s is None else {'checkpoint_blocking_s': self.blocking_s}
@@ -172,7 +184,8 @@ class NonFinite(Hook):
 
 class Preemption(Hook):
   """When the scheduler's SIGTERM arrives (jaxlm/preemption.py): ask to save the state at this
-  step boundary and stop the run."""
+  step boundary - to the local tier first (seconds), then to the workdir (minutes at pod
+  scale: the grace period may end before it does) - and stop the run."""
 
   timed_as = 'checkpoint'
 
@@ -184,7 +197,7 @@ class Preemption(Hook):
     if self.watcher.reached(summary.step, self.checkpoint_manager):
       log.warning('preempted: saving the checkpoint of step %d and stopping', summary.step)
       self.preempted = True
-      return Ask(save=True, stop=True)
+      return Ask(save=True, save_local=True, stop=True)
     return None
 
   def result(self):

@@ -31,14 +31,17 @@ log = logging.getLogger('jaxlm')
 
 @dataclasses.dataclass(frozen=True)
 class Ask:
-  """What a hook may ask after a step: save the state of this step (once), stop the run after
-  this step, or raise `error` once the save is complete."""
+  """What a hook may ask after a step: save the state of this step (once) to the workdir, or to
+  the host-local tier (jaxlm/tiers.py; first, when both), stop the run after this step, or
+  raise `error` once the save is complete."""
   save: bool = False
+  save_local: bool = False
   stop: bool = False
   error: Exception = None
 
 
 SAVE = Ask(save=True)
+SAVE_LOCAL = Ask(save_local=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +179,8 @@ class Loop:
       if ask is None:
         continue
       begin = time.perf_counter()
+      if ask.save_local:
+        self.saver.save_local(summary)
       if ask.save:
         self.saver.save(summary)
       if ask.error is not None:

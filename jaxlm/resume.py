@@ -20,7 +20,7 @@ import logging
 
 import jax
 
-from jaxlm import checkpoint, errors, integrity, limits, objectives, optim, paths
+from jaxlm import checkpoint, errors, integrity, limits, objectives, optim, paths, tiers
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
@@ -213,16 +213,19 @@ def init_source(s):
   return source, step
 
 
-def initial_state(s, checkpoints, source):
-  """(state, step): the newest readable checkpoint, or a fresh state (`source`'s parameters).
-  The data needs no restoring: batch s is a pure function of (seed, s) (jaxlm/phases.py)."""
+def initial_state(s, checkpoints, source, local=None):
+  """(state, step, tier): the newest checkpoint every process can restore, from the local tier
+  (`local`, jaxlm/tiers.py) or the workdir's ('local', 'persistent'); or a fresh state
+  (`source`'s parameters, tier None). Onto any mesh and process count that fits the state: a
+  job restarted on fewer hosts resumes resharded, or stops here in one line. The data needs
+  no restoring: batch s is a pure function of (seed, s) (jaxlm/phases.py)."""
   limits.check_devices(state_lib.bytes_per_device(s.abstract_state, s.shardings),
                        list(s.mesh.devices.flat), 'the train state (parameters and optimizer)',
                        'make the model smaller or shard it over more devices (mesh.fsdp)')
-  state, step = checkpoints.restore_latest(s.abstract_state, s.shardings)
+  state, step, tier = tiers.restore(s, checkpoints, local)
   if state is not None:
-    log.info('resumed from the checkpoint of step %d', step)
-    return state, step
+    log.info('resumed from the checkpoint of step %d (%s tier)', step, tier)
+    return state, step, tier
   state = state_lib.initialize(s.model, s.tx, s.config, s.shardings)
   imported = checkpoints.parameters_only_step()
   if imported is not None:  # A converted checkpoint (jaxlm convert): parameters, no optimizer.
@@ -240,4 +243,4 @@ def initial_state(s, checkpoints, source):
     if fresh:
       log.info('new parameters (not in the checkpoint): %s', ', '.join(fresh))
     state = state.replace(params={**state.params, **restored})
-  return state, imported or 0
+  return state, imported or 0, None

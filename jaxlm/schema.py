@@ -273,6 +273,11 @@ def defaults(family='gpt2'):
   c.checkpoint.save_every_steps = 1000  # Save the train state this often (and at the end).
   c.checkpoint.keep = 3  # Keep the newest N checkpoints.
   c.checkpoint.keep_every_steps = 0  # Also keep every checkpoint whose step is a multiple; 0 = no.
+  # A host-local directory (local SSD, /dev/shm) where each process saves its own shards every
+  # local_every_steps (the newest 2 kept): a restart resumes from there when every process
+  # has its copy. '' = the workdir only. See README "Checkpoints, resuming, preemption".
+  c.checkpoint.local_dir = ''
+  c.checkpoint.local_every_steps = 0  # Save to local_dir this often; needs local_dir.
 
   # Where metrics go besides metrics.jsonl and TensorBoard (always written).
   c.metrics = ml_collections.ConfigDict()

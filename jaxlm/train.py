@@ -7,7 +7,7 @@ import logging
 import jax
 
 from jaxlm import (checkpoint, data, distributed, goodput, hooks, lock, metrics, paths,
-                   phase_build, preemption, profile, resume)
+                   phase_build, preemption, profile, resume, tiers)
 from jaxlm import loop as loop_lib
 from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
@@ -50,12 +50,14 @@ def _train(config, workdir, devices, held):
     workdir_lib.record_inputs(workdir, corpus.tokenizer)
   distributed.barrier(DATA_PREPARED)
   checkpoints = checkpoint.Checkpointer.for_workdir(workdir, config)
+  local = tiers.open_local(config, workdir, s.mesh)
   if chief and resuming:
     checkpoints.on_saved = lambda step: workdir_lib.save_config(workdir, config)
   writer = metrics.Writer(workdir, enabled=chief)
   try:
     with s.active(), preemption.Watcher() as preempted:
-      state, start = clock.timed('checkpoint', resume.initial_state, s, checkpoints, source)
+      state, start, tier = clock.timed('checkpoint', resume.initial_state, s, checkpoints,
+                                       source, local)
       writer.start(config, start)
       phases = phase_build.Phases(s, corpus, workdir, process)
       loop_hooks = [
@@ -63,15 +65,16 @@ def _train(config, workdir, devices, held):
           hooks.NonFinite(config.nonfinite),
           hooks.Preemption(preempted, checkpoints.manager),
           hooks.Evaluation(writer, config.eval_every_steps),
-          hooks.Checkpointing(config.checkpoint.save_every_steps),
+          hooks.Checkpointing(config.checkpoint.save_every_steps,
+                              config.checkpoint.local_every_steps),
           profile.Profiler(config.profile, workdir, chief),
-          goodput.Goodput(writer, workdir_lib.metrics_path(workdir), clock),
+          goodput.Goodput(writer, workdir_lib.metrics_path(workdir), clock, tier),
       ]
       if config.lm_eval.tasks:  # Downstream tasks (lm-eval-harness), on the training mesh.
         from jaxlm import harness
         loop_hooks.insert(4, harness.DownstreamEval(s, corpus.tokenizer, writer, workdir, chief))
-      loop = loop_lib.Loop(loop_hooks, hooks.Saver(checkpoints, config), start, config.train_steps,
-                           config.log_every_steps)
+      loop = loop_lib.Loop(loop_hooks, hooks.Saver(checkpoints, config, local), start,
+                           config.train_steps, config.log_every_steps)
       for phase in clock.timed_each('compile', phases.walk(start)):
         state = loop.run(phase, state)
         if loop.stopped:
@@ -80,5 +83,7 @@ def _train(config, workdir, devices, held):
   finally:
     writer.close()
     checkpoints.close()
+    if local is not None:
+      local.close()
     if source is not None:
       source[0].close()
