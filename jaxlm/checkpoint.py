@@ -20,6 +20,7 @@ A local checkpointer (`local=True`, the host-local tier of jaxlm/tiers.py) holds
 item alone and writes only this process's shards, every one it holds (replicated ones too),
 with its own manifest and no barrier with the other processes: each process can restore its
 part from its own disk, as long as the mesh and the process count are those it was saved with.
+"""
 
 
 import logging
@@ -73,22 +74,24 @@ class Checkpointer:
       processes = ocp.options.MultiprocessingOptions(
           primary_host=None, active_processes={me},
           barrier_sync_key_prefix=f'jaxlm-local-{me}')
-      arrays = ocp.type_handlers.create_type_handler_registry((jax.Array, ocp.type_handlers.ArrayHandler(
-          primary_host=None, replica_id=None, use_replica_parallel=False)))
+      arrays = ocp.type_handlers.create_type_handler_registry((
+          jax.Array, ocp.type_handlers.ArrayHandler(primary_host=None, replica_id=None,
+                                                    use_replica_parallel=False)))
       items = {'state': ocp.PyTreeCheckpointHandler(
           use_compression=False, multiprocessing_options=processes,
           type_handler_registry=arrays)}
       extra = dict(multiprocessing_options=processes, save_root_metadata=False,
-                   enable_per_process_directory_creation=True)
+                   enable_per_process_directory_creation=True, create=False)
+      if not read_only:
+        paths.makedirs(directory)  # Orbax leaves it to the caller with active_processes.
     else:
       items = {'state': ocp.PyTreeCheckpointHandler(use_compression=compress),
                'data': _grain().checkpoint.CheckpointHandler(),
                'config': ocp.JsonCheckpointHandler()}
       extra = {}
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, create=not read_only,
-        read_only=read_only, enable_async_checkpointing=True,
-        cleanup_tmp_directories=not read_only, **extra)
+    options = ocp.CheckpointManagerOptions(**{
+        'max_to_keep': None, 'create': not read_only, 'read_only': read_only,
+        'enable_async_checkpointing': True, 'cleanup_tmp_directories': not read_only, **extra})
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=tuple(items),
                                          item_handlers=items)
     self.last_save_blocking_s = 0.0
