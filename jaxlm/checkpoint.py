@@ -161,6 +161,13 @@ class Checkpointer:
     except Exception as e:
       raise self._write_error(self._saving, e) from e
 
+  def poll(self):
+    """Checksums (and applies keep-N after) a save that has finished in the background, without
+    waiting for one that has not: a local copy counts once checksummed, and the failure it is
+    for may come before the next save."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
   def _complete(self):
     """After a save has finished: its checksum manifest, then keep-N (never deleting a
     checkpoint before a newer one is complete and checksummed), then `on_saved`."""

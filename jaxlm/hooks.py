@@ -11,7 +11,7 @@ import logging
 import jax
 
 from jaxlm import errors, flops, metrics
-from jaxlm.loop import SAVE, SAVE_LOCAL, Ask, Hook
+from jaxlm.loop import SAVE_LOCAL, Ask, Hook
 
 log = logging.getLogger('jaxlm')
 
@@ -108,11 +108,10 @@ class Checkpointing(Hook):
     self.every, self.local_every = every, local_every
 
   def on_step(self, summary):
+    local = bool(self.local_every) and summary.step % self.local_every == 0
     if summary.step % self.every == 0 or summary.step == summary.phase.end:
-      return SAVE
-    if self.local_every and summary.step % self.local_every == 0:
-      return SAVE_LOCAL
-    return None
+      return Ask(save=True, save_local=local)  # The local copy first: it is the quick one.
+    return SAVE_LOCAL if local else None
 
 
 class Saver:
@@ -126,6 +125,9 @@ class Saver:
 
   def save_local(self, summary):
     if self.local is not None and summary.step != self.local.latest_step():
+      # Never while a workdir save is being written: Orbax (0.12.8) mixes up two managers'
+      # concurrent saves across processes (seen: a commit before a peer's files existed).
+      self.checkpoints.wait()
       self.local.save(summary.step, summary.state, None, self.config)
 
   def save(self, summary):
@@ -138,6 +140,11 @@ class Saver:
       blocking = self.checkpoints.last_save_blocking_s
       log.debug('checkpoint %d: the loop waited %.3f s', step, blocking)
       self.blocking_s = max(self.blocking_s or 0.0, blocking)
+
+  def poll(self):
+    """After each step: completes a local save that has finished meanwhile."""
+    if self.local is not None:
+      self.local.poll()
 
   def wait(self):
     self.checkpoints.wait()

@@ -92,7 +92,8 @@ def interval_row(values):
 
 class Loop:
   """Steps `start`..`total` phase by phase, calling `hooks` (in order) around them; `saver`
-  fulfils their asks to save (hooks.Saver: `save(summary)`, `wait()`, `result()`)."""
+  fulfils their asks to save (hooks.Saver: `save(summary)`, `save_local(summary)`, `poll()`
+  after each step, `wait()`, `result()`)."""
 
   def __init__(self, hooks, saver, start, total, log_every):
     self.hooks, self.saver = hooks, saver
@@ -148,6 +149,7 @@ class Loop:
       self._seconds['step'] += time.perf_counter() - queued
       self._after_step(self.summary(state, phase, metrics=metrics, logged=logged,
                                     interval_s=interval_s, step_s=step_s))
+      self.saver.poll()
       if self.stopped:
         break
       if logged is not None:

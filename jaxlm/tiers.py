@@ -93,8 +93,25 @@ def newest_common(steps):
 
 def restore(s, checkpoints, local):
   """(state, step, tier) from the newest step every process can restore: 'local',
-  'persistent', or (None, 0, None) when neither tier has one."""
-  best = newest_common(intact_steps(local)) if local is not None else None
+  'persistent', or (None, 0, None) when neither tier has one. This process's local copies
+  newer than that step are deleted: the run saves those steps again (Orbax saves no step
+  older than its newest), and they are the same bits, trained again from the same step."""
+  state, step, tier = _restore(s, checkpoints, local)
+  if local is not None:
+    for newer in [n for n in local.all_steps() if n > step]:
+      log.info('deleting local checkpoint %d of %s: not every process has it', newer,
+               local.directory)
+      local.manager.delete(newer)
+  return state, step, tier
+
+
+def _restore(s, checkpoints, local):
+  best = None
+  if local is not None:
+    mine = intact_steps(local)
+    best = newest_common(mine)
+    log.info('local checkpoints of this process: %s; of every process: %s',
+             ', '.join(map(str, mine)) or 'none', 'none' if best is None else best)
   persistent = checkpoints.all_steps()
   # The workdir's tier first, if it is newer: a corrupt newest one there is set aside and the
   # ones down to the local step tried, by its own rules.

@@ -325,3 +325,46 @@ def train_hf_tokenizer(kind, path, vocab_size=512):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tok.save(str(path))
   return path
+
+
+# ------------------------------------------------------------------- failures, on purpose
+
+# What launch/local.sh runs as its PYTHON (`faulty_python`) to fail a job on purpose: on start
+# number JAXLM_RESTART=r of the job, JAXLM_TEST_FAULTS='r=process:step:action;...' makes that
+# process SIGKILL itself once `step` is done and its local save begun, having first deleted
+# its local checkpoint tier under JAXLM_TEST_LOCAL_DIR if the action is 'wipe' (a host that
+# lost its disk). Other commands (local.sh's free-port probe) run as they are.
+FAULTY = """
+import glob, os, runpy, shutil, signal, sys
+sys.path.insert(0, os.getcwd())  # The checkout launch/local.sh runs in, as `python -m` has it.
+import jax
+from jaxlm import loop
+faults = dict(f.split('=') for f in os.environ['JAXLM_TEST_FAULTS'].split(';'))
+fault = faults.get(os.environ.get('JAXLM_RESTART', '0'))
+if fault:
+  process, step, action = fault.split(':')
+  after_step = loop.Loop._after_step
+  def failing(self, summary):
+    after_step(self, summary)  # Step k's local save has begun: k - 1's is complete.
+    if jax.process_index() == int(process) and summary.step == int(step):
+      if action == 'wipe':
+        for d in glob.glob(os.path.join(os.environ['JAXLM_TEST_LOCAL_DIR'], '*', '*',
+                                        f'process_{process}')):
+          shutil.rmtree(d)
+      os.kill(os.getpid(), signal.SIGKILL)
+  loop.Loop._after_step = failing
+sys.argv = ['jaxlm', *sys.argv[1:]]
+runpy.run_module('jaxlm', run_name='__main__', alter_sys=True)
+"""
+
+
+def faulty_python(directory):
+  """An executable for launch/local.sh's PYTHON that runs `-m jaxlm ...` under FAULTY."""
+  path = os.path.join(directory, 'faulty_python')
+  with open(os.path.join(directory, 'faulty.py'), 'w') as f:
+    f.write(FAULTY)
+  with open(path, 'w') as f:
+    f.write(f'#!/bin/sh\nif [ "$1" = -m ]; then shift 2; exec {sys.executable} '
+            f'{directory}/faulty.py "$@"; fi\nexec {sys.executable} "$@"\n')
+  os.chmod(path, 0o755)
+  return path

@@ -3,16 +3,21 @@
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
-from helpers import LOCAL, ROOT, env, free_port, launcher, run_local, tiny_config, write_config
-from jaxlm import distributed, train
+from helpers import (LOCAL, ROOT, env, faulty_python, free_port, launcher, one_device, run_local,
+                     tiny_config, write_config)
+from jaxlm import checkpoint, distributed, train
+from jaxlm import run as run_lib
 from jaxlm.config import ConfigError
 
 
@@ -73,6 +78,65 @@ def test_checkpoints_move_between_process_counts(runs, saved_by, resumed_by, tmp
     log = result.stderr
   assert 'resumed from the checkpoint of step 6' in log
   assert sorted(losses(workdir))[-2:] == [7, 8]
+
+
+def final_state(config, workdir, step, devices=None):
+  """The train state of checkpoint `step` in `workdir`, as host arrays."""
+  s = run_lib.setup(config, devices)
+  checkpoints = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  try:
+    with s.active():
+      state, bad = checkpoints.restore(step, s.abstract_state, s.shardings)
+    assert bad is None
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+  finally:
+    checkpoints.close()
+
+
+def assert_same_state(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_a_killed_job_restarts_itself_from_the_best_tier_bit_exact(runs, tmp_path, caplog):
+  """local.sh --max_restarts: process 1 is SIGKILLed at a random step (its local copies
+  intact: resumed from them), then on the restarted job after step 6 with its local disk
+  wiped (resumed from the workdir); the run ends bit-exact against the uninterrupted one.
+  Then a restart on half the processes (1) cannot use the 2-process local copies: it resumes
+  resharded from the workdir, bit-exact against the same resume without a local tier."""
+  path, config, out = runs
+  workdir, local_dir = str(tmp_path / 'run'), str(tmp_path / 'local')
+  kill_at = random.choice([4, 5])  # Local copies every step, the workdir's at 3 and 6.
+  result = subprocess.run(
+      ['bash', LOCAL, '2', '--devices-per-process', '4', '--max_restarts=2', '--', 'train',
+       f'--config={path}', f'--workdir={workdir}', f'--config.checkpoint.local_dir={local_dir}',
+       '--config.checkpoint.local_every_steps=1'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(env(4), PYTHON=faulty_python(str(tmp_path)), JAXLM_TEST_LOCAL_DIR=local_dir,
+               JAXLM_TEST_FAULTS=f'0=1:{kill_at}:keep;1=1:6:wipe'))
+  err = result.stderr
+  assert result.returncode == 0, err[-4000:]
+  assert 'restart 1 of 2' in err and 'restart 2 of 2' in err, err[-4000:]
+  # Killed after step k, before saving it: the local copy of k - 1 is the newest everywhere.
+  assert (f'resumed from the checkpoint of step {kill_at - 1} (local tier)' in err and
+          f'resumed at step {kill_at - 1} from the local tier: 1 step(s)' in err), (kill_at, err)
+  assert 'resumed from the checkpoint of step 3 (persistent tier)' in err, err[-4000:]
+  assert losses(workdir) == losses(out[2][0])  # Every step's loss, bit for bit.
+  assert_same_state(final_state(config, workdir, 6), final_state(config, out[2][0], 6))
+
+  # Half the processes: this one (1 process) on 4 of its devices, from the workdir's step 3.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+  reference = str(tmp_path / 'reference')
+  shutil.copytree(workdir, reference)
+  caplog.set_level(logging.INFO, logger='jaxlm')
+  half = jax.devices()[:4]
+  with_local = config.copy_and_resolve_references()
+  with_local.checkpoint.local_dir, with_local.checkpoint.local_every_steps = local_dir, 1
+  train.train(with_local, workdir, half)
+  assert 'resumed from the checkpoint of step 3 (persistent tier)' in caplog.text
+  train.train(config, reference, half)
+  assert_same_state(final_state(config, workdir, 6, half), final_state(config, reference, 6, half))
 
 
 def test_when_a_peer_dies_the_survivor_exits_nonzero_within_the_bound(runs, tmp_path):
