@@ -11,7 +11,7 @@ import logging
 import jax
 
 from jaxlm import errors, flops, metrics
-from jaxlm.loop import SAVE_LOCAL, Ask, Hook
+from jaxlm.loop import SAVE, SAVE_LOCAL, Ask, Hook  # noqa: F401 - SAVE: tests compare with it.
 
 log = logging.getLogger('jaxlm')
 
