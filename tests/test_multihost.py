@@ -269,3 +269,16 @@ def test_slurm_launcher_dry_run_sets_xla_flags_and_srun(bare_path):
 def test_other_launchers_fail_clearly(script, args, message, bare_path):
   result = launcher(script, *args, path=bare_path)
   assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_launchers_restart_through_the_supervisor(bare_path):
+  slurm = launcher('launch/slurm_gpu.sbatch', '--max_restarts=3', '--dry-run', '--', 'train',
+                   '--workdir=/shared/x', path=bare_path, env_={'SLURM_JOB_NUM_NODES': '2'})
+  assert ('launch/supervise.py --max_restarts=3 --workdir=/shared/x '
+          '--name=launch/slurm_gpu.sbatch -- srun --kill-on-bad-exit=1') in slurm.stdout
+  local = launcher(LOCAL, '2', '--max_restarts', '1', '--dry-run', '--', 'train',
+                   '--workdir=/w', path=bare_path)
+  assert local.returncode == 0 and (
+      'supervise.py --max_restarts=1 --workdir=/w --name=launch/local.sh -- bash') in local.stdout
+  no_workdir = launcher(LOCAL, '2', '--max_restarts=1', '--', 'train', path=bare_path)
+  assert no_workdir.returncode == 2 and '--max_restarts needs the job' in no_workdir.stderr
