@@ -61,7 +61,7 @@ def runs(widths, lrs, steps, kinds=KINDS, base_width=32):
         config = config_lib.validate(config)
         D = steps * config.batch_size * m.max_len
         out.append(sweep.Run(f'{kind}-d{width}-lr{lr:.3g}', config,
-                             flops.param_counts(m)['matmul'], D, flops.of_run(config) * D, 0.0))
+                             flops.param_counts(m)["matmul"], D, flops.of_run(config, None) * D, 0.0))
   return base, out
 
 
