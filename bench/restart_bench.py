@@ -7,8 +7,9 @@ Python standard library's source, tokenized here first) with
 `launch/local.sh 2 --max_restarts=K`, its workdir in a bucket of the in-memory GCS emulator
 (tests/gcs_emulator.py). Start number i of the job SIGKILLs process 1 after step kill_at[i]
 (tests/helpers.py's faulty_python), so K = len(kill_at) failures. Process 0 writes
-metrics.jsonl to the bucket at every row, not every 30 s: launch/supervise.py reads the job's
-progress there, and restarts this fast would otherwise look like two failures at one step. Twice: with
+metrics.jsonl to the bucket at every row, not every 30 s (and at each start's first step):
+launch/supervise.py reads the job's progress there, and two failures seconds apart, both
+before their rows went out, would look like two failures at one step. Twice: with
 checkpoint.local_dir (a local copy every --local_every steps, the workdir's every
 --save_every) and with the workdir alone (every --save_every steps).
 

@@ -4,12 +4,14 @@ usage: python3 launch/supervise.py --max_restarts=N --workdir=DIR [--name=NAME]
                                    [--restart_delay=SECONDS] -- JOB...
 
 JOB is a command that runs every process of the job and returns when the job ends, having
-stopped every process once one of them failed (launch/local.sh, `srun --kill-on-bad-exit=1`,
-launch/tpu_pod.sh --job). When it exits nonzero, it is started again - the run resumes from
-the best checkpoint tier by itself (jaxlm/tiers.py) - at most N times. A job that fails twice
-in a row at the same step (the last training step in DIR/metrics.jsonl) is not started again:
-it is failing at that step, not being preempted, and the reason is in its log; nor is one
-that stopped on bad input (exit status 2).
+stopped every process once one of them failed (launch/local.sh, `srun --kill-on-bad-exit=1`;
+on a pod, one worker's jaxlm process: below). When it exits nonzero, it is started again -
+the run resumes from the best checkpoint tier by itself (jaxlm/tiers.py) - at most N times. A
+job that fails twice in a row at the same step (the last training step in DIR/metrics.jsonl)
+is not started again: it is failing at that step, not being preempted, and the reason is in
+its log; nor is one that stopped on bad input (exit status 2). In a gs:// workdir the rows go
+out every 30 s and at each start's first step, so there "the same step" means: two starts
+from the same step that each failed within 30 s of it.
 Each start gets JAXLM_RESTART=<restarts so far> in its environment. SIGTERM is passed on to
 the job and ends the loop: a stop asked for is never followed by a restart.
 

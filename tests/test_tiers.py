@@ -107,3 +107,21 @@ def test_the_supervisor_waits_restart_delay_before_a_restart_and_a_sigterm_ends_
     for signum, handler in previous.items():
       signal.signal(signum, handler)
   assert time.monotonic() - began < 30
+
+
+def test_a_bucket_metrics_file_gets_each_starts_first_train_row_at_once(monkeypatch):
+  """The supervisor reads progress from metrics.jsonl, which a gs:// workdir rewrites only
+  every flush_secs: a job failing again sooner must still show the step it reached."""
+  from jaxlm import metrics
+  written = []
+  monkeypatch.setattr(metrics.paths, 'isfile', lambda path: False)
+  monkeypatch.setattr(metrics.paths, 'atomic_write', lambda path, text: written.append(text))
+  rows = metrics._RemoteRows('gs://bucket/run/metrics.jsonl', flush_secs=3600)
+  rows.append('{"step": 4, "eval_loss": 5.0}\n')
+  assert written == []  # Not a train row: it waits.
+  rows.append('{"step": 5, "loss": 4.0}\n', progress=True)
+  assert written == ['{"step": 4, "eval_loss": 5.0}\n{"step": 5, "loss": 4.0}\n']
+  rows.append('{"step": 6, "loss": 3.0}\n', progress=True)
+  assert len(written) == 1  # Later rows wait for flush_secs, or the end.
+  rows.close()
+  assert written[-1].endswith('{"step": 6, "loss": 3.0}\n')
