@@ -58,8 +58,10 @@ def arguments(config, env=None):
   if env.get('JAXLM_DISTRIBUTED') == 'off':  # This process runs alone (sweep --shard=host).
     return None
   d = config.distributed
+  # A restarted pod worker's peers start up to a heartbeat bound (+ its restart delay) later.
+  restarted = (_int_env(env, 'JAXLM_RESTART') or 0) > 0
   timeouts = dict(heartbeat_timeout_seconds=d.heartbeat_timeout_s,
-                  initialization_timeout=d.heartbeat_timeout_s)
+                  initialization_timeout=d.heartbeat_timeout_s * (3 if restarted else 1))
   coordinator = env.get('JAXLM_COORDINATOR') or d.coordinator
   num_processes = _int_env(env, 'JAXLM_NUM_PROCESSES') or d.num_processes or None
   process_id = _int_env(env, 'JAXLM_PROCESS_ID')

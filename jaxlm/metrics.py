@@ -40,7 +40,7 @@ class _LocalRows:
     _repair_tail(path)
     self.file = open(path, 'a')
 
-  def append(self, line):
+  def append(self, line, progress=False):
     self.file.write(line)  # One write per whole line.
     self.file.flush()
     os.fsync(self.file.fileno())
@@ -51,17 +51,21 @@ class _LocalRows:
 
 class _RemoteRows:
   """An object cannot be appended to: the whole file is rewritten (one atomic object write)
-  at most every `flush_secs` and at close, so a hard kill loses at most that much."""
+  at most every `flush_secs` and at close, so a hard kill loses at most that much; but the
+  first train row of each start goes out at once: launch/supervise.py judges a restarted job's
+  progress by it, and the job may fail again within flush_secs."""
 
   def __init__(self, path, flush_secs):
     self.path, self.flush_secs = path, flush_secs
     text = paths.read_text(path) if paths.isfile(path) else ''
     self.text = text[:text.rfind('\n') + 1]
     self.written = time.monotonic()
+    self.progressed = False
 
-  def append(self, line):
+  def append(self, line, progress=False):
     self.text += line
-    if time.monotonic() - self.written >= self.flush_secs:
+    first, self.progressed = progress and not self.progressed, self.progressed or progress
+    if first or time.monotonic() - self.written >= self.flush_secs:
       self.flush()
 
   def flush(self):
@@ -124,7 +128,7 @@ class Writer:
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _plain(v) for k, v in row.items()}}
-    self.rows.append(json.dumps(row) + '\n')
+    self.rows.append(json.dumps(row) + '\n', progress='loss' in row)
     for key, value in row.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
         self.tensorboard.add_scalar(tag(key), value, step)

@@ -4,6 +4,8 @@
 # command on all of them (jax.distributed finds its peers by itself) detached from this SSH
 # session: a dropped connection does not stop the run. Each worker logs to ~/jaxlm-logs/jaxlm.log;
 # --logs and --attach read them, --stop ends the run (SIGTERM: a checkpoint, then exit).
+# --max_restarts=N: each worker runs its process under its own launch/supervise.py, which
+# starts it again when it fails (see there how the workers agree).
 # --dry-run prints every command instead of running it.
 set -euo pipefail
 
@@ -33,6 +35,14 @@ options:
   --logs                 print the last lines of every worker's log, then exit
   --attach               follow worker 0's log (the one process 0 writes), then exit
   --stop                 send the run SIGTERM on every worker: it saves a checkpoint and exits
+  --max_restarts N       when a worker's process fails, the others exit within
+                         distributed.heartbeat_timeout_s and every worker starts its process
+                         again (it resumes from the best checkpoint tier), at most N times; not
+                         after two failures at the same step (launch/supervise.py); needs
+                         --workdir among JAXLM_ARGS
+  --restart_delay S      seconds each worker waits before a restart (default: the
+                         --config.distributed.heartbeat_timeout_s among JAXLM_ARGS, else 300,
+                         its default): the old run's processes are gone by then
   --dry-run              print the commands, run nothing
   JAXLM_ARGS             e.g. train --config=configs/llama_7b.py --workdir=/mnt/jaxlm/runs/7b
 
@@ -44,7 +54,7 @@ USAGE
 die() { echo "launch/tpu_pod.sh: error: $*" >&2; echo "run launch/tpu_pod.sh --help for usage" >&2; exit 2; }
 
 name='' zone='' accelerator='' project='' version='' queued=0 spot=0 existing=0 mount=''
-delete=0 dry_run=0 jax_version=0.10.2 autocheckpoint=1 action=''
+delete=0 dry_run=0 jax_version=0.10.2 autocheckpoint=1 action='' max_restarts='' restart_delay=''
 need() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 && $1 != -- ]]; do
   case $1 in
@@ -61,6 +71,9 @@ while [[ $# -gt 0 && $1 != -- ]]; do
     --no-autocheckpoint) autocheckpoint=0; shift ;;
     --delete) delete=1; shift ;;
     --logs|--attach|--stop) action=${1#--}; shift ;;
+    --max_restarts=*|--restart_delay=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    --max_restarts) need "$@"; max_restarts=$2; shift 2 ;;
+    --restart_delay) need "$@"; restart_delay=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (put the jaxlm arguments after --)" ;;
@@ -76,6 +89,22 @@ jaxlm_args=("$@")
 [[ -n $accelerator || $existing == 1 || ${#jaxlm_args[@]} -eq 0 ]] ||
   die "--accelerator is required to create a slice (or pass --use-existing)"
 [[ -z $mount || $mount == *:/* ]] || die "--mount takes BUCKET:/ABSOLUTE/DIR, got '$mount'"
+jaxlm=(python3 -m jaxlm "${jaxlm_args[@]}")
+if [[ -n $max_restarts && ${#jaxlm_args[@]} -gt 0 ]]; then
+  [[ $max_restarts =~ ^[0-9]+$ ]] || die "--max_restarts must be a non-negative integer, got '$max_restarts'"
+  workdir='' heartbeat=300
+  for arg in "${jaxlm_args[@]}"; do
+    case $arg in
+      --workdir=*) workdir=${arg#*=} ;;
+      --config.distributed.heartbeat_timeout_s=*) heartbeat=${arg#*=} ;;
+    esac
+  done
+  [[ -n $workdir ]] || die "--max_restarts needs --workdir=DIR among JAXLM_ARGS (its progress is read there)"
+  restart_delay=${restart_delay:-$heartbeat}
+  [[ $restart_delay =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--restart_delay must be a number of seconds, got '$restart_delay'"
+  jaxlm=(python3 launch/supervise.py --max_restarts="$max_restarts" --workdir="$workdir"
+         --name=launch/tpu_pod.sh --restart_delay="$restart_delay" -- "${jaxlm[@]}")
+fi
 if [[ -z $version ]]; then
   case $accelerator in
     v5p-*) version=v2-alpha-tpuv5 ;;
@@ -135,10 +164,11 @@ if [[ ${#jaxlm_args[@]} -gt 0 ]]; then
     bucket=${mount%%:*} dir=${mount#*:}
     on_all_workers "sudo mkdir -p $dir && sudo chown \$USER $dir && (mountpoint -q $dir || gcsfuse --implicit-dirs $bucket $dir)"
   fi
-  # Every worker runs the same command; JAXLM_DISTRIBUTED=auto joins them through the TPU
-  # metadata. setsid + nohup: the run is in a session of its own, which the end of this SSH
-  # connection does not signal; its process group id is saved for --stop.
-  on_all_workers "mkdir -p $logs && cd ~/jaxlm && JAXLM_DISTRIBUTED=auto setsid nohup python3 -m jaxlm $(printf '%q ' "${jaxlm_args[@]}") > $logs/jaxlm.log 2>&1 < /dev/null & echo \$! > $logs/jaxlm.pid; echo \"\$(hostname): started, logging to $logs/jaxlm.log\""
+  # Every worker runs the same command (under its own supervisor with --max_restarts);
+  # JAXLM_DISTRIBUTED=auto joins them through the TPU metadata. setsid + nohup: the run is in
+  # a session of its own, which the end of this SSH connection does not signal; its process
+  # group id is saved for --stop.
+  on_all_workers "mkdir -p $logs && cd ~/jaxlm && JAXLM_DISTRIBUTED=auto setsid nohup $(printf '%q ' "${jaxlm[@]}") > $logs/jaxlm.log 2>&1 < /dev/null & echo \$! > $logs/jaxlm.pid; echo \"\$(hostname): started, logging to $logs/jaxlm.log\""
   echo "# the run goes on without this session: launch/tpu_pod.sh --name $name --zone $zone --logs | --attach | --stop"
 fi
 

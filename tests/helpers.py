@@ -251,6 +251,29 @@ def free_port():
     return s.getsockname()[1]
 
 
+def gcs_emulator(bucket):
+  """(server, env): tests/gcs_emulator.py serving `bucket` on a free port, and the environment
+  that points gcsfs and epath (STORAGE_EMULATOR_HOST) and tensorstore (under Orbax) at it."""
+  port = free_port()
+  server = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'tests', 'gcs_emulator.py'), str(port), bucket],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 30
+  while True:
+    try:
+      socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+      break
+    except OSError:
+      if server.poll() is not None or time.time() > deadline:
+        server.kill()
+        raise RuntimeError('the GCS emulator did not start') from None
+      time.sleep(0.1)
+  url = f'http://127.0.0.1:{port}'
+  # gcsfs's experimental bucket-type probe needs real credentials (it warns on every call).
+  return server, {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+                  'GOOGLE_CLOUD_PROJECT': 'test', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+
+
 def launcher(*args, env_=None, path=None):
   """A launch/ script run by bash with only `env_` and PATH=`path` (the bare_path fixture)."""
   import shutil

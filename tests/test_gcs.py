@@ -10,14 +10,11 @@ import json
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import (CORPUS, ROOT, free_port, one_device, rows, shared, start, tiny_config,
+from helpers import (CORPUS, ROOT, gcs_emulator, one_device, rows, shared, start, tiny_config,
                      write_config)
 from jaxlm import cli, paths, train, workdir as workdir_lib
 
@@ -27,22 +24,7 @@ BUCKET = 'jaxlm-test'
 @pytest.fixture(scope='module')
 def gcs():
   """The emulator's environment, also set in this process while the module's tests run."""
-  port = free_port()
-  server = subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'tests', 'gcs_emulator.py'), str(port), BUCKET],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 30
-  while True:
-    try:
-      socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
-      break
-    except OSError:
-      assert server.poll() is None and time.time() < deadline, 'the GCS emulator did not start'
-      time.sleep(0.1)
-  url = f'http://127.0.0.1:{port}'
-  # gcsfs's experimental bucket-type probe needs real credentials (it warns on every call).
-  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
-         'GOOGLE_CLOUD_PROJECT': 'test', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  server, env = gcs_emulator(BUCKET)
   with pytest.MonkeyPatch.context() as mp:
     for key, value in env.items():
       mp.setenv(key, value)

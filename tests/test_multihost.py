@@ -186,6 +186,11 @@ def test_distributed_settings_from_environment_and_clusters():
   assert distributed.cluster({'TPU_WORKER_HOSTNAMES': 'a'}) is None  # A single-host TPU VM.
   assert distributed.arguments(config, {'SLURM_NTASKS': '16'}) == {
       'heartbeat_timeout_seconds': 300, 'initialization_timeout': 300}
+  # A restarted process waits longer for its peers, which restart a heartbeat bound later.
+  assert distributed.arguments(config, {'SLURM_NTASKS': '16', 'JAXLM_RESTART': '1'}) == {
+      'heartbeat_timeout_seconds': 300, 'initialization_timeout': 900}
+  assert distributed.arguments(config, {'SLURM_NTASKS': '16', 'JAXLM_RESTART': '0'})[
+      'initialization_timeout'] == 300
   with pytest.raises(ConfigError, match='set JAXLM_NUM_PROCESSES'):
     distributed.arguments(config, {'JAXLM_COORDINATOR': 'h:1'})
   with pytest.raises(ConfigError, match='set JAXLM_PROCESS_ID'):
@@ -282,3 +287,21 @@ def test_launchers_restart_through_the_supervisor(bare_path):
       'supervise.py --max_restarts=1 --workdir=/w --name=launch/local.sh -- bash') in local.stdout
   no_workdir = launcher(LOCAL, '2', '--max_restarts=1', '--', 'train', path=bare_path)
   assert no_workdir.returncode == 2 and '--max_restarts needs the job' in no_workdir.stderr
+  pod = ['launch/tpu_pod.sh', '--name', 'lm', '--zone', 'z', '--accelerator', 'v5p-16',
+         '--use-existing', '--max_restarts=2', '--dry-run', '--', 'train']
+  tpu = launcher(*pod, '--workdir=gs://b/r', '--config.distributed.heartbeat_timeout_s=60',
+                 path=bare_path)
+  assert tpu.returncode == 0, tpu.stderr
+  assert ('JAXLM_DISTRIBUTED=auto\\ setsid\\ nohup\\ python3\\ launch/supervise.py\\ '
+          '--max_restarts=2\\ --workdir=gs://b/r\\ --name=launch/tpu_pod.sh\\ '
+          '--restart_delay=60\\ --\\ python3\\ -m\\ jaxlm\\ train') in tpu.stdout
+  assert '\\>\\ ~/jaxlm-logs/jaxlm.log' in tpu.stdout  # The log and the group's pid, as before.
+  assert '\\&\\ echo\\ \\$\\!\\ \\>\\ ~/jaxlm-logs/jaxlm.pid' in tpu.stdout
+  delayed = launcher(*pod[:-2], '--restart_delay', '7', '--', 'train', '--workdir=/w',
+                     path=bare_path)
+  assert '--restart_delay=7\\ --' in delayed.stdout, delayed.stderr
+  no_workdir = launcher(*pod, path=bare_path)
+  errors = [line for line in no_workdir.stderr.splitlines() if 'error' in line]
+  assert no_workdir.returncode == 2 and errors == [
+      'launch/tpu_pod.sh: error: --max_restarts needs --workdir=DIR among JAXLM_ARGS (its '
+      'progress is read there)']

@@ -9,7 +9,10 @@ import glob
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -83,3 +86,42 @@ def test_the_supervisor_restarts_a_failed_job_but_not_one_failing_at_the_same_st
   # Bad input is not retried.
   assert main(['--max_restarts=2', f'--workdir={workdir}', '--', 'bash', '-c', 'exit 2']) == 2
   assert 'stopped on its input' in capsys.readouterr().err
+
+
+def test_the_supervisor_waits_restart_delay_before_a_restart_and_a_sigterm_ends_it(
+    tmp_path, capsys):
+  main = supervisor()
+  began = time.monotonic()
+  assert main(['--max_restarts=1', f'--workdir={tmp_path}', '--restart_delay=0.5', '--',
+               'bash', '-c', 'test "$JAXLM_RESTART" = 1']) == 0
+  assert time.monotonic() - began >= 0.5
+  assert 'restart 1 of 1 in 0.5 s' in capsys.readouterr().err
+  # A stop asked for during the wait is not followed by a restart.
+  threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    began = time.monotonic()
+    assert main(['--max_restarts=1', f'--workdir={tmp_path}', '--restart_delay=60', '--',
+                 'bash', '-c', 'exit 1']) == 1
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  assert time.monotonic() - began < 30
+
+
+def test_a_bucket_metrics_file_gets_each_starts_first_train_row_at_once(monkeypatch):
+  """The supervisor reads progress from metrics.jsonl, which a gs:// workdir rewrites only
+  every flush_secs: a job failing again sooner must still show the step it reached."""
+  from jaxlm import metrics
+  written = []
+  monkeypatch.setattr(metrics.paths, 'isfile', lambda path: False)
+  monkeypatch.setattr(metrics.paths, 'atomic_write', lambda path, text: written.append(text))
+  rows = metrics._RemoteRows('gs://bucket/run/metrics.jsonl', flush_secs=3600)
+  rows.append('{"step": 4, "eval_loss": 5.0}\n')
+  assert written == []  # Not a train row: it waits.
+  rows.append('{"step": 5, "loss": 4.0}\n', progress=True)
+  assert written == ['{"step": 4, "eval_loss": 5.0}\n{"step": 5, "loss": 4.0}\n']
+  rows.append('{"step": 6, "loss": 3.0}\n', progress=True)
+  assert len(written) == 1  # Later rows wait for flush_secs, or the end.
+  rows.close()
+  assert written[-1].endswith('{"step": 6, "loss": 3.0}\n')
