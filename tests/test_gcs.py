@@ -13,6 +13,7 @@ import signal
 import time
 
 import pytest
+from tensorboardX import record_writer
 
 from helpers import (CORPUS, ROOT, gcs_emulator, one_device, rows, shared, start, tiny_config,
                      write_config)
@@ -29,6 +30,9 @@ def gcs():
     for key, value in env.items():
       mp.setenv(key, value)
     yield env
+  # tensorboardX's GCS event writers upload again when collected (their __del__, after the
+  # run closed them): with the emulator gone, 120 s of retries at this process's exit.
+  record_writer.GCSRecordWriter.__del__ = lambda self: None
   server.kill()
   server.wait()
 
